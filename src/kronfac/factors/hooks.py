@@ -1,0 +1,53 @@
+"""Scoped forward hooks that record every call of the covered modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from kronfac.layers import LayerAdapter
+
+__all__ = ["Call", "record_calls"]
+
+
+@dataclass
+class Call:
+    """One call of a covered module: its input (detached) and its output (in the graph)."""
+
+    inputs: Tensor
+    output: Tensor
+    output_version: int = field(default=0)
+
+
+@contextmanager
+def record_calls(
+    adapters: Mapping[str, LayerAdapter],
+) -> Iterator[dict[str, list[Call]]]:
+    """Record the calls of each module in ``adapters`` while the block runs.
+
+    Yields a dict ``name → [Call, ...]`` that the caller clears between batches. Every hook is
+    removed when the block exits, also when it raises.
+    """
+    calls: dict[str, list[Call]] = {name: [] for name in adapters}
+    handles = []
+
+    def make_hook(name: str, adapter: LayerAdapter) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor):
+            x = adapter.layer_input(args, kwargs).detach()
+            calls[name].append(Call(x, out, out._version))
+
+        return hook
+
+    try:
+        for name, adapter in adapters.items():
+            handles.append(
+                adapter.module.register_forward_hook(make_hook(name, adapter), with_kwargs=True)
+            )
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()

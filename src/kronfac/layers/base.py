@@ -1,0 +1,96 @@
+"""The layer interface: how a module's input and output gradient become Kronecker factors.
+
+Every supported layer computes ``s = W a (+ b)`` at one or more *positions* per data point. An
+adapter brings the layer's input into the canonical ``[rows, d_in]`` format (``rows`` = data
+points × positions, the engine regroups them per data point) and the gradient with respect to
+the layer's output into ``[K, rows, d_out]``. It also says how the weight, stored however the
+module stores it, reads as a ``[d_out, d_in]`` matrix, so that the layer's curvature block is
+``S ⊗ A`` in the row-major flattening of that matrix.
+
+A new layer type is one new file with a :class:`LayerAdapter` subclass decorated with
+:func:`register_layer`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["LayerAdapter", "get_adapter", "register_layer"]
+
+_REGISTRY: dict[type[nn.Module], type[LayerAdapter]] = {}
+
+
+class LayerAdapter(ABC):
+    """Canonical view of one module (see the module docstring).
+
+    Args:
+        module: The module to adapt.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @property
+    @abstractmethod
+    def weight(self) -> nn.Parameter:
+        """The weight parameter."""
+
+    @property
+    @abstractmethod
+    def bias(self) -> nn.Parameter | None:
+        """The bias parameter, or ``None``."""
+
+    @property
+    @abstractmethod
+    def in_features(self) -> int:
+        """``d_in``, the input side of the weight matrix (without the bias column)."""
+
+    @property
+    @abstractmethod
+    def out_features(self) -> int:
+        """``d_out``, the output side of the weight matrix."""
+
+    def layer_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """The tensor the weight multiplies, from the arguments of one call of the module."""
+        return args[0] if args else next(iter(kwargs.values()))
+
+    @abstractmethod
+    def input_rows(self, x: Tensor) -> Tensor:
+        """Layer input of one call → ``[rows, d_in]``, rows ordered data point by data point."""
+
+    @abstractmethod
+    def output_grad_rows(self, g: Tensor) -> Tensor:
+        """Output gradients ``[K, *output.shape]`` of one call → ``[K, rows, d_out]``."""
+
+    @abstractmethod
+    def weight_to_matrix(self, w: Tensor) -> Tensor:
+        """Flat weight vectors ``[numel(W), k]`` → ``[d_out, d_in, k]``."""
+
+    @abstractmethod
+    def matrix_to_weight(self, m: Tensor) -> Tensor:
+        """Inverse of :meth:`weight_to_matrix`: ``[d_out, d_in, k]`` → ``[numel(W), k]``."""
+
+
+def register_layer(
+    module_type: type[nn.Module],
+) -> Callable[[type[LayerAdapter]], type[LayerAdapter]]:
+    """Class decorator registering a :class:`LayerAdapter` for a module type (and subclasses)."""
+
+    def decorate(cls: type[LayerAdapter]) -> type[LayerAdapter]:
+        _REGISTRY[module_type] = cls
+        return cls
+
+    return decorate
+
+
+def get_adapter(module: nn.Module) -> LayerAdapter | None:
+    """The adapter of ``module``'s type (looked up along its MRO), or ``None`` if unsupported."""
+    for cls in type(module).__mro__:
+        adapter = _REGISTRY.get(cls)
+        if adapter is not None:
+            return adapter(module)
+    return None

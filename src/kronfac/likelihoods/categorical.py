@@ -1,0 +1,104 @@
+"""``nn.CrossEntropyLoss`` (class-index targets) as a categorical likelihood on logits.
+
+Logits ``[N, C]`` or ``[N, C, d1, ...]`` (torch's shape rules) hold ``R = d1·…`` terms per
+data point; each term ``f ∈ ℝ^C`` with ``p = softmax(f)`` has
+
+- loss ``ℓ = −log p_y``, gradient ``∂ℓ/∂f = p − e_y``;
+- Hessian ``diag(p) − p pᵀ``, square root ``B = diag(√p) − p √pᵀ``
+  (``B Bᵀ = diag(p) − 2 p pᵀ + p pᵀ Σ_k p_k = diag(p) − p pᵀ``);
+- sampling ``y ~ Categorical(p)``.
+
+torch's mean averages over the ``N·R`` terms.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kronfac.likelihoods.base import Likelihood, register_likelihood
+
+__all__ = ["CategoricalLikelihood"]
+
+
+@register_likelihood(nn.CrossEntropyLoss)
+class CategoricalLikelihood(Likelihood):
+    """Categorical likelihood of :class:`torch.nn.CrossEntropyLoss` (module docstring)."""
+
+    entries_per_term = 1
+
+    def __init__(self, loss_fn: nn.Module) -> None:
+        super().__init__(loss_fn)
+        if loss_fn.weight is not None:
+            raise NotImplementedError(
+                "CrossEntropyLoss(weight=...) is not supported: a class-weighted loss is not a "
+                "categorical likelihood. Expected weight=None."
+            )
+        if loss_fn.label_smoothing != 0.0:
+            raise NotImplementedError(
+                "CrossEntropyLoss(label_smoothing=...) is not supported. "
+                "Expected label_smoothing=0.0."
+            )
+
+    def check(self, output: Tensor, target: Tensor | None) -> None:  # noqa: D102
+        if output.ndim < 2:
+            raise ValueError(
+                "CrossEntropyLoss: expected logits [N, C] or [N, C, d1, ...], "
+                f"got shape {tuple(output.shape)}."
+            )
+        if target is None:
+            return
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(
+                "CrossEntropyLoss: expected class-index targets of an integer dtype, "
+                f"got dtype {target.dtype} (class-probability targets are not supported)."
+            )
+        expected = (output.shape[0], *output.shape[2:])
+        if tuple(target.shape) != expected:
+            raise ValueError(
+                f"CrossEntropyLoss: expected targets of shape {expected} for logits of shape "
+                f"{tuple(output.shape)}, got {tuple(target.shape)}."
+            )
+        ignore = self.loss_fn.ignore_index
+        if (target == ignore).any():
+            raise NotImplementedError(
+                f"CrossEntropyLoss: targets equal to ignore_index={ignore} are not supported "
+                "(torch drops those terms from the loss and from its mean)."
+            )
+        C = output.shape[1]
+        if target.numel() and (target.min() < 0 or target.max() >= C):
+            raise ValueError(
+                f"CrossEntropyLoss: expected class indices in [0, {C}), got values in "
+                f"[{int(target.min())}, {int(target.max())}]."
+            )
+
+    def num_classes(self, output: Tensor) -> int:  # noqa: D102
+        return output.shape[1]
+
+    def to_terms(self, output: Tensor) -> Tensor:  # noqa: D102
+        return output.movedim(1, -1).reshape(-1, output.shape[1])
+
+    def from_terms(self, vectors: Tensor, output: Tensor) -> Tensor:  # noqa: D102
+        K, C = vectors.shape[0], output.shape[1]
+        shape = (K, output.shape[0], *output.shape[2:], C)
+        return vectors.reshape(shape).movedim(-1, 2)
+
+    def targets_to_terms(self, target: Tensor, output: Tensor) -> Tensor:  # noqa: D102
+        return target.reshape(-1)
+
+    def gradient(self, terms: Tensor, targets: Tensor) -> Tensor:  # noqa: D102
+        p = torch.softmax(terms, dim=-1).expand(*targets.shape, terms.shape[-1])
+        one_hot = torch.zeros_like(p).scatter_(-1, targets.unsqueeze(-1), 1.0)
+        return p - one_hot
+
+    def hessian_sqrt(self, terms: Tensor) -> Tensor:  # noqa: D102
+        p = torch.softmax(terms, dim=-1)
+        sqrt_p = p.sqrt()
+        # B[m, i, k] = √p_k (δ_ik − p_i)
+        return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+
+    def sample(  # noqa: D102
+        self, terms: Tensor, num_samples: int, generator: torch.Generator
+    ) -> Tensor:
+        p = torch.softmax(terms, dim=-1)
+        return torch.multinomial(p, num_samples, replacement=True, generator=generator).T
