@@ -58,6 +58,13 @@ class KFAC:
             ValueError: If a module or parameter of ``factors`` is missing from ``model`` or a
                 factor's shape does not fit its module.
         """
+        if not isinstance(factors, KroneckerFactors):
+            raise TypeError(
+                f"Expected kronfac.KroneckerFactors (from compute_factors or "
+                f"KroneckerFactors.load), got {type(factors).__name__}."
+            )
+        if not factors:
+            raise ValueError("The factors cover no module: there is no operator to build.")
         op = cls.__new__(cls)
         op._setup(factors, model)
         return op
@@ -147,8 +154,8 @@ class KFAC:
                 )
             out = self @ [v[n] for n in self.param_names]
             return dict(zip(self.param_names, out, strict=True))
-        if isinstance(v, Sequence):
-            v = list(v)
+        if isinstance(v, (list, tuple)):
+            kind = type(v)
             if len(v) != len(self.param_names) or any(
                 not isinstance(t, Tensor) or t.shape != self._shapes[n]
                 for t, n in zip(v, self.param_names, strict=False)
@@ -159,7 +166,7 @@ class KFAC:
             flat = torch.cat([t.reshape(-1) for t in v])
             Kv = self @ flat
             sizes = [t.numel() for t in v]
-            return [p.reshape(t.shape) for p, t in zip(Kv.split(sizes), v, strict=True)]
+            return kind(p.reshape(t.shape) for p, t in zip(Kv.split(sizes), v, strict=True))
         raise TypeError(f"Expected a Tensor, a list of Tensors or a dict, got {type(v).__name__}.")
 
     def to_dense(self) -> Tensor:

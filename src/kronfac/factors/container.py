@@ -151,6 +151,9 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=self._metadata())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; honour the umask like open()
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -177,16 +180,32 @@ class KroneckerFactors(Mapping[str, FactorPair]):
             raise FactorFileError(f"{path}: not a readable safetensors file ({e}).") from e
         try:
             doc = json.loads(meta["kronfac"])
-            if doc["format"] != _FORMAT or doc["version"] != _FORMAT_VERSION:
+            if not isinstance(doc, dict):
+                raise TypeError("the metadata is not a JSON object")
+            if doc.get("format") != _FORMAT or doc.get("version") != _FORMAT_VERSION:
                 raise FactorFileError(
-                    f"{path}: expected format {_FORMAT} version {_FORMAT_VERSION}, "
-                    f"got {doc['format']} version {doc['version']}."
+                    f"{path}: expected format {_FORMAT!r} version {_FORMAT_VERSION!r}, "
+                    f"got {doc.get('format')!r} version {doc.get('version')!r}."
                 )
-            modules = {k: ParamNames(*v) for k, v in doc["modules"].items()}
             options, num_data = doc["options"], doc["num_data"]
-            terms = doc["num_per_example_loss_terms"]
+            terms, raw_modules = doc["num_per_example_loss_terms"], doc["modules"]
+            if not isinstance(options, dict) or not isinstance(raw_modules, dict):
+                raise TypeError("options and modules must be JSON objects")
+            for key, value in (("num_data", num_data), ("num_per_example_loss_terms", terms)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise TypeError(f"{key} must be a positive integer, got {value!r}")
+            modules = {}
+            for name, names in raw_modules.items():
+                if (
+                    not isinstance(names, list)
+                    or len(names) != 2
+                    or not isinstance(names[0], str)
+                    or not (names[1] is None or isinstance(names[1], str))
+                ):
+                    raise TypeError(f"module {name!r}: expected [weight name, bias name or null]")
+                modules[name] = ParamNames(*names)
         except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise FactorFileError(f"{path}: missing or malformed kronfac metadata ({e!r}).") from e
+            raise FactorFileError(f"{path}: missing or malformed kronfac metadata ({e}).") from e
         expected = {f"{m}/{side}" for m in modules for side in ("A", "S")}
         if set(tensors) != expected:
             raise FactorFileError(
@@ -196,9 +215,10 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         for m in modules:
             A, S = tensors[f"{m}/A"], tensors[f"{m}/S"]
             for side, t in (("A", A), ("S", S)):
-                if t.ndim != 2 or t.shape[0] != t.shape[1]:
+                if t.ndim != 2 or t.shape[0] != t.shape[1] or not t.is_floating_point():
                     raise FactorFileError(
-                        f"{path}: factor {m}/{side} must be square, got {tuple(t.shape)}."
+                        f"{path}: factor {m}/{side} must be a square floating-point matrix, "
+                        f"got shape {tuple(t.shape)} and dtype {t.dtype}."
                     )
             factors[m] = FactorPair(A, S)
         return cls(

@@ -348,6 +348,10 @@ def compute_factors(
                 raise ValueError(f"Batch {b}: expected a pair (X, y), got {type(batch).__name__}.")
             X, y = batch
             n_b = _batch_size(y, b)
+            if n_b == 0:
+                raise ValueError(
+                    f"Batch {b} holds no data points (targets of shape {tuple(y.shape)})."
+                )
             for c in calls.values():
                 c.clear()
             with torch.set_grad_enabled(backward):
@@ -373,7 +377,9 @@ def compute_factors(
                     for n, a in adapters.items()
                 }
             _accumulate_inputs(adapters, calls, accs, n_b, approx, b)
+            _check_finite(accs, b, backward=False)
             if backward:
+                _check_finite_output(output, adapters, calls, b)
                 if fisher == "mc" and generator is None:
                     generator = torch.Generator(device=output.device).manual_seed(seed)
                 if not output.requires_grad:
@@ -385,7 +391,8 @@ def compute_factors(
                     likelihood, fisher, output, y, mc_samples, generator, dtype
                 )
                 _accumulate_output_grads(adapters, calls, accs, output, vectors, n_b, approx, b)
-            _check_finite(accs, b, backward)
+            if backward:
+                _check_finite(accs, b, backward=True)
             total += n_b
             del output
     if total == 0:
@@ -543,3 +550,26 @@ def _check_finite(accs: Mapping[str, _Accumulator], b: int, backward: bool) -> N
     raise NonFiniteError(
         f"Non-finite values (NaN or Inf) in the {what} of module {name!r} at batch {b}."
     )
+
+
+def _check_finite_output(
+    output: Tensor,
+    adapters: Mapping[str, LayerAdapter],
+    calls: Mapping[str, list[Call]],
+    b: int,
+) -> None:
+    """Raise :class:`NonFiniteError` before sampling or backpropagating a non-finite output.
+
+    Names the covered module (in call order) whose output first turned non-finite, if any.
+    """
+    if bool(torch.isfinite(output).all()):
+        return
+    bad = [
+        (c.order, name)
+        for name in adapters
+        for c in calls[name]
+        if not bool(torch.isfinite(c.output).all())
+    ]
+    first = min(bad, default=None)
+    where = "the model output" if first is None else f"the output of module {first[1]!r}"
+    raise NonFiniteError(f"Non-finite values (NaN or Inf) in {where} at batch {b}.")

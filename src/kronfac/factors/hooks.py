@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,11 +17,16 @@ __all__ = ["Call", "record_calls"]
 
 @dataclass
 class Call:
-    """One call of a covered module: its input (detached) and its output (in the graph)."""
+    """One call of a covered module.
+
+    Holds its input (detached), its output (in the graph), the output's version counter at the
+    call (to detect later in-place changes) and the call's rank in the forward pass.
+    """
 
     inputs: Tensor
     output: Tensor
     output_version: int = field(default=0)
+    order: int = field(default=0)
 
 
 @contextmanager
@@ -33,12 +39,13 @@ def record_calls(
     removed when the block exits, also when it raises.
     """
     calls: dict[str, list[Call]] = {name: [] for name in adapters}
+    counter = itertools.count()
     handles = []
 
     def make_hook(name: str, adapter: LayerAdapter) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor):
             x = adapter.layer_input(args, kwargs).detach()
-            calls[name].append(Call(x, out, out._version))
+            calls[name].append(Call(x, out, out._version, next(counter)))
 
         return hook
 
