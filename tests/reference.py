@@ -70,11 +70,6 @@ class _Functional:
         self.model, self.params, self.buffers = model, params, buffers
         self.param_names, self.forward, self.X = list(param_names), forward, X
 
-    def with_input(self, X: Tensor) -> _Functional:
-        return _Functional(
-            self.model, self.params, self.buffers, self.param_names, self.forward, X
-        )
-
     def __call__(self, *theta: Tensor) -> Tensor:
         p = dict(self.params)
         p.update(zip(self.param_names, theta, strict=True))
