@@ -71,8 +71,8 @@ def base_pass(model: nn.Module, loss_fn: nn.Module, data: list, forward=None) ->
 def curvlinops_pass(model: nn.Module, loss_fn: nn.Module, data: list, fisher: str) -> None:
     from curvlinops import KFACLinearOperator
 
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    KFACLinearOperator(
+    params = [p for p in model.parameters() if p.requires_grad]  # 3.0.1 takes a list
+    op = KFACLinearOperator(
         model,
         loss_fn,
         params,
@@ -81,6 +81,7 @@ def curvlinops_pass(model: nn.Module, loss_fn: nn.Module, data: list, fisher: st
         check_deterministic=False,
         separate_weight_and_bias=False,
     )
+    op.compute_kronecker_factors()  # 3.0.1 computes them lazily otherwise
 
 
 def warnings_off(fn, *args, **kwargs):
@@ -95,7 +96,8 @@ def run_workload(key: str, repeats: int, peers: bool) -> None:
     model, loss_fn, data, opts, title = {"W1": w1, "W3": w3}[key]()
     fwd = opts.get("forward")
     fns = {"BASE (forward+backward)": lambda: base_pass(model, loss_fn, data, fwd)}
-    for fisher in ["mc", "empirical", "type-2"] if key == "W1" else ["mc", "empirical"]:
+    fishers = ["mc", "empirical", "forward-only"] + (["type-2"] if key == "W1" else [])
+    for fisher in fishers:
         fns[f"kronfac {fisher}"] = lambda f=fisher: warnings_off(
             kronfac.compute_factors, model, loss_fn, data, fisher=f, **opts
         )
