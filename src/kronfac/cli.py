@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import kronfac
-from kronfac.factors.engine import FISHER_TYPES
+from kronfac.factors import FISHER_TYPES
 
 __all__ = ["build_mlp", "main"]
 

@@ -1,0 +1,533 @@
+"""One pass over the data: the canonical rows of every covered module, batch by batch.
+
+For each batch the model runs once with forward hooks recording every covered module's input
+``a`` and output ``s``. The likelihood turns the model output into ``K`` backpropagated vectors
+per loss term (``type-2``: the columns of the loss Hessian's square root; ``mc``: gradients at
+sampled labels, scaled by ``1/√mc_samples``; ``empirical``: gradients at the true labels). One
+call of :func:`torch.autograd.grad` — batched over the ``K`` vectors with
+``is_grads_batched`` — gives ``g = ∂ℓ/∂s`` (of the *summed* loss) at every covered module's
+output, never the weight gradients. The pass hands each batch to a consumer as
+:class:`BatchRows`: inputs ``[n, T, d_in]`` and output gradients ``[K, n, T, d_out]`` per module
+(a module called several times in one forward contributes every call as more positions).
+
+For sequence outputs the vectors of all terms of a batch are backpropagated together, so the
+output gradient at one position sums the contributions of every loss term that depends on it
+(for type-2 this includes products between different terms of one sequence; for MC they vanish
+in expectation), the usual K-FAC treatment of shared layers.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from kronfac.errors import NonFiniteError, UncoveredParameterWarning
+from kronfac.factors.container import ParamNames
+from kronfac.factors.hooks import Call, record_calls
+from kronfac.layers import LayerAdapter, get_adapter
+from kronfac.likelihoods import Likelihood, get_likelihood
+
+__all__ = [
+    "BIAS_MODES",
+    "FISHER_TYPES",
+    "KFAC_APPROXES",
+    "BatchRows",
+    "PassResult",
+    "PassSetup",
+    "run_pass",
+    "select_modules",
+]
+
+FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
+KFAC_APPROXES = ("expand", "reduce")
+BIAS_MODES = ("joint", "separate")
+
+# Upper bound on the elements of the output gradients held at once; type-2 with many classes
+# backpropagates its K vectors in chunks that stay below it.
+_MAX_BATCHED_ELEMENTS = 1 << 27
+
+ForwardFn = Callable[[nn.Module, Any], Tensor]
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {name} {value!r}. Supported: {', '.join(choices)}.")
+
+
+def select_modules(
+    model: nn.Module, modules: Iterable[str] | str | None
+) -> tuple[dict[str, LayerAdapter], dict[str, ParamNames]]:
+    """The supported modules of ``model`` whose name contains one of ``modules``.
+
+    Args:
+        model: The model.
+        modules: Name substrings (a single string counts as one); ``None`` selects every module.
+
+    Returns:
+        ``(adapters, param_names)`` keyed by module name, in ``named_modules()`` order, for the
+        selected supported modules with a trainable weight.
+
+    Raises:
+        ValueError: If ``modules`` matches no module, or no selected module is supported.
+        NotImplementedError: If two selected modules share a parameter.
+
+    Warns:
+        UncoveredParameterWarning: For trainable parameters of selected modules that no block
+            covers, naming every one.
+    """
+    if isinstance(modules, str):
+        modules = [modules]
+    patterns = None if modules is None else list(modules)
+    if patterns is not None and not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"modules must be a list of name substrings, got {patterns!r}.")
+
+    def selected(name: str) -> bool:
+        return patterns is None or any(p in name for p in patterns)
+
+    named = dict(model.named_modules())
+    matched = [n for n in named if n and selected(n)] if patterns is not None else list(named)
+    if not matched:
+        raise ValueError(
+            f"modules={patterns!r} matches no module of the model. "
+            f"Module names: {', '.join(n for n in named if n) or '(none)'}."
+        )
+    param_name = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    adapters: dict[str, LayerAdapter] = {}
+    names: dict[str, ParamNames] = {}
+    owner: dict[int, str] = {}
+    for name in matched:
+        adapter = get_adapter(named[name])
+        if adapter is None or not adapter.weight.requires_grad:
+            continue
+        params = [adapter.weight]
+        bias = adapter.bias if adapter.bias is not None and adapter.bias.requires_grad else None
+        if bias is not None:
+            params.append(bias)
+        for p in params:
+            if id(p) in owner:
+                raise NotImplementedError(
+                    f"Modules {owner[id(p)]!r} and {name!r} share the parameter "
+                    f"{param_name[id(p)]!r}; parameters shared between modules are not "
+                    "supported yet. Select one of them with `modules=`."
+                )
+            owner[id(p)] = name
+        adapters[name] = adapter
+        names[name] = ParamNames(
+            param_name[id(adapter.weight)], None if bias is None else param_name[id(bias)]
+        )
+    if not adapters:
+        raise ValueError(
+            "No supported layer with trainable weights among the selected modules "
+            f"({', '.join(matched[:10])}{', ...' if len(matched) > 10 else ''}). "
+            "Supported layers: nn.Linear."
+        )
+    # Parameters directly owned by selected modules (not their children) that no block covers.
+    uncovered = []
+    for name in matched:
+        for pname, p in named[name].named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in owner:
+                uncovered.append(f"{name}.{pname}" if name else pname)
+    if uncovered:
+        warnings.warn(
+            f"{len(uncovered)} trainable parameter(s) are not covered by any Kronecker block "
+            f"and are left out of the curvature: {', '.join(uncovered)}.",
+            UncoveredParameterWarning,
+            stacklevel=3,
+        )
+    return adapters, names
+
+
+@dataclass
+class PassSetup:
+    """Validated options of a pass, the likelihood and the covered modules.
+
+    Build it with :meth:`create`, which checks every option and raises on bad input.
+    """
+
+    likelihood: Likelihood
+    adapters: dict[str, LayerAdapter]
+    param_names: dict[str, ParamNames]
+    fisher: str
+    mc_samples: int
+    approx: str
+    bias: str
+    forward: ForwardFn | None
+    num_data: int | None
+    num_per_example_loss_terms: int | None
+    seed: int
+    progress: bool
+
+    @classmethod
+    def create(
+        cls,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        *,
+        fisher: str = "mc",
+        mc_samples: int = 1,
+        approx: str = "expand",
+        modules: Iterable[str] | str | None = None,
+        bias: str = "joint",
+        forward: ForwardFn | None = None,
+        num_data: int | None = None,
+        num_per_example_loss_terms: int | None = None,
+        seed: int = 2147483647,
+        progress: bool = False,
+    ) -> PassSetup:
+        """Validate the options of :func:`kronfac.compute_factors` (see there)."""
+        _check_choice("fisher", fisher, FISHER_TYPES)
+        _check_choice("approx", approx, KFAC_APPROXES)
+        _check_choice("bias", bias, BIAS_MODES)
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}.")
+        if fisher != "mc" and mc_samples != 1:
+            raise ValueError(
+                f"mc_samples={mc_samples} requires fisher='mc', got fisher={fisher!r}."
+            )
+        counts = {"num_data": num_data, "num_per_example_loss_terms": num_per_example_loss_terms}
+        for name, value in counts.items():
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+        if not isinstance(loss_fn, nn.Module):
+            raise TypeError(
+                f"loss_fn must be a torch.nn loss module, got {type(loss_fn).__name__}."
+            )
+        likelihood = get_likelihood(loss_fn)
+        adapters, param_names = select_modules(model, modules)
+        return cls(
+            likelihood,
+            adapters,
+            param_names,
+            fisher,
+            mc_samples,
+            approx,
+            bias,
+            forward,
+            num_data,
+            num_per_example_loss_terms,
+            seed,
+            progress,
+        )
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options recorded with the factors."""
+        return {
+            "fisher": self.fisher,
+            "mc_samples": self.mc_samples,
+            "approx": self.approx,
+            "bias": self.bias,
+            "seed": self.seed,
+            "loss": type(self.likelihood.loss_fn).__name__,
+            "reduction": self.likelihood.reduction,
+        }
+
+    def joint_bias(self, name: str) -> bool:
+        """Whether module ``name``'s bias joins its weight's block as a last column."""
+        return self.bias == "joint" and self.param_names[name].bias is not None
+
+
+@dataclass
+class BatchRows:
+    """One batch in the canonical format, for a consumer of :func:`run_pass`.
+
+    Attributes:
+        index: The batch's index in the data.
+        n: Its number of data points.
+        inputs: Module name → layer inputs ``[n, T, d_in]`` in the accumulation dtype (float32,
+            or float64 for float64 models). Modules fed the very same tensors (queries, keys and
+            values of an attention block) get the same object.
+        grads: Module name → output gradients ``[K, n, T, d_out]`` of the summed loss (empty for
+            ``fisher="forward-only"``; a module whose output does not reach the loss is absent).
+    """
+
+    index: int
+    n: int
+    inputs: dict[str, Tensor]
+    grads: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    """What a pass counted: ``N``, ``R``, ``C`` and the calls of every module."""
+
+    num_data: int
+    terms_per_example: int
+    num_classes: int
+
+    def mean_divisor(self, likelihood: Likelihood) -> int:
+        """``D``: the entries torch's mean averages over for the dataset loss (1 for sum)."""
+        return likelihood.mean_divisor(self.num_data, self.terms_per_example, self.num_classes)
+
+
+def _batch_size(y: Any, batch_index: int) -> int:
+    if not isinstance(y, Tensor):
+        raise TypeError(
+            f"Batch {batch_index}: expected targets y to be a torch.Tensor, got {type(y).__name__}."
+        )
+    if y.ndim == 0:
+        raise ValueError(f"Batch {batch_index}: expected batched targets [N, ...], got a scalar.")
+    return y.shape[0]
+
+
+def _run_forward(model: nn.Module, X: Any, forward: ForwardFn | None, batch_index: int) -> Tensor:
+    if forward is not None:
+        output = forward(model, X)
+    elif isinstance(X, Mapping):
+        output = model(**X)
+    else:
+        output = model(X)
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"Batch {batch_index}: the model returned {type(output).__name__}, expected the "
+            "logits as a Tensor. Pass forward=lambda model, X: ... returning them "
+            "(e.g. model(**X).logits for a transformers model)."
+        )
+    return output
+
+
+def _backprop_vectors(
+    likelihood: Likelihood,
+    fisher: str,
+    output: Tensor,
+    y: Tensor,
+    mc_samples: int,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The ``K`` vectors ``[K, *output.shape]`` whose backpropagation gives the ``g``'s."""
+    terms = likelihood.to_terms(output.detach().to(dtype))
+    if fisher == "type-2":
+        vectors = likelihood.hessian_sqrt(terms).permute(2, 0, 1)
+    elif fisher == "mc":
+        assert generator is not None
+        samples = likelihood.sample(terms, mc_samples, generator)
+        vectors = likelihood.gradient(terms, samples) / math.sqrt(mc_samples)
+    else:  # empirical
+        vectors = likelihood.gradient(terms, likelihood.targets_to_terms(y, output)).unsqueeze(0)
+    return likelihood.from_terms(vectors, output).to(output.dtype)
+
+
+def _output_gradients(output: Tensor, calls: list[Call], vectors: Tensor) -> list[Tensor | None]:
+    """``[K, *call.output.shape]`` gradients of ``⟨vectors_k, output⟩`` at each call's output."""
+    outs = [c.output for c in calls]
+    K = vectors.shape[0]
+    if K == 1:
+        grads = torch.autograd.grad(output, outs, vectors[0], allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+    per_vector = output.numel() + sum(o.numel() for o in outs)
+    chunk = max(1, min(K, _MAX_BATCHED_ELEMENTS // max(per_vector, 1)))
+    pieces: list[list[Tensor | None]] = []
+    for start in range(0, K, chunk):
+        part = vectors[start : start + chunk]
+        last = start + chunk >= K
+        pieces.append(
+            list(
+                torch.autograd.grad(
+                    output,
+                    outs,
+                    part,
+                    retain_graph=not last,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
+            )
+        )
+    return [
+        None if ps[0] is None else torch.cat(ps) if len(ps) > 1 else ps[0]
+        for ps in zip(*pieces, strict=True)
+    ]
+
+
+def run_pass(
+    setup: PassSetup,
+    model: nn.Module,
+    data: Iterable[Any],
+    consume: Callable[[BatchRows], None],
+    desc: str = "kronfac factors",
+) -> PassResult:
+    """Run the model over ``data`` once and hand every batch's rows to ``consume``.
+
+    Raises:
+        ValueError: Empty data, a batch that is not a pair, shapes that do not fit the loss,
+            a module never called, counts that disagree with the setup's ``num_data`` /
+            ``num_per_example_loss_terms``, or an output modified in place.
+        TypeError: Targets of the wrong dtype, or a model output that is not a Tensor.
+        NonFiniteError: NaN / Inf in a covered module's output (named, with the batch).
+    """
+    likelihood, adapters = setup.likelihood, setup.adapters
+    backward = setup.fisher != "forward-only"
+    generator: torch.Generator | None = None
+    total = 0
+    shape: tuple[int, int] | None = None  # (R, C)
+    called = dict.fromkeys(adapters, 0)
+    batches = tqdm(
+        data,
+        total=len(data) if hasattr(data, "__len__") else None,  # type: ignore[arg-type]
+        disable=not setup.progress,
+        desc=desc,
+        unit="batch",
+    )
+    with record_calls(adapters) as calls:
+        for b, batch in enumerate(batches):
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise ValueError(f"Batch {b}: expected a pair (X, y), got {type(batch).__name__}.")
+            X, y = batch
+            n = _batch_size(y, b)
+            if n == 0:
+                raise ValueError(f"Batch {b} holds no data points (targets {tuple(y.shape)}).")
+            for c in calls.values():
+                c.clear()
+            with torch.set_grad_enabled(backward):
+                output = _run_forward(model, X, setup.forward, b)
+            likelihood.check(output, y)
+            if output.shape[0] != n:
+                raise ValueError(
+                    f"Batch {b}: model output has batch size {output.shape[0]}, targets {n}."
+                )
+            rc = (likelihood.terms_per_example(output), likelihood.num_classes(output))
+            if shape is None:
+                shape = rc
+            elif rc != shape and likelihood.reduction == "mean":
+                raise ValueError(
+                    f"Batch {b}: {rc[0]} loss terms of size {rc[1]} per data point, earlier "
+                    f"batches had {shape[0]} of size {shape[1]}; reduction='mean' needs the "
+                    "same number of terms for every data point."
+                )
+            dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
+            for name in adapters:
+                called[name] += len(calls[name])
+            rows = BatchRows(b, n, _input_rows(adapters, calls, n, dtype, b))
+            if backward:
+                _check_finite_output(output, adapters, calls, b)
+                if not output.requires_grad:
+                    raise ValueError(
+                        f"Batch {b}: the model output does not require grad; the covered "
+                        "modules' outputs must be part of the autograd graph."
+                    )
+                if setup.fisher == "mc" and generator is None:
+                    generator = torch.Generator(device=output.device).manual_seed(setup.seed)
+                vectors = _backprop_vectors(
+                    likelihood, setup.fisher, output, y, setup.mc_samples, generator, dtype
+                )
+                rows.grads = _grad_rows(adapters, calls, output, vectors, n, dtype, b)
+            consume(rows)
+            total += n
+            del output, rows
+    if total == 0:
+        raise ValueError("data is empty: expected at least one batch (X, y) with data points.")
+    assert shape is not None
+    for name, count in called.items():
+        if count == 0:
+            raise ValueError(
+                f"Module {name!r} was never called in the forward pass; exclude it with `modules=`."
+            )
+    if setup.num_data is not None and setup.num_data != total:
+        raise ValueError(f"num_data={setup.num_data} but the data holds {total} data points.")
+    R = setup.num_per_example_loss_terms
+    if R is not None and shape[0] != R:
+        raise ValueError(
+            f"num_per_example_loss_terms={R} but the model output has {shape[0]} loss terms "
+            "per data point."
+        )
+    return PassResult(total, *shape)
+
+
+def _input_rows(
+    adapters: Mapping[str, LayerAdapter],
+    calls: Mapping[str, list[Call]],
+    n: int,
+    dtype: torch.dtype,
+    b: int,
+) -> dict[str, Tensor]:
+    """Every called module's inputs ``[n, T, d_in]``; identical inputs share one object."""
+    cache: dict[tuple[Any, ...], Tensor] = {}
+    rows = {}
+    for name, adapter in adapters.items():
+        if not calls[name]:
+            continue
+        key = tuple((c.inputs.data_ptr(), c.inputs.shape, c.inputs.stride()) for c in calls[name])
+        if key not in cache:
+            cache[key] = _cat_calls(
+                [
+                    _per_example(adapter.input_rows(c.inputs), n, name, "input", b)
+                    for c in calls[name]
+                ],
+                dim=1,
+            ).to(dtype)
+        rows[name] = cache[key]
+    return rows
+
+
+def _grad_rows(
+    adapters: Mapping[str, LayerAdapter],
+    calls: Mapping[str, list[Call]],
+    output: Tensor,
+    vectors: Tensor,
+    n: int,
+    dtype: torch.dtype,
+    b: int,
+) -> dict[str, Tensor]:
+    """Backpropagate ``vectors`` to every call's output: ``[K, n, T, d_out]`` per module."""
+    flat = [(name, c) for name in adapters for c in calls[name]]
+    for name, c in flat:
+        if c.output._version != c.output_version:
+            raise ValueError(
+                f"Batch {b}: the output of module {name!r} was modified in place after it was "
+                "computed (e.g. by ReLU(inplace=True)); its gradient cannot be recovered. "
+                "Use an out-of-place operation after this module."
+            )
+    grads = _output_gradients(output, [c for _, c in flat], vectors)
+    per_module: dict[str, list[Tensor]] = {}
+    for (name, _), g in zip(flat, grads, strict=True):
+        if g is not None:
+            rows = adapters[name].output_grad_rows(g)
+            per_module.setdefault(name, []).append(_per_example(rows, n, name, "output", b))
+    return {name: _cat_calls(gs, dim=2).to(dtype) for name, gs in per_module.items()}
+
+
+def _per_example(rows: Tensor, n: int, name: str, what: str, b: int) -> Tensor:
+    """``[..., rows, d]`` → ``[..., n, T, d]``, checking the rows split into ``n`` data points."""
+    if rows.shape[-2] % n:
+        raise ValueError(
+            f"Batch {b}: module {name!r} {what} has {rows.shape[-2]} rows, not a multiple of the "
+            f"batch size {n}."
+        )
+    return rows.reshape(*rows.shape[:-2], n, rows.shape[-2] // n, rows.shape[-1])
+
+
+def _cat_calls(parts: list[Tensor], dim: int) -> Tensor:
+    """Concatenate the per-call pieces along the position dimension (no copy for one call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _check_finite_output(
+    output: Tensor,
+    adapters: Mapping[str, LayerAdapter],
+    calls: Mapping[str, list[Call]],
+    b: int,
+) -> None:
+    """Raise :class:`NonFiniteError` before sampling or backpropagating a non-finite output.
+
+    Names the covered module (in call order) whose output first turned non-finite, if any.
+    """
+    if bool(torch.isfinite(output).all()):
+        return
+    bad = [
+        (c.order, name)
+        for name in adapters
+        for c in calls[name]
+        if not bool(torch.isfinite(c.output).all())
+    ]
+    first = min(bad, default=None)
+    where = "the model output" if first is None else f"the output of module {first[1]!r}"
+    raise NonFiniteError(f"Non-finite values (NaN or Inf) in {where} at batch {b}.")
