@@ -666,11 +666,11 @@ def factors():
         (make_model(hidden=5), r"Factors of module '0' have shapes A\(4, 4\), S\(4, 4\); expected"),
         (
             nn.Sequential(nn.Linear(3, 4)),
-            r"Parameter '2.weight' of the factors is not in the model",
+            r"Parameters \['2.bias', '2.weight'\] of the factors are not in the model",
         ),
         (
             nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False)),
-            r"Parameter '0.bias' of the factors is not in the model",
+            r"Parameters \['0.bias', '2.bias'\] of the factors are not in the model",
         ),
         (
             nn.Sequential(nn.LayerNorm(3), nn.ReLU(), nn.Linear(4, 2)),

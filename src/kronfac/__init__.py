@@ -1,23 +1,28 @@
 """kronfac: Kronecker-factored curvature (K-FAC, EKFAC) for any PyTorch model."""
 
-from kronfac.errors import NonFiniteError, UncoveredParameterWarning
+from kronfac.errors import NonFiniteError, NotPSDError, UncoveredParameterWarning
 from kronfac.factors import (
+    EigenCorrection,
     FactorFileError,
     FactorPair,
     KroneckerFactors,
     ParamNames,
     compute_factors,
 )
-from kronfac.operators import KFAC
+from kronfac.operators import EKFAC, KFAC, CurvatureOperator
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EKFAC",
     "KFAC",
+    "CurvatureOperator",
+    "EigenCorrection",
     "FactorFileError",
     "FactorPair",
     "KroneckerFactors",
     "NonFiniteError",
+    "NotPSDError",
     "ParamNames",
     "UncoveredParameterWarning",
     "__version__",

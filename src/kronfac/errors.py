@@ -7,7 +7,7 @@ built-in one.
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteError", "UncoveredParameterWarning"]
+__all__ = ["NonFiniteError", "NotPSDError", "UncoveredParameterWarning"]
 
 
 class NonFiniteError(ValueError):
@@ -19,3 +19,10 @@ class NonFiniteError(ValueError):
 
 class UncoveredParameterWarning(UserWarning):
     """Trainable parameters that no Kronecker block covers (they are left out of the curvature)."""
+
+
+class NotPSDError(ValueError):
+    """A Kronecker factor (or eigenvalue) is not positive (semi-)definite where it must be.
+
+    Raised after a float64 retry, with the module's name in the message.
+    """

@@ -1,142 +1,103 @@
-"""Curvature operators built on Kronecker factors.
+r"""Curvature operators: K-FAC and EKFAC as block-diagonal linear operators.
 
 The flat vectors of an operator list the covered parameters in ``model.named_parameters()``
-order, each flattened row-major (DESIGN.md). A module's block acts on its weight read as a
-``[d_out, d_in]`` matrix ``V`` (joined by the bias as a last column with ``bias="joint"``) as
-``(S ⊗ A) vec(V) = vec(S V Aᵀ)``; with ``bias="separate"`` the bias's block is ``S``.
+order, each flattened row-major (DESIGN.md). Each module contributes one block acting on its
+weight read as a ``[d_out, d_in]`` matrix ``V`` — joined by the bias as a last column with
+``bias="joint"`` — or two blocks (weight, then bias as a ``[d_out, 1]`` matrix) with
+``bias="separate"``. Blocks come from :mod:`kronfac.linalg`, so products, inverses, traces and
+log-determinants follow from the factors' structure (Roth's lemma, per-factor
+eigendecompositions) and the Kronecker product is never formed except in :meth:`to_dense`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from kronfac.factors import KroneckerFactors, compute_factors
+from kronfac.factors.ekfac import compute_corrections
 from kronfac.layers import LayerAdapter, get_adapter
-from kronfac.linalg import kron_matmul
+from kronfac.linalg import Block, EigenBlock, KroneckerBlock
 
-__all__ = ["KFAC"]
-
-
-class _Block(NamedTuple):
-    """One module's block: factors, layout adapter and the slices of its parameters."""
-
-    S: Tensor
-    A: Tensor
-    adapter: LayerAdapter
-    weight: slice
-    bias: slice | None
-    joint: bool
+__all__ = ["EKFAC", "KFAC", "CurvatureOperator"]
 
 
-class KFAC:
-    r"""The K-FAC approximation ``K = diag_l(S_l ⊗ A_l)`` of the Fisher / GGN as an operator.
+@dataclass(frozen=True)
+class _Slot:
+    """Where a block's ``[p, q]`` matrix lives in the flat parameter vector.
 
-    Build it from data (``KFAC(model, loss_fn, data, **options)``, the options of
-    :func:`kronfac.compute_factors`) or from computed factors (:meth:`from_factors`).
-
-    ``K @ v`` takes a flat tensor ``[P]`` or ``[P, k]``, a list of tensors shaped like the
-    covered parameters, or a dict keyed by their names, and returns the same kind.
-
-    Attributes:
-        factors: The Kronecker factors.
-        param_names: Names of the covered parameters, in ``model.named_parameters()`` order.
-        shape: ``(P, P)``.
+    ``weight`` / ``bias`` are slices of the flat vector; a block holds the weight (read through
+    the adapter), the bias as a ``[p, 1]`` column, or both joined (``[p, q + 1]``).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable[Any], **options: Any):
-        self._setup(compute_factors(model, loss_fn, data, **options), model)
+    adapter: LayerAdapter
+    weight: slice | None
+    bias: slice | None
 
-    @classmethod
-    def from_factors(cls, factors: KroneckerFactors, model: nn.Module) -> KFAC:
-        """The operator of precomputed ``factors`` for the parameters of ``model``.
+    def gather(self, V: Tensor) -> Tensor:
+        """``[P, k]`` → the block's ``[p, q, k]``."""
+        parts = []
+        if self.weight is not None:
+            parts.append(self.adapter.weight_to_matrix(V[self.weight]))
+        if self.bias is not None:
+            parts.append(V[self.bias].unsqueeze(1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-        Raises:
-            ValueError: If a module or parameter of ``factors`` is missing from ``model`` or a
-                factor's shape does not fit its module.
-        """
-        if not isinstance(factors, KroneckerFactors):
-            raise TypeError(
-                f"Expected kronfac.KroneckerFactors (from compute_factors or "
-                f"KroneckerFactors.load), got {type(factors).__name__}."
-            )
-        if not factors:
-            raise ValueError("The factors cover no module: there is no operator to build.")
-        op = cls.__new__(cls)
-        op._setup(factors, model)
-        return op
+    def scatter(self, M: Tensor, out: Tensor) -> None:
+        """Write the block's ``[p, q, k]`` back into ``out: [P, k]``."""
+        if self.weight is not None:
+            W = M[:, :-1] if self.bias is not None else M
+            out[self.weight] = self.adapter.matrix_to_weight(W)
+        if self.bias is not None:
+            out[self.bias] = M[:, -1]
 
-    def _setup(self, factors: KroneckerFactors, model: nn.Module) -> None:
-        self.factors = factors
-        modules = dict(model.named_modules())
-        params = dict(model.named_parameters())
-        covered: dict[str, str] = {}  # parameter name -> module name
-        for mod, names in factors.param_names.items():
-            for pname in names:
-                if pname is not None:
-                    if pname not in params:
-                        raise ValueError(f"Parameter {pname!r} of the factors is not in the model.")
-                    covered[pname] = mod
-        self.param_names = [n for n in params if n in covered]
-        self._shapes = {n: params[n].shape for n in self.param_names}
-        offsets, start = {}, 0
-        for n in self.param_names:
-            offsets[n] = slice(start, start + params[n].numel())
-            start += params[n].numel()
-        self.shape = (start, start)
-        joint = factors.options.get("bias", "joint") == "joint"
-        self._blocks = []
-        for mod, (A, S) in factors.items():
-            if mod not in modules:
-                raise ValueError(f"Module {mod!r} of the factors is not in the model.")
-            adapter = get_adapter(modules[mod])
-            if adapter is None:
-                raise ValueError(f"Module {mod!r} ({type(modules[mod]).__name__}) is unsupported.")
-            names = factors.param_names[mod]
-            block_joint = joint and names.bias is not None
-            d_in = adapter.in_features + int(block_joint)
-            if A.shape != (d_in, d_in) or S.shape != (adapter.out_features, adapter.out_features):
-                raise ValueError(
-                    f"Factors of module {mod!r} have shapes A{tuple(A.shape)}, S{tuple(S.shape)};"
-                    f" expected A({d_in}, {d_in}), "
-                    f"S({adapter.out_features}, {adapter.out_features})."
-                )
-            self._blocks.append(
-                _Block(
-                    S,
-                    A,
-                    adapter,
-                    offsets[names.weight],
-                    None if names.bias is None else offsets[names.bias],
-                    block_joint,
-                )
-            )
-        self._blocks.sort(key=lambda blk: blk.weight.start)
-        self.dtype = next(iter(factors.values())).A.dtype
-        self.device = next(iter(factors.values())).A.device
+
+class CurvatureOperator:
+    """A symmetric block-diagonal operator in the parameter layout.
+
+    ``op @ v`` takes a flat tensor ``[P]`` or ``[P, k]``, a list / tuple of tensors shaped like
+    the covered parameters, or a dict keyed by their names, and returns the same kind.
+
+    Attributes:
+        param_names: Names of the covered parameters, in ``model.named_parameters()`` order.
+        shape: ``(P, P)``.
+        dtype: The dtype of the blocks (vectors are cast to it and back).
+        device: Their device.
+    """
+
+    def __init__(
+        self,
+        slots: Sequence[_Slot],
+        blocks: Sequence[Block],
+        param_shapes: Mapping[str, torch.Size],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self._slots, self._blocks = list(slots), list(blocks)
+        self._shapes = dict(param_shapes)
+        self.param_names = list(param_shapes)
+        P = sum(math.prod(s) for s in param_shapes.values())
+        self.shape = (P, P)
+        self.dtype, self.device = dtype, device
+
+    def _with_blocks(self, blocks: Sequence[Block]) -> CurvatureOperator:
+        return CurvatureOperator(self._slots, blocks, self._shapes, self.dtype, self.device)
 
     # -- products ---------------------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
-        """``K V`` for ``V: [P, k]``."""
+        """``M V`` for ``V: [P, k]``."""
         out = torch.empty_like(V)
-        for blk in self._blocks:
-            W = blk.adapter.weight_to_matrix(V[blk.weight])
-            if blk.joint:
-                Wb = torch.cat([W, V[blk.bias].unsqueeze(1)], dim=1)
-                KWb = kron_matmul(blk.S, blk.A, Wb)
-                out[blk.weight] = blk.adapter.matrix_to_weight(KWb[:, :-1])
-                out[blk.bias] = KWb[:, -1]
-            else:
-                out[blk.weight] = blk.adapter.matrix_to_weight(kron_matmul(blk.S, blk.A, W))
-                if blk.bias is not None:
-                    out[blk.bias] = blk.S @ V[blk.bias]
+        for slot, block in zip(self._slots, self._blocks, strict=True):
+            slot.scatter(block.matmat(slot.gather(V)), out)
         return out
 
     def __matmul__(self, v: Tensor | Sequence[Tensor] | Mapping[str, Tensor]) -> Any:
-        """``K v`` for a flat ``[P]`` / ``[P, k]`` tensor, a list, or a dict (same kind back)."""
+        """``M v`` for a flat ``[P]`` / ``[P, k]`` tensor, a list / tuple, or a dict."""
         if isinstance(v, Tensor):
             if v.ndim not in (1, 2) or v.shape[0] != self.shape[1]:
                 raise ValueError(
@@ -164,11 +125,253 @@ class KFAC:
                 got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in v]
                 raise ValueError(f"Expected tensors of shapes {expected}, got {got}.")
             flat = torch.cat([t.reshape(-1) for t in v])
-            Kv = self @ flat
+            Mv = self @ flat
             sizes = [t.numel() for t in v]
-            return kind(p.reshape(t.shape) for p, t in zip(Kv.split(sizes), v, strict=True))
+            return kind(p.reshape(t.shape) for p, t in zip(Mv.split(sizes), v, strict=True))
         raise TypeError(f"Expected a Tensor, a list of Tensors or a dict, got {type(v).__name__}.")
+
+    # -- closed forms -----------------------------------------------------------------------
+    def trace(self) -> Tensor:
+        """``tr M``: the sum of the blocks' traces."""
+        return torch.stack([b.trace() for b in self._blocks]).sum()
+
+    def frobenius_norm(self) -> Tensor:
+        """``‖M‖_F``: the root of the sum of the blocks' squared norms."""
+        return torch.stack([b.frobenius_norm_sq() for b in self._blocks]).sum().sqrt()
+
+    def diagonal(self) -> Tensor:
+        """The diagonal, a flat ``[P]`` tensor in the parameter layout."""
+        out = torch.empty(self.shape[0], 1, dtype=self.dtype, device=self.device)
+        for slot, block in zip(self._slots, self._blocks, strict=True):
+            slot.scatter(block.diagonal().unsqueeze(-1), out)
+        return out.squeeze(1)
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        """``log det(M + δI)``, exact, from the blocks' eigenvalues; ``−inf`` when singular.
+
+        Raises:
+            ValueError: If ``damping`` is negative.
+        """
+        _check_damping(damping)
+        return torch.stack([b.logdet(damping) for b in self._blocks]).sum()
+
+    def det(self, damping: float = 0.0) -> Tensor:
+        """``det(M + δI) = exp(logdet(δ))`` (overflows to ``inf`` for large operators)."""
+        return self.logdet(damping).exp()
 
     def to_dense(self) -> Tensor:
         """The dense ``[P, P]`` matrix in the parameter layout (for small models and tests)."""
         return self._matmat(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
+
+    def to_scipy(self) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` of the same matrix (NumPy in and out)."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def matmat(X: np.ndarray) -> np.ndarray:
+            V = torch.as_tensor(np.asarray(X), device=self.device).to(self.dtype)
+            squeeze = V.ndim == 1
+            out = self._matmat(V.reshape(V.shape[0], -1))
+            return (out.squeeze(1) if squeeze else out).cpu().numpy()
+
+        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        return LinearOperator(
+            self.shape, matvec=matmat, matmat=matmat, rmatvec=matmat, dtype=np_dtype
+        )
+
+
+def _check_damping(damping: float) -> None:
+    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0:
+        raise ValueError(f"damping must be a non-negative number, got {damping!r}.")
+
+
+def _layout(
+    factors: KroneckerFactors, model: nn.Module
+) -> tuple[dict[str, tuple[_Slot, ...]], dict[str, torch.Size]]:
+    """The slots of every module's block(s) and the covered parameters' shapes, in order."""
+    if not isinstance(factors, KroneckerFactors):
+        raise TypeError(
+            "Expected kronfac.KroneckerFactors (from compute_factors or KroneckerFactors.load), "
+            f"got {type(factors).__name__}."
+        )
+    if not factors:
+        raise ValueError("The factors cover no module: there is no operator to build.")
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    covered = {p for names in factors.param_names.values() for p in names if p is not None}
+    missing = sorted(covered - set(params))
+    if missing:
+        raise ValueError(f"Parameters {missing} of the factors are not in the model.")
+    shapes = {n: p.shape for n, p in params.items() if n in covered}
+    offsets, start = {}, 0
+    for n, shape in shapes.items():
+        offsets[n] = slice(start, start + math.prod(shape))
+        start += math.prod(shape)
+    joint = factors.options.get("bias", "joint") == "joint"
+    slots = {}
+    for mod, (A, S) in factors.items():
+        if mod not in modules:
+            raise ValueError(f"Module {mod!r} of the factors is not in the model.")
+        adapter = get_adapter(modules[mod])
+        if adapter is None:
+            raise ValueError(f"Module {mod!r} ({type(modules[mod]).__name__}) is unsupported.")
+        names = factors.param_names[mod]
+        if params[names.weight] is not adapter.weight:
+            raise ValueError(f"Parameter {names.weight!r} is not the weight of module {mod!r}.")
+        has_bias = names.bias is not None
+        d_in = adapter.in_features + int(joint and has_bias)
+        d_out = adapter.out_features
+        if A.shape != (d_in, d_in) or S.shape != (d_out, d_out):
+            raise ValueError(
+                f"Factors of module {mod!r} have shapes A{tuple(A.shape)}, S{tuple(S.shape)}; "
+                f"expected A({d_in}, {d_in}), S({d_out}, {d_out})."
+            )
+        w, b = offsets[names.weight], offsets[names.bias] if has_bias else None
+        if joint or not has_bias:
+            slots[mod] = (_Slot(adapter, w, b),)
+        else:
+            slots[mod] = (_Slot(adapter, w, None), _Slot(adapter, None, b))
+    return slots, shapes
+
+
+class KFAC(CurvatureOperator):
+    r"""The K-FAC approximation ``K = diag_l(S_l ⊗ A_l)`` of the Fisher / GGN.
+
+    Build it from data (``KFAC(model, loss_fn, data, **options)``, the options of
+    :func:`kronfac.compute_factors`) or from computed factors (:meth:`from_factors`).
+
+    Attributes:
+        factors: The Kronecker factors.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable[Any], **options: Any):
+        self._setup(compute_factors(model, loss_fn, data, **options), model)
+
+    @classmethod
+    def from_factors(cls, factors: KroneckerFactors, model: nn.Module) -> KFAC:
+        """The operator of precomputed ``factors`` for the parameters of ``model``.
+
+        Raises:
+            TypeError: If ``factors`` is not a :class:`~kronfac.KroneckerFactors`.
+            ValueError: If it is empty, or a module or parameter of ``factors`` is missing from
+                ``model`` or a factor's shape does not fit its module.
+        """
+        op = cls.__new__(cls)
+        op._setup(factors, model)
+        return op
+
+    def _setup(self, factors: KroneckerFactors, model: nn.Module) -> None:
+        slots, shapes = _layout(factors, model)
+        flat_slots, blocks = [], []
+        for mod, (A, S) in factors.items():
+            for slot in slots[mod]:
+                flat_slots.append(slot)
+                blocks.append(KroneckerBlock(S, None if slot.weight is None else A, mod))
+        order = sorted(range(len(flat_slots)), key=lambda i: _slot_start(flat_slots[i]))
+        A0 = next(iter(factors.values())).A
+        super().__init__(
+            [flat_slots[i] for i in order], [blocks[i] for i in order], shapes, A0.dtype, A0.device
+        )
+        self.factors = factors
+
+    def inverse(
+        self,
+        damping: float = 0.0,
+        *,
+        heuristic: bool = False,
+        min_damping: float = 1e-8,
+        exact: bool = False,
+    ) -> CurvatureOperator:
+        r"""The inverse of the damped K-FAC approximation, as an operator.
+
+        - default: ``(S + δI)⁻¹ ⊗ (A + δI)⁻¹`` per block (a separate bias: ``(S + δI)⁻¹``);
+        - ``heuristic=True``: Martens & Grosse's π-damping, ``A + π√δ I`` and ``S + √δ/π I``
+          with ``π = √((tr A / dim A) / (tr S / dim S))``, each at least ``min_damping``;
+        - ``exact=True``: ``(S ⊗ A + δI)⁻¹`` through the factors' eigendecompositions.
+
+        The decompositions are computed here, once, and reused by every product.
+
+        Raises:
+            ValueError: Negative damping, or ``heuristic`` and ``exact`` together.
+            NotPSDError: A damped factor that is not positive definite (after a float64 retry),
+                naming the module.
+        """
+        _check_damping(damping)
+        if heuristic and exact:
+            raise ValueError("Use heuristic or exact damping, not both.")
+        return self._with_blocks(
+            [
+                b.inverse(damping, heuristic=heuristic, min_damping=min_damping, exact=exact)
+                for b in self._blocks  # type: ignore[attr-defined]
+            ]
+        )
+
+
+class EKFAC(CurvatureOperator):
+    r"""Eigenvalue-corrected K-FAC (George et al., 2018).
+
+    K-FAC's eigenbasis ``Q_S ⊗ Q_A`` with the eigenvalues replaced by the second moments of the
+    per-example gradients in that basis (:func:`kronfac.factors.ekfac.compute_corrections`):
+    ``E = diag_l((Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ)``. Built with the options of
+    :func:`kronfac.compute_factors` (two passes over ``data``), or from factors that carry the
+    corrections (:meth:`from_factors`, e.g. after ``E.factors.save`` /
+    ``KroneckerFactors.load``).
+
+    Attributes:
+        factors: The Kronecker factors with their corrections.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable[Any], **options: Any):
+        factors = compute_factors(model, loss_fn, data, **options)
+        self._setup(compute_corrections(model, loss_fn, data, factors, **options), model)
+
+    @classmethod
+    def from_factors(cls, factors: KroneckerFactors, model: nn.Module) -> EKFAC:
+        """The operator of precomputed ``factors`` with EKFAC corrections.
+
+        Raises:
+            ValueError: If the factors carry no corrections, or do not fit ``model``.
+        """
+        op = cls.__new__(cls)
+        op._setup(factors, model)
+        return op
+
+    def _setup(self, factors: KroneckerFactors, model: nn.Module) -> None:
+        slots, shapes = _layout(factors, model)
+        if factors.corrections is None:
+            raise ValueError(
+                "These factors carry no EKFAC corrections: build kronfac.EKFAC(model, loss_fn, "
+                "data, ...) or use kronfac.KFAC.from_factors."
+            )
+        flat_slots, blocks = [], []
+        for mod in factors:
+            Q_A, Q_S, lam, bias_lam = factors.corrections[mod]
+            for slot in slots[mod]:
+                flat_slots.append(slot)
+                if slot.weight is None:  # separate bias
+                    blocks.append(EigenBlock(Q_S, Q_S.new_ones(1, 1), bias_lam[:, None], mod))
+                else:
+                    blocks.append(EigenBlock(Q_S, Q_A, lam, mod))
+        order = sorted(range(len(flat_slots)), key=lambda i: _slot_start(flat_slots[i]))
+        super().__init__(
+            [flat_slots[i] for i in order],
+            [blocks[i] for i in order],
+            shapes,
+            Q_S.dtype,
+            Q_S.device,
+        )
+        self.factors = factors
+
+    def inverse(self, damping: float = 0.0) -> CurvatureOperator:
+        """``(E + δI)⁻¹``: the corrected eigenvalues damped and inverted in the same basis.
+
+        Raises:
+            ValueError: Negative damping.
+            NotPSDError: An eigenvalue of ``E + δI`` that is not positive, naming the module.
+        """
+        _check_damping(damping)
+        return self._with_blocks([b.inverse(damping) for b in self._blocks])  # type: ignore[attr-defined]
+
+
+def _slot_start(slot: _Slot) -> int:
+    return (slot.weight if slot.weight is not None else slot.bias).start  # type: ignore[union-attr]

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["FactorFileError", "FactorPair", "KroneckerFactors", "ParamNames"]
+__all__ = ["EigenCorrection", "FactorFileError", "FactorPair", "KroneckerFactors", "ParamNames"]
 
 _FORMAT = "kronfac.factors"
 _FORMAT_VERSION = 1
@@ -53,6 +53,28 @@ class ParamNames(NamedTuple):
     bias: str | None
 
 
+class EigenCorrection(NamedTuple):
+    """EKFAC's eigenbasis and corrected eigenvalues of one module (George et al., 2018).
+
+    The weight's (or joint weight-and-bias) block is
+    ``(Q_S ⊗ Q_A) diag(vec eigenvalues) (Q_S ⊗ Q_A)ᵀ``, with
+    ``eigenvalues[a, b] = 1/D Σ_{n,k} (Q_Sᵀ G_{n,k} Q_A)[a, b]²`` for the per-example gradients
+    ``G_{n,k} = Σ_t g_{n,t,k} a_{n,t}ᵀ`` (``D`` as for ``S``).
+
+    Attributes:
+        Q_A: ``[q, q]`` eigenvectors (columns) of ``A``.
+        Q_S: ``[p, p]`` eigenvectors (columns) of ``S``.
+        eigenvalues: ``[p, q]`` corrected eigenvalues.
+        bias_eigenvalues: ``[p]`` corrected eigenvalues of a separate bias block
+            (``Q_S diag(·) Q_Sᵀ``), or ``None``.
+    """
+
+    Q_A: Tensor
+    Q_S: Tensor
+    eigenvalues: Tensor
+    bias_eigenvalues: Tensor | None
+
+
 class KroneckerFactors(Mapping[str, FactorPair]):
     """Kronecker factors keyed by module name (``model.named_modules()`` names).
 
@@ -67,6 +89,7 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         num_data: ``N``, the number of data points.
         num_per_example_loss_terms: ``R``, the number of loss terms per data point.
         param_names: Module name → :class:`ParamNames` of the parameters its block covers.
+        corrections: Module name → :class:`EigenCorrection` (EKFAC), or ``None``.
     """
 
     def __init__(
@@ -77,6 +100,7 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         options: Mapping[str, Any],
         num_data: int,
         num_per_example_loss_terms: int,
+        corrections: Mapping[str, EigenCorrection] | None = None,
     ) -> None:
         if set(factors) != set(param_names):
             raise ValueError(
@@ -88,6 +112,14 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         self.options = dict(options)
         self.num_data = int(num_data)
         self.num_per_example_loss_terms = int(num_per_example_loss_terms)
+        if corrections is not None and set(corrections) != set(self._factors):
+            raise ValueError(
+                f"corrections must cover the same modules as the factors, got "
+                f"{sorted(corrections)} and {sorted(self._factors)}."
+            )
+        self.corrections = (
+            None if corrections is None else {k: EigenCorrection(*corrections[k]) for k in self}
+        )
 
     def __getitem__(self, name: str) -> FactorPair:
         return self._factors[name]
@@ -104,22 +136,32 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         )
         return f"KroneckerFactors({body}; num_data={self.num_data}, options={self.options})"
 
-    def _replace_factors(self, factors: Mapping[str, FactorPair]) -> KroneckerFactors:
+    def with_corrections(self, corrections: Mapping[str, EigenCorrection]) -> KroneckerFactors:
+        """A copy carrying EKFAC's ``corrections`` (same factors and metadata)."""
         return KroneckerFactors(
-            factors,
+            self._factors,
             param_names=self.param_names,
             options=self.options,
             num_data=self.num_data,
             num_per_example_loss_terms=self.num_per_example_loss_terms,
+            corrections=corrections,
         )
 
     def to(self, *args: Any, **kwargs: Any) -> KroneckerFactors:
-        """A copy with every factor moved / cast by ``Tensor.to(*args, **kwargs)``."""
-        return self._replace_factors(
-            {
-                k: FactorPair(v.A.to(*args, **kwargs), v.S.to(*args, **kwargs))
-                for k, v in self.items()
-            }
+        """A copy with every tensor moved / cast by ``Tensor.to(*args, **kwargs)``."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(*args, **kwargs)
+
+        return KroneckerFactors(
+            {k: FactorPair(*map(move, v)) for k, v in self.items()},
+            param_names=self.param_names,
+            options=self.options,
+            num_data=self.num_data,
+            num_per_example_loss_terms=self.num_per_example_loss_terms,
+            corrections=None
+            if self.corrections is None
+            else {k: EigenCorrection(*map(move, v)) for k, v in self.corrections.items()},
         )
 
     # -- file format ----------------------------------------------------------------------------
@@ -131,6 +173,7 @@ class KroneckerFactors(Mapping[str, FactorPair]):
             "num_data": self.num_data,
             "num_per_example_loss_terms": self.num_per_example_loss_terms,
             "modules": {k: list(v) for k, v in self.param_names.items()},
+            "corrections": self.corrections is not None,
         }
         return {"kronfac": json.dumps(doc)}
 
@@ -146,6 +189,10 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         for name, (A, S) in self.items():
             tensors[f"{name}/A"] = A.detach().cpu().contiguous()
             tensors[f"{name}/S"] = S.detach().cpu().contiguous()
+        for name, corr in (self.corrections or {}).items():
+            for field, t in corr._asdict().items():
+                if t is not None:
+                    tensors[f"{name}/{field}"] = t.detach().cpu().contiguous()
         path = Path(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
@@ -206,12 +253,21 @@ class KroneckerFactors(Mapping[str, FactorPair]):
                 modules[name] = ParamNames(*names)
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise FactorFileError(f"{path}: missing or malformed kronfac metadata ({e}).") from e
-        expected = {f"{m}/{side}" for m in modules for side in ("A", "S")}
+        has_corrections = doc.get("corrections", False)
+        if not isinstance(has_corrections, bool):
+            raise FactorFileError(f"{path}: metadata 'corrections' must be true or false.")
+        fields = {m: ["A", "S"] for m in modules}
+        if has_corrections:
+            for m, names in modules.items():
+                fields[m] += ["Q_A", "Q_S", "eigenvalues"]
+                if options.get("bias") == "separate" and names.bias is not None:
+                    fields[m].append("bias_eigenvalues")
+        expected = {f"{m}/{f}" for m, fs in fields.items() for f in fs}
         if set(tensors) != expected:
             raise FactorFileError(
                 f"{path}: tensors {sorted(set(tensors) ^ expected)} disagree with the metadata."
             )
-        factors = {}
+        factors, corrections = {}, {}
         for m in modules:
             A, S = tensors[f"{m}/A"], tensors[f"{m}/S"]
             for side, t in (("A", A), ("S", S)):
@@ -221,10 +277,29 @@ class KroneckerFactors(Mapping[str, FactorPair]):
                         f"got shape {tuple(t.shape)} and dtype {t.dtype}."
                     )
             factors[m] = FactorPair(A, S)
+            if has_corrections:
+                p, q = S.shape[0], A.shape[0]
+                shapes = {
+                    "Q_A": (q, q),
+                    "Q_S": (p, p),
+                    "eigenvalues": (p, q),
+                    "bias_eigenvalues": (p,),
+                }
+                for f in fields[m][2:]:
+                    t = tensors[f"{m}/{f}"]
+                    if tuple(t.shape) != shapes[f] or not t.is_floating_point():
+                        raise FactorFileError(
+                            f"{path}: {m}/{f} must be a floating-point tensor of shape "
+                            f"{shapes[f]}, got {tuple(t.shape)} and dtype {t.dtype}."
+                        )
+                corrections[m] = EigenCorrection(
+                    *(tensors.get(f"{m}/{f}") for f in EigenCorrection._fields)
+                )
         return cls(
             factors,
             param_names=modules,
             options=options,
             num_data=num_data,
             num_per_example_loss_terms=terms,
+            corrections=corrections if has_corrections else None,
         )

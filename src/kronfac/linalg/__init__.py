@@ -1,5 +1,16 @@
 """Pure tensor algebra for Kronecker-structured matrices (no torch.nn)."""
 
-from kronfac.linalg.kronecker import kron_matmul
+from kronfac.linalg.base import Block
+from kronfac.linalg.decompositions import cholesky_inverse, eigh, psd_eigenvalues
+from kronfac.linalg.eigen import EigenBlock
+from kronfac.linalg.kronecker import KroneckerBlock, kron_matmul
 
-__all__ = ["kron_matmul"]
+__all__ = [
+    "Block",
+    "EigenBlock",
+    "KroneckerBlock",
+    "cholesky_inverse",
+    "eigh",
+    "kron_matmul",
+    "psd_eigenvalues",
+]

@@ -1,0 +1,144 @@
+r"""EKFAC's eigenvalue correction: a second pass over the data in K-FAC's eigenbasis.
+
+With the eigenvectors ``Q_S`` of ``S`` and ``Q_A`` of ``A``, EKFAC (George et al., 2018) keeps
+the basis ``Q_S ⊗ Q_A`` and replaces the Kronecker eigenvalues by the second moments of the
+per-example gradients in that basis, the Frobenius-optimal diagonal there:
+
+.. math::
+
+    \Lambda_{ab} = \frac{1}{D} \sum_{n,k} \big(Q_S^\top G_{n,k} Q_A\big)_{ab}^2, \qquad
+    G_{n,k} = \sum_t g_{n,t,k}\, a_{n,t}^\top,
+
+with the backpropagated vectors ``k`` and the divisor ``D`` of :func:`compute_factors`. The
+per-example gradient sums over the positions for ``approx="expand"`` and ``"reduce"`` alike.
+
+Two contraction orders, chosen per module and batch by their memory (the rotated rows
+``g̃ = g Q_S``, ``ã = a Q_A`` are formed either way):
+
+- per-example gradients: ``G̃_{n,k} = g̃_{n,k}ᵀ ã_n`` (``[K, n, p, q]``, in chunks), squared
+  and summed: memory ``n·p·q``;
+- Gram form: ``Λ = Σ_{n,t,t'} (Σ_k g̃_{n,t,k} ∘ g̃_{n,t',k}) (ã_{n,t} ∘ ã_{n,t'})ᵀ``, one GEMM
+  over ``n·T²`` rows: memory ``n·T²·(p + q)``. Without positions (``T = 1``) it is
+  ``(Σ_k g̃²)ᵀ ã²`` and never forms a per-example gradient.
+
+The Gram form is used when ``T²(p + q) < p·q``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kronfac.factors.container import EigenCorrection, KroneckerFactors
+from kronfac.factors.data_pass import BatchRows, PassSetup, run_pass
+from kronfac.factors.engine import check_finite
+from kronfac.linalg import eigh
+
+__all__ = ["compute_corrections"]
+
+# Elements of the per-example gradients [K, chunk, p, q] formed at once.
+_MAX_PER_EXAMPLE_ELEMENTS = 1 << 25
+
+
+def _rotated_second_moment(gt: Tensor, at: Tensor) -> Tensor:
+    """``Σ_{k,n} (g̃_{n,k}ᵀ ã_n)²`` for ``gt: [K, n, T, p]``, ``at: [n, T, q]`` → ``[p, q]``."""
+    K, n, T, p = gt.shape
+    q = at.shape[-1]
+    if T * T * (p + q) < p * q:
+        if T == 1:
+            return gt.square().sum(0).reshape(n, p).T @ at.reshape(n, q).square()
+        gg = torch.einsum("knsi,knti->nsti", gt, gt).reshape(n * T * T, p)
+        aa = (at.unsqueeze(2) * at.unsqueeze(1)).reshape(n * T * T, q)
+        return gg.T @ aa
+    out = gt.new_zeros(p, q)
+    chunk = max(1, _MAX_PER_EXAMPLE_ELEMENTS // max(K * p * q, 1))
+    for i in range(0, n, chunk):
+        G = gt[:, i : i + chunk].transpose(-1, -2) @ at[i : i + chunk]  # [K, c, p, q]
+        out += G.square().sum((0, 1))
+    return out
+
+
+def compute_corrections(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Iterable[tuple[Any, Tensor]],
+    factors: KroneckerFactors,
+    **options: Any,
+) -> KroneckerFactors:
+    """EKFAC's eigenbases and corrected eigenvalues of ``factors`` (module docstring).
+
+    Args:
+        model: The model the factors were computed for.
+        loss_fn: Its loss.
+        data: The data (the same as for the factors, for the usual EKFAC).
+        factors: K-FAC factors from :func:`kronfac.compute_factors` with the same options.
+        **options: The options of :func:`kronfac.compute_factors` (MC sampling starts again
+            from ``seed``, so it draws the labels the factors were computed with).
+
+    Returns:
+        A copy of ``factors`` carrying the corrections.
+
+    Raises:
+        ValueError: For ``fisher="forward-only"`` (no output gradients to correct with), or
+            options / modules that disagree with ``factors``.
+    """
+    setup = PassSetup.create(model, loss_fn, **options)
+    if setup.fisher == "forward-only":
+        raise ValueError("EKFAC needs output gradients: fisher='forward-only' has none.")
+    for key in ("fisher", "mc_samples", "approx", "bias", "seed"):
+        if factors.options.get(key) != setup.options[key]:
+            raise ValueError(
+                f"The factors were computed with {key}={factors.options.get(key)!r}, the "
+                f"correction was asked with {key}={setup.options[key]!r}."
+            )
+    if set(setup.adapters) != set(factors):
+        raise ValueError(
+            f"The factors cover {sorted(factors)}, the options select {sorted(setup.adapters)}."
+        )
+    bases = {}
+    for name, (A, S) in factors.items():
+        _, Q_A = eigh(A, name)
+        _, Q_S = eigh(S, name)
+        bases[name] = (Q_A, Q_S)
+    sums: dict[str, Tensor] = {}
+    bias_sums: dict[str, Tensor] = {}
+    separate = {n for n in factors if setup.bias == "separate" and factors.param_names[n].bias}
+
+    def consume(rows: BatchRows) -> None:
+        for name, g in rows.grads.items():
+            Q_A, Q_S = bases[name]
+            x = rows.inputs[name]
+            if setup.joint_bias(name):
+                x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+            gt = g @ Q_S.to(g.dtype)  # [K, n, T, p]
+            contribution = _rotated_second_moment(gt, x @ Q_A.to(x.dtype))
+            sums[name] = contribution if name not in sums else sums[name] + contribution
+            if name in separate:
+                b = gt.sum(2).square().sum((0, 1))
+                bias_sums[name] = b if name not in bias_sums else bias_sums[name] + b
+        check_finite(
+            {n: [s.sum(), *([bias_sums[n]] if n in bias_sums else [])] for n, s in sums.items()},
+            rows.index,
+            "per-example gradients",
+        )
+
+    result = run_pass(setup, model, data, consume, desc="kronfac EKFAC correction")
+    divisor = result.mean_divisor(setup.likelihood)
+    corrections = {}
+    for name, (Q_A, Q_S) in bases.items():
+        lam = sums.get(name)
+        if lam is None:  # the module's output never reached the loss
+            lam = Q_S.new_zeros(Q_S.shape[0], Q_A.shape[0])
+        bias = bias_sums.get(name) if name in separate else None
+        if name in separate and bias is None:
+            bias = Q_S.new_zeros(Q_S.shape[0])
+        corrections[name] = EigenCorrection(
+            Q_A,
+            Q_S,
+            lam.to(Q_S.dtype) / divisor,
+            None if bias is None else bias.to(Q_S.dtype) / divisor,
+        )
+    return factors.with_corrections(corrections)
