@@ -303,11 +303,37 @@ def _backprop_vectors(
     mc_samples: int,
     generator: torch.Generator | None,
     dtype: torch.dtype,
+    per_term: bool = False,
 ) -> Tensor:
-    """The ``K`` vectors ``[K, *output.shape]`` whose backpropagation gives the ``g``'s."""
+    """The ``K`` vectors ``[K, *output.shape]`` whose backpropagation gives the ``g``'s.
+
+    With ``per_term=True`` and ``R > 1`` terms per data point, type-2 gets one vector per
+    (term position, Hessian-root column), ``K = R·C``, each supported on a single term, so that
+    the per-example gradient of vector ``k`` is that of one term only (the columns of the
+    square root of the per-example loss Hessian ``Σ_r H_r``). K-FAC's ``S`` uses the ``C``
+    vectors shared by all terms.
+
+    Raises:
+        ValueError: If the per-term vectors would not fit in memory.
+    """
     terms = likelihood.to_terms(output.detach().to(dtype))
     if fisher == "type-2":
-        vectors = likelihood.hessian_sqrt(terms).permute(2, 0, 1)
+        root = likelihood.hessian_sqrt(terms)  # [M, C, K]
+        n = output.shape[0]
+        R = terms.shape[0] // n
+        if per_term and R > 1:
+            M, C, K = root.shape
+            if R * K * M * C > _MAX_BATCHED_ELEMENTS:
+                raise ValueError(
+                    f"Type-2 per-example gradients of {R} loss terms per data point need {R}x{K} "
+                    f"backpropagated vectors per batch ({R * K * M * C} elements); use "
+                    "fisher='mc' or smaller batches."
+                )
+            eye = torch.eye(R, dtype=root.dtype, device=root.device)
+            vectors = torch.einsum("nrck,rs->rknsc", root.reshape(n, R, C, K), eye)
+            vectors = vectors.reshape(R * K, M, C)
+        else:
+            vectors = root.permute(2, 0, 1)
     elif fisher == "mc":
         assert generator is not None
         samples = likelihood.sample(terms, mc_samples, generator)
@@ -354,8 +380,12 @@ def run_pass(
     data: Iterable[Any],
     consume: Callable[[BatchRows], None],
     desc: str = "kronfac factors",
+    per_term: bool = False,
 ) -> PassResult:
     """Run the model over ``data`` once and hand every batch's rows to ``consume``.
+
+    ``per_term=True`` backpropagates type-2 vectors term by term (see
+    :func:`_backprop_vectors`), as per-example gradients need.
 
     Raises:
         ValueError: Empty data, a batch that is not a pair, shapes that do not fit the loss,
@@ -417,7 +447,14 @@ def run_pass(
                 if setup.fisher == "mc" and generator is None:
                     generator = torch.Generator(device=output.device).manual_seed(setup.seed)
                 vectors = _backprop_vectors(
-                    likelihood, setup.fisher, output, y, setup.mc_samples, generator, dtype
+                    likelihood,
+                    setup.fisher,
+                    output,
+                    y,
+                    setup.mc_samples,
+                    generator,
+                    dtype,
+                    per_term,
                 )
                 rows.grads = _grad_rows(adapters, calls, output, vectors, n, dtype, b)
             consume(rows)

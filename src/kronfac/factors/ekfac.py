@@ -11,6 +11,10 @@ per-example gradients in that basis, the Frobenius-optimal diagonal there:
 
 with the backpropagated vectors ``k`` and the divisor ``D`` of :func:`compute_factors`. The
 per-example gradient sums over the positions for ``approx="expand"`` and ``"reduce"`` alike.
+For type-2 with ``R > 1`` loss terms per data point the vectors are the ``R·C`` columns of the
+square root of the per-example loss Hessian, one term each (``R·C`` backward vectors per batch,
+against ``C`` for K-FAC's ``S``), so that ``Λ`` is the exact diagonal of the GGN in the basis
+when K-FAC's eigenbasis diagonalises it; MC and empirical need no change.
 
 Two contraction orders, chosen per module and batch by their memory (the rotated rows
 ``g̃ = g Q_S``, ``ã = a Q_A`` are formed either way):
@@ -125,7 +129,7 @@ def compute_corrections(
             "per-example gradients",
         )
 
-    result = run_pass(setup, model, data, consume, desc="kronfac EKFAC correction")
+    result = run_pass(setup, model, data, consume, desc="kronfac EKFAC correction", per_term=True)
     divisor = result.mean_divisor(setup.likelihood)
     corrections = {}
     for name, (Q_A, Q_S) in bases.items():

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from kronfac.errors import NotPSDError
 from kronfac.linalg.base import Block
+from kronfac.linalg.decompositions import psd_eigenvalues
 
 __all__ = ["EigenBlock"]
 
@@ -66,15 +67,11 @@ class EigenBlock(Block):
         return (Q * self.eigenvalues.reshape(-1)) @ Q.T
 
     def _damped(self, damping: float) -> Tensor:
-        """``Λ + δ``, checked to be non-negative (round-off negatives clipped)."""
-        lam = self.eigenvalues + damping
-        tol = 10 * lam.numel() * torch.finfo(lam.dtype).eps * lam.abs().max()
-        if bool((lam < -tol).any()):
-            raise NotPSDError(
-                f"Block of {self.name or 'a module'} has eigenvalue {float(lam.min()):.3g} < 0 "
-                f"after damping {damping:g}."
-            )
-        return lam.clamp(min=0)
+        """``Λ + δ``, with eigenvalues within round-off of zero set to 0 (PSD-checked)."""
+        return (
+            psd_eigenvalues(self.eigenvalues.reshape(-1), self.name).reshape(self.eigenvalues.shape)
+            + damping
+        )
 
     def inverse(self, damping: float = 0.0) -> EigenBlock:
         """``(M + δI)⁻¹`` in the same eigenbasis.
