@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from kronfac.errors import NonFiniteError, UncoveredParameterWarning
 from kronfac.factors.container import ParamNames
 from kronfac.factors.hooks import Call, record_calls
-from kronfac.layers import LayerAdapter, get_adapter
+from kronfac.layers import LayerAdapter, get_adapter, supported_layers
 from kronfac.likelihoods import Likelihood, get_likelihood
 
 __all__ = [
@@ -62,13 +62,14 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def select_modules(
-    model: nn.Module, modules: Iterable[str] | str | None
+    model: nn.Module, modules: Iterable[str] | str | None, strict: bool = False
 ) -> tuple[dict[str, LayerAdapter], dict[str, ParamNames]]:
     """The supported modules of ``model`` whose name contains one of ``modules``.
 
     Args:
         model: The model.
         modules: Name substrings (a single string counts as one); ``None`` selects every module.
+        strict: Raise instead of warning about trainable parameters no block covers.
 
     Returns:
         ``(adapters, param_names)`` keyed by module name, in ``named_modules()`` order, for the
@@ -78,9 +79,12 @@ def select_modules(
         ValueError: If ``modules`` matches no module, or no selected module is supported.
         NotImplementedError: If two selected modules share a parameter.
 
+        ValueError: With ``strict=True``, if a trainable parameter of a selected module is not
+            covered.
+
     Warns:
         UncoveredParameterWarning: For trainable parameters of selected modules that no block
-            covers, naming every one.
+            covers, naming every one (``strict=False``).
     """
     if isinstance(modules, str):
         modules = [modules]
@@ -126,7 +130,7 @@ def select_modules(
         raise ValueError(
             "No supported layer with trainable weights among the selected modules "
             f"({', '.join(matched[:10])}{', ...' if len(matched) > 10 else ''}). "
-            "Supported layers: nn.Linear."
+            f"Supported layers: {', '.join(supported_layers())}."
         )
     # Parameters directly owned by selected modules (not their children) that no block covers.
     uncovered = []
@@ -134,6 +138,12 @@ def select_modules(
         for pname, p in named[name].named_parameters(recurse=False):
             if p.requires_grad and id(p) not in owner:
                 uncovered.append(f"{name}.{pname}" if name else pname)
+    if uncovered and strict:
+        raise ValueError(
+            f"strict=True: {len(uncovered)} trainable parameter(s) are not covered by any "
+            f"Kronecker block: {', '.join(uncovered)}. Freeze them, or leave them out with "
+            "`modules=`."
+        )
     if uncovered:
         warnings.warn(
             f"{len(uncovered)} trainable parameter(s) are not covered by any Kronecker block "
@@ -163,6 +173,7 @@ class PassSetup:
     num_per_example_loss_terms: int | None
     seed: int
     progress: bool
+    strict: bool = False
 
     @classmethod
     def create(
@@ -180,6 +191,7 @@ class PassSetup:
         num_per_example_loss_terms: int | None = None,
         seed: int = 2147483647,
         progress: bool = False,
+        strict: bool = False,
     ) -> PassSetup:
         """Validate the options of :func:`kronfac.compute_factors` (see there)."""
         _check_choice("fisher", fisher, FISHER_TYPES)
@@ -202,7 +214,7 @@ class PassSetup:
                 f"loss_fn must be a torch.nn loss module, got {type(loss_fn).__name__}."
             )
         likelihood = get_likelihood(loss_fn)
-        adapters, param_names = select_modules(model, modules)
+        adapters, param_names = select_modules(model, modules, strict)
         return cls(
             likelihood,
             adapters,
@@ -216,6 +228,7 @@ class PassSetup:
             num_per_example_loss_terms,
             seed,
             progress,
+            strict,
         )
 
     @property

@@ -80,6 +80,7 @@ def compute_factors(
     num_per_example_loss_terms: int | None = None,
     seed: int = 2147483647,
     progress: bool = False,
+    strict: bool = False,
 ) -> KroneckerFactors:
     r"""Kronecker factors of the Fisher / GGN of ``model`` over ``data``.
 
@@ -118,6 +119,9 @@ def compute_factors(
             value must match).
         seed: Seed of the private generator used for MC sampling (the global RNG is untouched).
         progress: Show a tqdm progress bar over the batches.
+        strict: Raise a ``ValueError`` instead of an
+            :class:`~kronfac.UncoveredParameterWarning` when trainable parameters of the
+            selected modules are left out (LayerNorm, raw ``nn.Parameter``, ...).
 
     Returns:
         The factors of every covered module.
@@ -143,6 +147,7 @@ def compute_factors(
         num_per_example_loss_terms=num_per_example_loss_terms,
         seed=seed,
         progress=progress,
+        strict=strict,
     )
     accs: dict[str, _Accumulator] = {}
 

@@ -19,9 +19,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["LayerAdapter", "get_adapter", "register_layer"]
+__all__ = ["LayerAdapter", "get_adapter", "register_layer", "supported_layers"]
 
-_REGISTRY: dict[type[nn.Module], type[LayerAdapter]] = {}
+_REGISTRY: dict[type[nn.Module] | str, type[LayerAdapter]] = {}
 
 
 class LayerAdapter(ABC):
@@ -76,9 +76,13 @@ class LayerAdapter(ABC):
 
 
 def register_layer(
-    module_type: type[nn.Module],
+    module_type: type[nn.Module] | str,
 ) -> Callable[[type[LayerAdapter]], type[LayerAdapter]]:
-    """Class decorator registering a :class:`LayerAdapter` for a module type (and subclasses)."""
+    """Class decorator registering a :class:`LayerAdapter` for a module type (and subclasses).
+
+    ``module_type`` may also be a qualified name ``"package.module.Class"``, for layers of
+    optional dependencies (transformers' ``Conv1D``) that must not be imported to register.
+    """
 
     def decorate(cls: type[LayerAdapter]) -> type[LayerAdapter]:
         _REGISTRY[module_type] = cls
@@ -90,7 +94,12 @@ def register_layer(
 def get_adapter(module: nn.Module) -> LayerAdapter | None:
     """The adapter of ``module``'s type (looked up along its MRO), or ``None`` if unsupported."""
     for cls in type(module).__mro__:
-        adapter = _REGISTRY.get(cls)
+        adapter = _REGISTRY.get(cls) or _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}")
         if adapter is not None:
             return adapter(module)
     return None
+
+
+def supported_layers() -> tuple[str, ...]:
+    """Names of the module types with a registered adapter."""
+    return tuple(k if isinstance(k, str) else f"nn.{k.__name__}" for k in _REGISTRY)
