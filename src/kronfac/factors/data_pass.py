@@ -129,7 +129,8 @@ def select_modules(
     if not adapters:
         raise ValueError(
             "No supported layer with trainable weights among the selected modules "
-            f"({', '.join(matched[:10])}{', ...' if len(matched) > 10 else ''}). "
+            f"({', '.join(n or '(the model)' for n in matched[:10])}"
+            f"{', ...' if len(matched) > 10 else ''}). "
             f"Supported layers: {', '.join(supported_layers())}."
         )
     # Parameters directly owned by selected modules (not their children) that no block covers.
