@@ -63,7 +63,7 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def select_modules(
     model: nn.Module, modules: Iterable[str] | str | None, strict: bool = False
-) -> tuple[dict[str, LayerAdapter], dict[str, ParamNames]]:
+) -> tuple[dict[str, LayerAdapter], dict[str, ParamNames], dict[str, list[LayerAdapter]]]:
     """The supported modules of ``model`` whose name contains one of ``modules``.
 
     Args:
@@ -72,12 +72,15 @@ def select_modules(
         strict: Raise instead of warning about trainable parameters no block covers.
 
     Returns:
-        ``(adapters, param_names)`` keyed by module name, in ``named_modules()`` order, for the
-        selected supported modules with a trainable weight.
+        ``(adapters, param_names, tied)`` keyed by block name (the first module holding the
+        block's weight), in ``named_modules()`` order, for the selected supported modules with
+        a trainable weight; ``tied`` lists further modules sharing a block's weight (and bias),
+        whose calls count as more positions of that block.
 
     Raises:
         ValueError: If ``modules`` matches no module, or no selected module is supported.
-        NotImplementedError: If two selected modules share a parameter.
+        NotImplementedError: If modules share a bias but not the weight, or a weight but not
+            the bias.
 
         ValueError: With ``strict=True``, if a trainable parameter of a selected module is not
             covered.
@@ -102,26 +105,28 @@ def select_modules(
             f"modules={patterns!r} matches no module of the model. "
             f"Module names: {', '.join(n for n in named if n) or '(none)'}."
         )
-    param_name = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    param_name = {id(p): n for n, p in model.named_parameters()}  # first (canonical) names
     adapters: dict[str, LayerAdapter] = {}
     names: dict[str, ParamNames] = {}
+    tied: dict[str, list[LayerAdapter]] = {}
     owner: dict[int, str] = {}
     for name in matched:
         adapter = get_adapter(named[name])
         if adapter is None or not adapter.weight.requires_grad:
             continue
-        params = [adapter.weight]
         bias = adapter.bias if adapter.bias is not None and adapter.bias.requires_grad else None
-        if bias is not None:
-            params.append(bias)
-        for p in params:
-            if id(p) in owner:
-                raise NotImplementedError(
-                    f"Modules {owner[id(p)]!r} and {name!r} share the parameter "
-                    f"{param_name[id(p)]!r}; parameters shared between modules are not "
-                    "supported yet. Select one of them with `modules=`."
-                )
-            owner[id(p)] = name
+        first = owner.get(id(adapter.weight))
+        if first is not None:
+            _tie(adapters[first], adapter, first, name, tied)
+            continue
+        if bias is not None and id(bias) in owner:
+            raise NotImplementedError(
+                f"Modules {owner[id(bias)]!r} and {name!r} share the bias "
+                f"{param_name[id(bias)]!r} but not the weight; no Kronecker block covers that."
+            )
+        for p in (adapter.weight, bias):
+            if p is not None:
+                owner[id(p)] = name
         adapters[name] = adapter
         names[name] = ParamNames(
             param_name[id(adapter.weight)], None if bias is None else param_name[id(bias)]
@@ -152,7 +157,47 @@ def select_modules(
             UncoveredParameterWarning,
             stacklevel=3,
         )
-    return adapters, names
+    return adapters, names, tied
+
+
+def _tie(
+    first: LayerAdapter,
+    other: LayerAdapter,
+    first_name: str,
+    name: str,
+    tied: dict[str, list[LayerAdapter]],
+) -> None:
+    """Let module ``name``, which holds the weight of block ``first_name``, join that block.
+
+    Modules of the same kind and orientation sharing the weight (and the bias, if any) are one
+    block whose every call counts as more positions (K-FAC-expand, Eschenhagen et al., 2023).
+    A weight shared by modules of different kinds has no single Kronecker block: it is covered
+    through the first selected module only, with a warning naming both.
+    """
+    same_bias = first.bias is other.bias or (
+        (first.bias is None or not first.bias.requires_grad)
+        and (other.bias is None or not other.bias.requires_grad)
+    )
+    same_kind = type(first) is type(other) and (first.in_features, first.out_features) == (
+        other.in_features,
+        other.out_features,
+    )
+    if not same_kind:
+        warnings.warn(
+            f"Modules {first_name!r} ({type(first.module).__name__}) and {name!r} "
+            f"({type(other.module).__name__}) share a weight but have no common Kronecker "
+            f"block; it is covered through {first_name!r} only. Select the one you mean with "
+            "`modules=`.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return
+    if not same_bias:
+        raise NotImplementedError(
+            f"Modules {first_name!r} and {name!r} share a weight but not their bias; no single "
+            "Kronecker block covers them."
+        )
+    tied.setdefault(first_name, []).append(other)
 
 
 @dataclass
@@ -165,6 +210,7 @@ class PassSetup:
     likelihood: Likelihood
     adapters: dict[str, LayerAdapter]
     param_names: dict[str, ParamNames]
+    tied: dict[str, list[LayerAdapter]]
     fisher: str
     mc_samples: int
     approx: str
@@ -215,11 +261,12 @@ class PassSetup:
                 f"loss_fn must be a torch.nn loss module, got {type(loss_fn).__name__}."
             )
         likelihood = get_likelihood(loss_fn)
-        adapters, param_names = select_modules(model, modules, strict)
+        adapters, param_names, tied = select_modules(model, modules, strict)
         return cls(
             likelihood,
             adapters,
             param_names,
+            tied,
             fisher,
             mc_samples,
             approx,
@@ -421,7 +468,7 @@ def run_pass(
         desc=desc,
         unit="batch",
     )
-    with record_calls(adapters) as calls:
+    with record_calls(adapters, setup.tied) as calls:
         for b, batch in enumerate(batches):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError(f"Batch {b}: expected a pair (X, y), got {type(batch).__name__}.")
@@ -539,9 +586,9 @@ def _grad_rows(
             )
     grads = _output_gradients(output, [c for _, c in flat], vectors)
     per_module: dict[str, list[Tensor]] = {}
-    for (name, _), g in zip(flat, grads, strict=True):
+    for (name, c), g in zip(flat, grads, strict=True):
         if g is not None:
-            rows = adapters[name].output_grad_rows(g)
+            rows = c.adapter.output_grad_rows(g)
             per_module.setdefault(name, []).append(_per_example(rows, n, name, "output", b))
     return {name: _cat_calls(gs, dim=2).to(dtype) for name, gs in per_module.items()}
 

@@ -19,12 +19,14 @@ __all__ = ["Call", "record_calls"]
 class Call:
     """One call of a covered module.
 
-    Holds its input (detached), its output (in the graph), the output's version counter at the
-    call (to detect later in-place changes) and the call's rank in the forward pass.
+    Holds its input (detached), its output (in the graph), the adapter of the module called
+    (a tied module may differ from its block's first module), the output's version counter at
+    the call (to detect later in-place changes) and the call's rank in the forward pass.
     """
 
     inputs: Tensor
     output: Tensor
+    adapter: LayerAdapter
     output_version: int = field(default=0)
     order: int = field(default=0)
 
@@ -32,8 +34,11 @@ class Call:
 @contextmanager
 def record_calls(
     adapters: Mapping[str, LayerAdapter],
+    tied: Mapping[str, list[LayerAdapter]] | None = None,
 ) -> Iterator[dict[str, list[Call]]]:
     """Record the calls of each module in ``adapters`` while the block runs.
+
+    The calls of the modules in ``tied[name]`` are recorded as calls of block ``name``.
 
     Yields a dict ``name → [Call, ...]`` that the caller clears between batches. Every hook is
     removed when the block exits, also when it raises.
@@ -45,15 +50,14 @@ def record_calls(
     def make_hook(name: str, adapter: LayerAdapter) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor):
             x = adapter.layer_input(args, kwargs).detach()
-            calls[name].append(Call(x, out, out._version, next(counter)))
+            calls[name].append(Call(x, out, adapter, out._version, next(counter)))
 
         return hook
 
     try:
         for name, adapter in adapters.items():
-            handles.append(
-                adapter.module.register_forward_hook(make_hook(name, adapter), with_kwargs=True)
-            )
+            for a in [adapter, *(tied or {}).get(name, [])]:
+                handles.append(a.module.register_forward_hook(make_hook(name, a), with_kwargs=True))
         yield calls
     finally:
         for handle in handles:
