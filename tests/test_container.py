@@ -407,7 +407,7 @@ def wrong_version(path, factors, tmp_path):
 NOT_SAFETENSORS = "not a readable safetensors file"
 BAD_METADATA = "missing or malformed kronfac metadata"
 DISAGREE = "disagree with the metadata"
-NOT_SQUARE = "must be a square floating-point matrix"
+NOT_SQUARE = r"must be a square floating-point matrix( \(or a diagonal vector\))?"
 FORMAT = r"expected format 'kronfac\.factors' version 1, got"
 
 

@@ -221,10 +221,11 @@ def _layout(
         has_bias = names.bias is not None
         d_in = adapter.in_features + int(joint and has_bias)
         d_out = adapter.out_features
-        if A.shape != (d_in, d_in) or S.shape != (d_out, d_out):
+        A_shape = (d_in,) if adapter.diagonal_input else (d_in, d_in)
+        if A.shape != A_shape or S.shape != (d_out, d_out):
             raise ValueError(
                 f"Factors of module {mod!r} have shapes A{tuple(A.shape)}, S{tuple(S.shape)}; "
-                f"expected A({d_in}, {d_in}), S({d_out}, {d_out})."
+                f"expected A{A_shape}, S({d_out}, {d_out})."
             )
         w, b = offsets[names.weight], offsets[names.bias] if has_bias else None
         if joint or not has_bias:
@@ -349,7 +350,7 @@ class EKFAC(CurvatureOperator):
             for slot in slots[mod]:
                 flat_slots.append(slot)
                 if slot.weight is None:  # separate bias
-                    blocks.append(EigenBlock(Q_S, Q_S.new_ones(1, 1), bias_lam[:, None], mod))
+                    blocks.append(EigenBlock(Q_S, None, bias_lam[:, None], mod))
                 else:
                     blocks.append(EigenBlock(Q_S, Q_A, lam, mod))
         order = sorted(range(len(flat_slots)), key=lambda i: _slot_start(flat_slots[i]))

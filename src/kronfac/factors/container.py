@@ -62,14 +62,15 @@ class EigenCorrection(NamedTuple):
     ``G_{n,k} = Σ_t g_{n,t,k} a_{n,t}ᵀ`` (``D`` as for ``S``).
 
     Attributes:
-        Q_A: ``[q, q]`` eigenvectors (columns) of ``A``.
+        Q_A: ``[q, q]`` eigenvectors (columns) of ``A``; ``None`` (the identity) for a
+            diagonal ``A``.
         Q_S: ``[p, p]`` eigenvectors (columns) of ``S``.
         eigenvalues: ``[p, q]`` corrected eigenvalues.
         bias_eigenvalues: ``[p]`` corrected eigenvalues of a separate bias block
             (``Q_S diag(·) Q_Sᵀ``), or ``None``.
     """
 
-    Q_A: Tensor
+    Q_A: Tensor | None
     Q_S: Tensor
     eigenvalues: Tensor
     bias_eigenvalues: Tensor | None
@@ -259,7 +260,16 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         fields = {m: ["A", "S"] for m in modules}
         if has_corrections:
             for m, names in modules.items():
-                fields[m] += ["Q_A", "Q_S", "eigenvalues"]
+                A = tensors.get(f"{m}/A")
+                fields[m] += (
+                    ["Q_S", "eigenvalues"]
+                    if A is not None and A.ndim == 1
+                    else [
+                        "Q_A",
+                        "Q_S",
+                        "eigenvalues",
+                    ]
+                )
                 if options.get("bias") == "separate" and names.bias is not None:
                     fields[m].append("bias_eigenvalues")
         expected = {f"{m}/{f}" for m, fs in fields.items() for f in fs}
@@ -271,9 +281,12 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         for m in modules:
             A, S = tensors[f"{m}/A"], tensors[f"{m}/S"]
             for side, t in (("A", A), ("S", S)):
-                if t.ndim != 2 or t.shape[0] != t.shape[1] or not t.is_floating_point():
+                square = t.ndim == 2 and t.shape[0] == t.shape[1]
+                diagonal = side == "A" and t.ndim == 1
+                if not (square or diagonal) or not t.is_floating_point():
                     raise FactorFileError(
-                        f"{path}: factor {m}/{side} must be a square floating-point matrix, "
+                        f"{path}: factor {m}/{side} must be a square floating-point matrix"
+                        f"{' (or a diagonal vector)' if side == 'A' else ''}, "
                         f"got shape {tuple(t.shape)} and dtype {t.dtype}."
                     )
             factors[m] = FactorPair(A, S)

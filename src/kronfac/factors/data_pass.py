@@ -262,6 +262,13 @@ class PassSetup:
             )
         likelihood = get_likelihood(loss_fn)
         adapters, param_names, tied = select_modules(model, modules, strict)
+        diagonal = [n for n, a in adapters.items() if a.diagonal_input]
+        if approx == "reduce" and diagonal:
+            raise NotImplementedError(
+                f"approx='reduce' is not supported for {', '.join(diagonal)}: averaging one-hot "
+                "inputs makes their input factor dense. Use approx='expand' or exclude them "
+                "with `modules=`."
+            )
         return cls(
             likelihood,
             adapters,
@@ -304,15 +311,17 @@ class BatchRows:
     Attributes:
         index: The batch's index in the data.
         n: Its number of data points.
-        inputs: Module name → layer inputs ``[n, T, d_in]`` in the accumulation dtype (float32,
-            or float64 for float64 models). Modules fed the very same tensors (queries, keys and
-            values of an attention block) get the same object.
+        dtype: The accumulation dtype (float32, or float64 for float64 models).
+        inputs: Module name → layer inputs ``[n, T, d_in]`` in the accumulation dtype (token
+            indices ``[n, T, 1]`` for diagonal-input layers). Modules fed the very same tensors
+            (queries, keys and values of an attention block) get the same object.
         grads: Module name → output gradients ``[K, n, T, d_out]`` of the summed loss (empty for
             ``fisher="forward-only"``; a module whose output does not reach the loss is absent).
     """
 
     index: int
     n: int
+    dtype: torch.dtype
     inputs: dict[str, Tensor]
     grads: dict[str, Tensor] = field(default_factory=dict)
 
@@ -497,7 +506,7 @@ def run_pass(
             dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
             for name in adapters:
                 called[name] += len(calls[name])
-            rows = BatchRows(b, n, _input_rows(adapters, calls, n, dtype, b))
+            rows = BatchRows(b, n, dtype, _input_rows(adapters, calls, n, dtype, b))
             if backward:
                 _check_finite_output(output, adapters, calls, b)
                 if not output.requires_grad:
@@ -547,21 +556,28 @@ def _input_rows(
     dtype: torch.dtype,
     b: int,
 ) -> dict[str, Tensor]:
-    """Every called module's inputs ``[n, T, d_in]``; identical inputs share one object."""
+    """Every called module's inputs ``[n, T, d_in]``; identical inputs share one object.
+
+    Inputs of a diagonal-input layer (embeddings) stay token indices ``[n, T, 1]``.
+    """
     cache: dict[tuple[Any, ...], Tensor] = {}
     rows = {}
-    for name, adapter in adapters.items():
+    for name in adapters:
         if not calls[name]:
             continue
-        key = tuple((c.inputs.data_ptr(), c.inputs.shape, c.inputs.stride()) for c in calls[name])
+        key = tuple(
+            (c.inputs.data_ptr(), c.inputs.shape, c.inputs.stride(), c.adapter.rows_key())
+            for c in calls[name]
+        )
         if key not in cache:
-            cache[key] = _cat_calls(
+            x = _cat_calls(
                 [
-                    _per_example(adapter.input_rows(c.inputs), n, name, "input", b)
+                    _per_example(c.adapter.input_rows(c.inputs), n, name, "input", b)
                     for c in calls[name]
                 ],
                 dim=1,
-            ).to(dtype)
+            )
+            cache[key] = x if adapters[name].diagonal_input else x.to(dtype)
         rows[name] = cache[key]
     return rows
 

@@ -65,6 +65,23 @@ def _rotated_second_moment(gt: Tensor, at: Tensor) -> Tensor:
     return out
 
 
+def _token_second_moment(gt: Tensor, idx: Tensor, vocab: int, padding_idx: int | None) -> Tensor:
+    """EKFAC eigenvalues of an embedding (``Q_A = I``): ``Λ[:, v] = Σ_{k,n} (Σ_{t: i_nt = v} g̃)²``.
+
+    ``gt: [K, n, T, p]`` rotated output gradients, ``idx: [n, T, 1]`` tokens. The per-example
+    gradient is sparse (one column per distinct token of the sequence): the rows are summed per
+    (data point, token) with ``index_add`` and squared, never forming ``[n, p, V]``.
+    """
+    K, n, T, p = gt.shape
+    key = (torch.arange(n, device=idx.device)[:, None] * vocab + idx.reshape(n, T)).reshape(-1)
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    summed = gt.new_zeros(K, uniq.numel(), p).index_add_(1, inverse, gt.reshape(K, n * T, p))
+    out = gt.new_zeros(vocab, p).index_add_(0, uniq % vocab, summed.square().sum(0))
+    if padding_idx is not None:
+        out[padding_idx] = 0
+    return out.T
+
+
 def compute_corrections(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -102,11 +119,10 @@ def compute_corrections(
         raise ValueError(
             f"The factors cover {sorted(factors)}, the options select {sorted(setup.adapters)}."
         )
-    bases = {}
+    bases: dict[str, tuple[Tensor | None, Tensor]] = {}
     for name, (A, S) in factors.items():
-        _, Q_A = eigh(A, name)
-        _, Q_S = eigh(S, name)
-        bases[name] = (Q_A, Q_S)
+        Q_A = None if A.ndim == 1 else eigh(A, name)[1]  # a diagonal A: the identity
+        bases[name] = (Q_A, eigh(S, name)[1])
     sums: dict[str, Tensor] = {}
     bias_sums: dict[str, Tensor] = {}
     separate = {n for n in factors if setup.bias == "separate" and factors.param_names[n].bias}
@@ -115,10 +131,15 @@ def compute_corrections(
         for name, g in rows.grads.items():
             Q_A, Q_S = bases[name]
             x = rows.inputs[name]
-            if setup.joint_bias(name):
-                x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
             gt = g @ Q_S.to(g.dtype)  # [K, n, T, p]
-            contribution = _rotated_second_moment(gt, x @ Q_A.to(x.dtype))
+            adapter = setup.adapters[name]
+            if Q_A is None:
+                pad = getattr(adapter, "padding_idx", None)
+                contribution = _token_second_moment(gt, x, adapter.in_features, pad)
+            else:
+                if setup.joint_bias(name):
+                    x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+                contribution = _rotated_second_moment(gt, x @ Q_A.to(x.dtype))
             sums[name] = contribution if name not in sums else sums[name] + contribution
             if name in separate:
                 b = gt.sum(2).square().sum((0, 1))
@@ -135,7 +156,7 @@ def compute_corrections(
     for name, (Q_A, Q_S) in bases.items():
         lam = sums.get(name)
         if lam is None:  # the module's output never reached the loss
-            lam = Q_S.new_zeros(Q_S.shape[0], Q_A.shape[0])
+            lam = Q_S.new_zeros(Q_S.shape[0], factors[name].A.shape[0])
         bias = bias_sums.get(name) if name in separate else None
         if name in separate and bias is None:
             bias = Q_S.new_zeros(Q_S.shape[0])

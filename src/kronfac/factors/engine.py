@@ -25,22 +25,29 @@ from torch import Tensor, nn
 from kronfac.errors import NonFiniteError
 from kronfac.factors.container import FactorPair, KroneckerFactors
 from kronfac.factors.data_pass import BatchRows, ForwardFn, PassSetup, run_pass
+from kronfac.layers import LayerAdapter
 
 __all__ = ["check_finite", "compute_factors"]
 
 
 class _Accumulator:
-    """Running sums of one module: ``Σ a aᵀ / T``, ``Σ a / T`` (bias column), ``N``, ``Σ g gᵀ``."""
+    """Running sums of one module: ``Σ a aᵀ / T``, ``Σ a / T`` (bias column), ``N``, ``Σ g gᵀ``.
 
-    def __init__(self, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.gram = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+    For a diagonal-input layer ``gram`` holds only the diagonal ``[d_in]`` (token counts / T).
+    """
+
+    def __init__(
+        self, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device, diagonal: bool
+    ) -> None:
+        shape = (d_in,) if diagonal else (d_in, d_in)
+        self.gram = torch.zeros(shape, dtype=dtype, device=device)
         self.colsum = torch.zeros(d_in, dtype=dtype, device=device)
         self.count = 0
         self.ggT = torch.zeros(d_out, d_out, dtype=dtype, device=device)
 
     def input_factor(self, with_bias: bool, num_data: int) -> Tensor:
         """``A`` from the running sums, with the bias row/column when ``with_bias``."""
-        if not with_bias:
+        if not with_bias or self.gram.ndim == 1:
             return self.gram / num_data
         d = self.gram.shape[0]
         A = self.gram.new_empty(d + 1, d + 1)
@@ -48,6 +55,20 @@ class _Accumulator:
         A[:d, d] = A[d, :d] = self.colsum
         A[d, d] = self.count
         return A / num_data
+
+
+def _diagonal(M: Tensor) -> Tensor:
+    """The diagonal of a dense factor, or a diagonal factor itself."""
+    return M if M.ndim == 1 else M.diagonal()
+
+
+def _token_counts(adapter: LayerAdapter, idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Σ_rows e_i``: how often each token occurs, zero at the adapter's ``padding_idx``."""
+    counts = torch.bincount(idx.reshape(-1), minlength=adapter.in_features).to(dtype)
+    pad = getattr(adapter, "padding_idx", None)
+    if pad is not None:
+        counts[pad] = 0
+    return counts
 
 
 def check_finite(sums: Mapping[str, list[Tensor]], b: int, what: str) -> None:
@@ -153,9 +174,14 @@ def compute_factors(
 
     def consume(rows: BatchRows) -> None:
         if not accs:
-            x0 = next(iter(rows.inputs.values()))
+            device = next(iter(rows.inputs.values())).device
             accs.update(
-                (n, _Accumulator(a.in_features, a.out_features, x0.dtype, x0.device))
+                (
+                    n,
+                    _Accumulator(
+                        a.in_features, a.out_features, rows.dtype, device, a.diagonal_input
+                    ),
+                )
                 for n, a in setup.adapters.items()
             )
         groups: dict[int, list[str]] = {}  # modules fed the same tensor share one GEMM
@@ -164,6 +190,11 @@ def compute_factors(
         for names in groups.values():
             x = rows.inputs[names[0]]
             T = x.shape[1]
+            if setup.adapters[names[0]].diagonal_input:
+                for name in names:
+                    accs[name].gram += _token_counts(setup.adapters[name], x, rows.dtype) / T
+                    accs[name].count += rows.n
+                continue
             if setup.approx == "reduce":
                 x, T = x.mean(dim=1), 1
             x = x.reshape(-1, x.shape[-1])
@@ -178,7 +209,7 @@ def compute_factors(
                 acc.colsum += colsum
                 acc.count += rows.n
         check_finite(
-            {n: [a.gram.diagonal(), a.colsum] for n, a in accs.items()}, rows.index, "inputs"
+            {n: [_diagonal(a.gram), a.colsum] for n, a in accs.items()}, rows.index, "inputs"
         )
         for name, g in rows.grads.items():
             if setup.approx == "reduce":

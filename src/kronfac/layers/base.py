@@ -31,6 +31,10 @@ class LayerAdapter(ABC):
         module: The module to adapt.
     """
 
+    #: Whether the input factor is diagonal: :meth:`input_rows` then returns the indices
+    #: ``[rows, 1]`` of one-hot inputs (an embedding's tokens), never the one-hot rows.
+    diagonal_input: bool = False
+
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
@@ -53,6 +57,13 @@ class LayerAdapter(ABC):
     @abstractmethod
     def out_features(self) -> int:
         """``d_out``, the output side of the weight matrix."""
+
+    def rows_key(self) -> tuple[Any, ...]:
+        """What :meth:`input_rows` depends on besides the tensor.
+
+        Modules fed the same tensor with equal keys share their input rows (and one GEMM).
+        """
+        return (type(self), self.in_features)
 
     def layer_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         """The tensor the weight multiplies, from the arguments of one call of the module."""

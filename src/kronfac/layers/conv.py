@@ -19,6 +19,7 @@ yet: such modules raise ``NotImplementedError`` when selected.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -86,6 +87,17 @@ class ConvAdapter(LayerAdapter):
     @property
     def out_features(self) -> int:  # noqa: D102
         return self.module.out_channels
+
+    def rows_key(self) -> tuple[Any, ...]:  # noqa: D102
+        m = self.module
+        return (
+            *super().rows_key(),
+            m.kernel_size,
+            m.stride,
+            m.dilation,
+            m._reversed_padding_repeated_twice,
+            m.padding_mode,
+        )
 
     def input_rows(self, x: Tensor) -> Tensor:  # noqa: D102
         return im2col(x, self.module)

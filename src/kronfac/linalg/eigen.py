@@ -28,16 +28,19 @@ class EigenBlock(Block):
 
     Args:
         Q_S: ``[p, p]`` orthonormal columns.
-        Q_A: ``[q, q]`` orthonormal columns.
+        Q_A: ``[q, q]`` orthonormal columns, or ``None`` for the identity (a diagonal ``A``).
         eigenvalues: ``Λ: [p, q]``.
         name: The module (for error messages).
     """
 
-    def __init__(self, Q_S: Tensor, Q_A: Tensor, eigenvalues: Tensor, name: str = "") -> None:
-        if eigenvalues.shape != (Q_S.shape[0], Q_A.shape[0]):
+    def __init__(
+        self, Q_S: Tensor, Q_A: Tensor | None, eigenvalues: Tensor, name: str = ""
+    ) -> None:
+        q = eigenvalues.shape[-1] if Q_A is None else Q_A.shape[0]
+        if eigenvalues.shape != (Q_S.shape[0], q):
             raise ValueError(
                 f"{name}: eigenvalues {tuple(eigenvalues.shape)} do not fit the eigenbases "
-                f"{tuple(Q_S.shape)} and {tuple(Q_A.shape)}."
+                f"{tuple(Q_S.shape)} and {None if Q_A is None else tuple(Q_A.shape)}."
             )
         self.Q_S, self.Q_A, self.eigenvalues, self.name = Q_S, Q_A, eigenvalues, name
 
@@ -46,9 +49,13 @@ class EigenBlock(Block):
         return tuple(self.eigenvalues.shape)  # type: ignore[return-value]
 
     def matmat(self, V: Tensor) -> Tensor:  # noqa: D102
-        Vk = V.movedim(-1, 0)
-        rotated = self.Q_S.T @ Vk @ self.Q_A
-        return (self.Q_S @ (rotated * self.eigenvalues) @ self.Q_A.T).movedim(0, -1)
+        rotated = self.Q_S.T @ V.movedim(-1, 0)
+        if self.Q_A is not None:
+            rotated = rotated @ self.Q_A
+        out = self.Q_S @ (rotated * self.eigenvalues)
+        if self.Q_A is not None:
+            out = out @ self.Q_A.T
+        return out.movedim(0, -1)
 
     def trace(self) -> Tensor:  # noqa: D102
         return self.eigenvalues.sum()
@@ -57,13 +64,17 @@ class EigenBlock(Block):
         return self.eigenvalues.square().sum()
 
     def diagonal(self) -> Tensor:  # noqa: D102
-        return self.Q_S.square() @ self.eigenvalues @ self.Q_A.square().T
+        out = self.Q_S.square() @ self.eigenvalues
+        return out if self.Q_A is None else out @ self.Q_A.square().T
 
     def logdet(self, damping: float = 0.0) -> Tensor:  # noqa: D102
         return self._damped(damping).log().sum()
 
     def to_dense(self) -> Tensor:  # noqa: D102
-        Q = torch.kron(self.Q_S, self.Q_A)
+        Q_A = self.Q_A
+        if Q_A is None:
+            Q_A = torch.eye(self.eigenvalues.shape[1], dtype=self.Q_S.dtype, device=self.Q_S.device)
+        Q = torch.kron(self.Q_S, Q_A)
         return (Q * self.eigenvalues.reshape(-1)) @ Q.T
 
     def _damped(self, damping: float) -> Tensor:
