@@ -170,7 +170,8 @@ def test_weight_shared_by_embedding_and_linear_warns_naming_both():
     ):
         f = kronfac.compute_factors(Tied(), nn.CrossEntropyLoss(), batches)
     assert list(f) == ["emb"]
-    f = kronfac.compute_factors(Tied(), nn.CrossEntropyLoss(), batches, modules=["head"])
+    with pytest.warns(UserWarning, match=r"'head' \(Linear\) and 'emb' \(Embedding\).*left out"):
+        f = kronfac.compute_factors(Tied(), nn.CrossEntropyLoss(), batches, modules=["head"])
     assert list(f) == ["head"] and f.param_names["head"].weight == "emb.weight"
     K = kronfac.KFAC.from_factors(f, Tied())
     assert K.param_names == ["emb.weight"]

@@ -268,7 +268,8 @@ def test_shared_parameter():
     with pytest.raises(NotImplementedError, match=r"Modules '0' and '2' share a weight but not"):
         compute(model=model)
     # The message suggests selecting one of them, which works.
-    assert list(compute(model=model, modules=["0", "4"])) == ["0", "4"]
+    with pytest.warns(UserWarning, match=r"'0' \(Linear\) and '2' \(Linear\) share a weight"):
+        assert list(compute(model=model, modules=["0", "4"])) == ["0", "4"]
 
 
 # -- targets that do not fit the loss -------------------------------------------------------
@@ -695,3 +696,24 @@ def test_from_factors_without_modules():
 def test_from_factors_of_a_plain_dict(factors):
     with pytest.raises(TypeError, match="KroneckerFactors"):
         kronfac.KFAC.from_factors(dict(factors), make_model())
+
+
+def test_module_shared_across_the_batch_is_a_clear_error():
+    """A position embedding called on [1, T] (as GPT-2's wpe) has no per-example gradients."""
+
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(4, 3)
+            self.out = nn.Linear(3, 2)
+
+        def forward(self, x):  # x: [N, T, 3]
+            return self.out(x + self.pos(torch.arange(x.shape[1])[None]))
+
+    X, y = torch.randn(2, 4, 3), torch.randn(2, 4, 2)  # T = 4 is a multiple of N = 2
+    with pytest.raises(
+        ValueError, match=r"module 'pos' returned shape \(1, 4, 3\), expected the batch"
+    ):
+        kronfac.compute_factors(Positional(), nn.MSELoss(), [(X, y)])
+    factors = kronfac.compute_factors(Positional(), nn.MSELoss(), [(X, y)], modules=["out"])
+    assert list(factors) == ["out"]

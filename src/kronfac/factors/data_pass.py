@@ -144,6 +144,25 @@ def select_modules(
         for pname, p in named[name].named_parameters(recurse=False):
             if p.requires_grad and id(p) not in owner:
                 uncovered.append(f"{name}.{pname}" if name else pname)
+    # A covered weight also held by a module outside its block (a different kind of layer, or
+    # an unselected one): that use is not in the block.
+    block_modules = {id(a.module) for n in adapters for a in [adapters[n], *tied.get(n, [])]}
+    weights = {id(a.weight): n for n, a in adapters.items()}
+    for mod_name, module in model.named_modules():
+        if id(module) in block_modules:
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) in weights:
+                first = weights[id(p)]
+                warnings.warn(
+                    f"Modules {first!r} ({type(adapters[first].module).__name__}) and "
+                    f"{mod_name!r} ({type(module).__name__}) share a weight "
+                    f"({param_name[id(p)]!r}) but no Kronecker block: it is covered through "
+                    f"{first!r} only, and the curvature of its use in {mod_name!r} is left "
+                    "out. Select the module you mean with `modules=`.",
+                    UserWarning,
+                    stacklevel=4,
+                )
     if uncovered and strict:
         raise ValueError(
             f"strict=True: {len(uncovered)} trainable parameter(s) are not covered by any "
@@ -155,7 +174,7 @@ def select_modules(
             f"{len(uncovered)} trainable parameter(s) are not covered by any Kronecker block "
             f"and are left out of the curvature: {', '.join(uncovered)}.",
             UncoveredParameterWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return adapters, names, tied
 
@@ -172,7 +191,7 @@ def _tie(
     Modules of the same kind and orientation sharing the weight (and the bias, if any) are one
     block whose every call counts as more positions (K-FAC-expand, Eschenhagen et al., 2023).
     A weight shared by modules of different kinds has no single Kronecker block: it is covered
-    through the first selected module only, with a warning naming both.
+    through the first selected module only (:func:`select_modules` warns, naming both).
     """
     same_bias = first.bias is other.bias or (
         (first.bias is None or not first.bias.requires_grad)
@@ -182,15 +201,7 @@ def _tie(
         other.in_features,
         other.out_features,
     )
-    if not same_kind:
-        warnings.warn(
-            f"Modules {first_name!r} ({type(first.module).__name__}) and {name!r} "
-            f"({type(other.module).__name__}) share a weight but have no common Kronecker "
-            f"block; it is covered through {first_name!r} only. Select the one you mean with "
-            "`modules=`.",
-            UserWarning,
-            stacklevel=4,
-        )
+    if not same_kind:  # covered through the first module; select_modules warns
         return
     if not same_bias:
         raise NotImplementedError(
@@ -506,6 +517,15 @@ def run_pass(
             dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
             for name in adapters:
                 called[name] += len(calls[name])
+                for c in calls[name]:
+                    if c.output.ndim == 0 or c.output.shape[0] != n:
+                        raise ValueError(
+                            f"Batch {b}: module {name!r} returned shape {tuple(c.output.shape)}, "
+                            f"expected the batch dimension ({n}) first. A module whose input is "
+                            "shared across the batch (e.g. GPT-2's position embedding) or that "
+                            "is not batch-first has no per-example gradients; exclude it with "
+                            "`modules=`."
+                        )
             rows = BatchRows(b, n, dtype, _input_rows(adapters, calls, n, dtype, b))
             if backward:
                 _check_finite_output(output, adapters, calls, b)

@@ -95,7 +95,7 @@ class ConvAdapter(LayerAdapter):
             m.kernel_size,
             m.stride,
             m.dilation,
-            m._reversed_padding_repeated_twice,
+            tuple(m._reversed_padding_repeated_twice),
             m.padding_mode,
         )
 

@@ -3,6 +3,10 @@
 Every block of a curvature operator implements :meth:`Block.matmat` on a stack ``[p, q, k]``
 and exposes its trace, squared Frobenius norm, diagonal and damped log-determinant in closed
 form from its structure; the operator assembles blocks into the parameter layout.
+
+Blocks hold their factors with a leading *group* dimension ``g`` (``g = 1`` for all layers but
+grouped convolutions): a grouped block is block-diagonal over ``g`` sub-blocks, acting on the
+``[g·p, q]`` matrix whose row group ``j`` is sub-block ``j``'s ``[p, q]`` matrix.
 """
 
 from __future__ import annotations
@@ -11,7 +15,19 @@ from abc import ABC, abstractmethod
 
 from torch import Tensor
 
-__all__ = ["Block"]
+__all__ = ["Block", "from_groups", "to_groups"]
+
+
+def to_groups(V: Tensor, groups: int) -> Tensor:
+    """``[g·p, q, k]`` stacked block matrices → ``[g, k, p, q]`` (one ``[p, q]`` per group)."""
+    gp, q, k = V.shape
+    return V.reshape(groups, gp // groups, q, k).permute(0, 3, 1, 2)
+
+
+def from_groups(X: Tensor) -> Tensor:
+    """Inverse of :func:`to_groups`: ``[g, k, p, q]`` → ``[g·p, q, k]``."""
+    g, k, p, q = X.shape
+    return X.permute(0, 2, 3, 1).reshape(g * p, q, k)
 
 
 class Block(ABC):

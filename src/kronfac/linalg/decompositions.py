@@ -62,19 +62,28 @@ def psd_eigenvalues(evals: Tensor, name: str = "") -> Tensor:
     return torch.where(evals.abs() <= tol, torch.zeros_like(evals), evals)
 
 
-def cholesky_inverse(M: Tensor, damping: float, name: str = "") -> Tensor:
+def cholesky_inverse(M: Tensor, damping: float | Tensor, name: str = "") -> Tensor:
     """``(M + δI)⁻¹`` through a Cholesky factorisation, retried in float64.
+
+    Args:
+        M: ``[d, d]`` or a batch ``[g, d, d]``.
+        damping: ``δ``, a number or one per batch entry ``[g]``.
+        name: The module (for error messages).
 
     Raises:
         NotPSDError: If ``M + δI`` is not positive definite, in float64 too.
     """
-    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    delta = torch.as_tensor(damping, dtype=M.dtype, device=M.device)
+    if delta.ndim == 1:
+        delta = delta[:, None, None]
     for dtype in dict.fromkeys((M.dtype, torch.float64)):
-        damped = M.to(dtype) + damping * eye.to(dtype)
+        damped = M.to(dtype) + delta.to(dtype) * eye.to(dtype)
         L, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0 and bool(torch.isfinite(L).all()):
+        if not bool(info.any()) and bool(torch.isfinite(L).all()):
             return torch.cholesky_inverse(L).to(M.dtype)
+    shown = f"{float(delta.max()):g}" if delta.numel() else "0"
     raise NotPSDError(
-        f"Factor of {name or 'a module'} plus damping {damping:g} is not positive definite "
+        f"Factor of {name or 'a module'} plus damping {shown} is not positive definite "
         "(Cholesky failed in float64 too); increase the damping."
     )

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from kronfac.errors import NotPSDError
-from kronfac.linalg.base import Block
+from kronfac.linalg.base import Block, from_groups, to_groups
 from kronfac.linalg.decompositions import cholesky_inverse, eigh, psd_eigenvalues
 from kronfac.linalg.eigen import EigenBlock
 
@@ -49,52 +49,69 @@ def kron_matmul(S: Tensor, A: Tensor, V: Tensor) -> Tensor:
 
 
 class KroneckerBlock(Block):
-    """``S ⊗ A`` (module docstring), with ``A`` dense, diagonal, or absent.
+    """``S ⊗ A`` (module docstring), with ``A`` dense, diagonal, or absent; optionally grouped.
 
     Args:
-        S: ``[p, p]`` output-gradient factor.
+        S: ``[p, p]`` output-gradient factor, or ``[g, p, p]`` for ``g`` groups.
         A: ``[q, q]`` input factor; ``[q]`` for a diagonal one (an embedding's token counts);
             ``None`` for a single-factor block ``S`` (a separate bias: ``q = 1``, never damped).
+            With groups: ``[g, q, q]`` or ``[g, q]``.
         name: The module (for error messages).
     """
 
     def __init__(self, S: Tensor, A: Tensor | None, name: str = "") -> None:
+        self.grouped = S.ndim == 3
+        if not self.grouped:
+            S, A = S[None], None if A is None else A[None]
         self.S, self.A, self.name = S, A, name
         self._eigen: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
 
+    def _factor(self, M: Tensor | None) -> Tensor | None:
+        """A factor as given to the constructor (without the group dimension if ungrouped)."""
+        return M if M is None or self.grouped else M[0]
+
     @property
     def _diagonal_A(self) -> Tensor | None:
-        """The diagonal of a diagonal (or absent: ``[1]``) ``A``; ``None`` for a dense one."""
+        """``[g, q]``: a diagonal (or absent: ones ``[g, 1]``) ``A``; ``None`` for a dense one."""
         if self.A is None:
-            return self.S.new_ones(1)
-        return self.A if self.A.ndim == 1 else None
+            return self.S.new_ones(self.S.shape[0], 1)
+        return self.A if self.A.ndim == 2 else None
+
+    def _diagonal_of_A(self) -> Tensor:
+        """``[g, q]``: the diagonal of ``A`` whatever its form."""
+        a = self._diagonal_A
+        return self.A.diagonal(dim1=-2, dim2=-1) if a is None else a  # type: ignore[union-attr]
 
     @property
     def shape(self) -> tuple[int, int]:  # noqa: D102
-        return self.S.shape[0], 1 if self.A is None else self.A.shape[0]
+        g, p, _ = self.S.shape
+        return g * p, 1 if self.A is None else self.A.shape[-1]
 
     def matmat(self, V: Tensor) -> Tensor:  # noqa: D102
+        X = self.S[:, None] @ to_groups(V, self.S.shape[0])  # [g, k, p, q]
         a = self._diagonal_A
-        if a is None:
-            return kron_matmul(self.S, self.A, V)  # type: ignore[arg-type]
-        return (self.S @ V.movedim(-1, 0) * a).movedim(0, -1)
+        X = X @ self.A[:, None].transpose(-1, -2) if a is None else X * a[:, None, None]  # type: ignore[index]
+        return from_groups(X)
 
     def trace(self) -> Tensor:  # noqa: D102
-        a = self._diagonal_A
-        return self.S.trace() * (self.A.trace() if a is None else a.sum())  # type: ignore[union-attr]
+        trS = self.S.diagonal(dim1=-2, dim2=-1).sum(-1)
+        return (trS * self._diagonal_of_A().sum(-1)).sum()
 
     def frobenius_norm_sq(self) -> Tensor:  # noqa: D102
         a = self._diagonal_A
-        return self.S.square().sum() * (self.A if a is None else a).square().sum()  # type: ignore[union-attr]
+        A2 = self.A.square().sum((-1, -2)) if a is None else a.square().sum(-1)  # type: ignore[union-attr]
+        return (self.S.square().sum((-1, -2)) * A2).sum()
 
     def diagonal(self) -> Tensor:  # noqa: D102
-        a = self._diagonal_A
-        return torch.outer(self.S.diagonal(), self.A.diagonal() if a is None else a)  # type: ignore[union-attr]
+        dS = self.S.diagonal(dim1=-2, dim2=-1)
+        out = dS[:, :, None] * self._diagonal_of_A()[:, None, :]
+        return out.reshape(-1, out.shape[-1])
 
     def eigen(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(s, Q_S, a, Q_A)``: the factors' eigendecompositions (PSD-checked, cached).
+        """``(s, Q_S, a, Q_A)`` per group: ``[g, p]``, ``[g, p, p]``, ``[g, q]``, ``[g, q, q]``.
 
-        ``Q_A`` is ``None`` (the identity) for a diagonal or absent ``A``.
+        PSD-checked and cached; ``Q_A`` is ``None`` (the identity) for a diagonal or absent
+        ``A``.
         """
         if self._eigen is None:
             s, Q_S = eigh(self.S, self.name)
@@ -106,31 +123,38 @@ class KroneckerBlock(Block):
 
     def logdet(self, damping: float = 0.0) -> Tensor:  # noqa: D102
         s, _, a, _ = self.eigen()
-        return (torch.outer(s, a) + damping).log().sum()
+        return (s[:, :, None] * a[:, None, :] + damping).log().sum()
 
     def to_dense(self) -> Tensor:  # noqa: D102
-        if self.A is None:
-            return self.S
-        return torch.kron(self.S, torch.diag(self.A) if self.A.ndim == 1 else self.A)
+        a = self._diagonal_A
+        blocks = [
+            torch.kron(S, torch.diag(a[j]) if a is not None else self.A[j])  # type: ignore[index]
+            for j, S in enumerate(self.S)
+        ]
+        return torch.block_diag(*blocks)
 
     def damping_split(
         self, damping: float, heuristic: bool, min_damping: float
-    ) -> tuple[float, float]:
-        """``(δ_S, δ_A)`` for factored damping ``(S + δ_S I) ⊗ (A + δ_A I)``.
+    ) -> tuple[Tensor, Tensor]:
+        """``(δ_S, δ_A)`` per group for factored damping ``(S + δ_S I) ⊗ (A + δ_A I)``.
 
         Plain: ``δ`` on both. Heuristic (Martens & Grosse, 2015, §6.3): with
         ``π = √((tr A / dim A) / (tr S / dim S))``, ``δ_A = max(π√δ, min_damping)`` and
         ``δ_S = max(√δ/π, min_damping)``; single-factor blocks and factors whose mean eigenvalue
         is not positive get the plain ``δ``.
         """
-        if heuristic and self.A is not None:
-            a = self._diagonal_A
-            mean_a = float(self.A.trace() if a is None else a.sum()) / self.A.shape[0]
-            mean_s = float(self.S.trace()) / self.S.shape[0]
-            if mean_a > 0 and mean_s > 0:
-                pi, root = math.sqrt(mean_a / mean_s), math.sqrt(damping)
-                return max(root / pi, min_damping), max(pi * root, min_damping)
-        return damping, damping
+        g = self.S.shape[0]
+        plain = torch.full((g,), float(damping), dtype=self.S.dtype, device=self.S.device)
+        if not heuristic or self.A is None:
+            return plain, plain.clone()
+        mean_a = self._diagonal_of_A().sum(-1) / self.A.shape[-1]
+        mean_s = self.S.diagonal(dim1=-2, dim2=-1).sum(-1) / self.S.shape[-1]
+        ok = (mean_a > 0) & (mean_s > 0)
+        pi = torch.where(ok, (mean_a / torch.where(ok, mean_s, 1.0)).clamp(min=0).sqrt(), 1.0)
+        root = math.sqrt(damping)
+        d_S = torch.where(ok, (root / pi).clamp(min=min_damping), plain)
+        d_A = torch.where(ok, (root * pi).clamp(min=min_damping), plain)
+        return d_S, d_A
 
     def inverse(
         self,
@@ -151,17 +175,20 @@ class KroneckerBlock(Block):
         """
         if exact:
             s, Q_S, a, Q_A = self.eigen()
-            return EigenBlock(Q_S, Q_A, torch.outer(s, a), self.name).inverse(damping)
+            lam = s[:, :, None] * a[:, None, :]
+            return EigenBlock(Q_S, Q_A, lam, self.name).inverse(damping)
         d_S, d_A = self.damping_split(damping, heuristic, min_damping)
         S_inv = cholesky_inverse(self.S, d_S, self.name)
         if self.A is None:
-            return KroneckerBlock(S_inv, None, self.name)
-        if self.A.ndim == 1:
-            damped = self.A + d_A
+            A_inv = None
+        elif self.A.ndim == 2:  # diagonal
+            damped = self.A + d_A[:, None]
             if bool((damped <= 0).any()):
                 raise NotPSDError(
-                    f"Diagonal factor of {self.name or 'a module'} plus damping {d_A:g} is not "
-                    "positive definite; increase the damping."
+                    f"Diagonal factor of {self.name or 'a module'} plus damping "
+                    f"{float(d_A.min()):g} is not positive definite; increase the damping."
                 )
-            return KroneckerBlock(S_inv, damped.reciprocal(), self.name)
-        return KroneckerBlock(S_inv, cholesky_inverse(self.A, d_A, self.name), self.name)
+            A_inv = damped.reciprocal()
+        else:
+            A_inv = cholesky_inverse(self.A, d_A, self.name)
+        return KroneckerBlock(self._factor(S_inv), self._factor(A_inv), self.name)  # type: ignore[arg-type]
