@@ -490,28 +490,82 @@ def test_options_all_fisher_types(fisher, approx):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. not supported: grouped convolutions (error), transposed convolutions (uncovered)
+# 5. grouped convolutions: one Kronecker block per group; transposed convolutions: uncovered
 
 
-@pytest.mark.parametrize("cls", [nn.Conv1d, nn.Conv2d, nn.Conv3d])
-def test_groups_not_implemented(cls):
-    d = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[cls]
-    model = nn.Sequential(cls(4, 4, 1, groups=2), nn.Flatten(), nn.Linear(4 * 3**d, 2)).to(DT)
-    X = randn(2, 4, *(3,) * d, g=gen(12))
-    data = [(X, torch.randint(0, 2, (2,), generator=gen(13)))]
-    with pytest.raises(NotImplementedError, match=r"groups=2"):
-        kronfac.compute_factors(model, nn.CrossEntropyLoss(), data, fisher="type-2")
-    # excluding the grouped conv with `modules=` works
-    f = kronfac.compute_factors(model, nn.CrossEntropyLoss(), data, fisher="type-2", modules="2")
-    assert list(f) == ["2"]
+class GroupedNet(nn.Module):
+    """Grouped deep linear conv net: a kxk grouped conv, then grouped and plain 1x1 convs."""
+
+    def __init__(self, d):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[d]
+        self.c1 = conv(4, 6, 3, padding=1, groups=2)
+        self.c2 = conv(6, 6, 1, groups=3)
+        self.c3 = conv(6, 2, 1)
+        self.d = d
+
+    def forward(self, x):
+        return self.c3(self.c2(self.c1(x))).movedim(1, -1)  # channels last: per-location MSE
 
 
-def test_depthwise_not_implemented():
-    model = nn.Sequential(nn.Conv2d(3, 6, 3, groups=3)).to(DT)
-    with pytest.raises(NotImplementedError, match="groups"):
-        kronfac.compute_factors(
-            model, nn.MSELoss(), [(randn(1, 3, 4, 4, g=gen(0)), randn(1, 6, 2, 2, g=gen(1)))]
-        )
+def group_mask(model, bias):
+    """Support of the per-(module, group) block diagonal, in named_parameters() order."""
+    sl = param_slices(model)
+    P = sum(p.numel() for p in model.parameters())
+    mask = torch.zeros(P, P, dtype=torch.bool)
+    for name in ("c1", "c2", "c3"):
+        conv = getattr(model, name)
+        g, rows = conv.groups, conv.out_channels // conv.groups
+        per_row = conv.weight[0].numel()
+        w, b = sl[f"{name}.weight"], sl[f"{name}.bias"]
+        for j in range(g):
+            wj = torch.arange(w.start + j * rows * per_row, w.start + (j + 1) * rows * per_row)
+            bj = torch.arange(b.start + j * rows, b.start + (j + 1) * rows)
+            blocks = [wj, bj] if bias == "separate" else [torch.cat([wj, bj])]
+            for idx in blocks:
+                mask[idx[:, None], idx[None, :]] = True
+    return mask
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("bias", ["joint", "separate"])
+def test_grouped_deep_linear_conv_exact_per_group(d, bias):
+    model = init(GroupedNet(d).to(DT), 21)
+    X = randn(3, 4, *(4,) * d, g=gen(22))
+    y = randn(3, *(4,) * d, 2, g=gen(23))
+    data = [(X[:1], y[:1]), (X[1:], y[1:])]
+    K = kronfac.KFAC(model, nn.MSELoss(), data, fisher="type-2", bias=bias)
+    A, S = K.factors["c1"]
+    assert S.shape == (2, 3, 3) and A.shape[0] == 2  # one Kronecker block per group
+    G = ref.ggn(model, nn.MSELoss(), data)
+    mask = group_mask(model, bias)
+    assert_rel_close(K.to_dense(), G * mask, what=f"grouped {d}d {bias}")
+    E = kronfac.EKFAC(model, nn.MSELoss(), data, fisher="type-2", bias=bias)
+    assert_rel_close(E.to_dense(), G * mask, what=f"grouped EKFAC {d}d {bias}")
+
+
+def test_depthwise_conv_operator_surface(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, groups=3), nn.Flatten(), nn.Linear(12, 2)).to(DT)
+    init(model, 5)
+    data = [(randn(4, 3, 4, 4, g=gen(0)), torch.randint(0, 2, (4,), generator=gen(1)))]
+    K = kronfac.KFAC(model, nn.CrossEntropyLoss(), data, fisher="type-2")
+    A, S = K.factors["0"]
+    assert A.shape == (3, 10, 10) and S.shape == (3, 1, 1)
+    dense = K.to_dense()
+    v = randn(K.shape[0], 2, g=gen(2))
+    assert_rel_close(K @ v, dense @ v, what="depthwise matvec")
+    eye = torch.eye(len(dense), dtype=DT)
+    assert_rel_close(
+        K.inverse(0.1, exact=True).to_dense(),
+        torch.linalg.inv(dense + 0.1 * eye),
+        what="exact inverse",
+    )
+    assert_rel_close(K.logdet(0.1), torch.logdet(dense + 0.1 * eye), what="logdet")
+    E = kronfac.EKFAC(model, nn.CrossEntropyLoss(), data, fisher="type-2")
+    E.factors.save(tmp_path / "grouped.safetensors")
+    loaded = kronfac.KroneckerFactors.load(tmp_path / "grouped.safetensors")
+    assert loaded.corrections["0"].eigenvalues.shape == (3, 1, 10)
+    torch.testing.assert_close(kronfac.EKFAC.from_factors(loaded, model).to_dense(), E.to_dense())
 
 
 class UpNet(nn.Module):

@@ -221,11 +221,13 @@ def _layout(
         has_bias = names.bias is not None
         d_in = adapter.in_features + int(joint and has_bias)
         d_out = adapter.out_features
-        A_shape = (d_in,) if adapter.diagonal_input else (d_in, d_in)
-        if A.shape != A_shape or S.shape != (d_out, d_out):
+        lead = (adapter.groups,) if adapter.groups > 1 else ()
+        A_shape = (*lead, d_in) if adapter.diagonal_input else (*lead, d_in, d_in)
+        S_shape = (*lead, d_out, d_out)
+        if A.shape != A_shape or S.shape != S_shape:
             raise ValueError(
                 f"Factors of module {mod!r} have shapes A{tuple(A.shape)}, S{tuple(S.shape)}; "
-                f"expected A{A_shape}, S({d_out}, {d_out})."
+                f"expected A{A_shape}, S{S_shape}."
             )
         w, b = offsets[names.weight], offsets[names.bias] if has_bias else None
         if joint or not has_bias:
@@ -350,7 +352,7 @@ class EKFAC(CurvatureOperator):
             for slot in slots[mod]:
                 flat_slots.append(slot)
                 if slot.weight is None:  # separate bias
-                    blocks.append(EigenBlock(Q_S, None, bias_lam[:, None], mod))
+                    blocks.append(EigenBlock(Q_S, None, bias_lam[..., None], mod))
                 else:
                     blocks.append(EigenBlock(Q_S, Q_A, lam, mod))
         order = sorted(range(len(flat_slots)), key=lambda i: _slot_start(flat_slots[i]))

@@ -33,8 +33,9 @@ class FactorPair(NamedTuple):
     """The two Kronecker factors of one module: ``G ≈ S ⊗ A``.
 
     Attributes:
-        A: Input factor ``[d_in(+1), d_in(+1)]`` (``+1``: the bias column with ``bias="joint"``).
-        S: Output-gradient factor ``[d_out, d_out]``.
+        A: Input factor ``[d_in(+1), d_in(+1)]`` (``+1``: the bias column with ``bias="joint"``);
+            ``[d_in]`` for a diagonal one (embeddings); ``[g, ·, ·]`` for a grouped convolution.
+        S: Output-gradient factor ``[d_out, d_out]`` (``[g, d_out, d_out]`` with groups).
     """
 
     A: Tensor
@@ -281,7 +282,7 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         for m in modules:
             A, S = tensors[f"{m}/A"], tensors[f"{m}/S"]
             for side, t in (("A", A), ("S", S)):
-                square = t.ndim == 2 and t.shape[0] == t.shape[1]
+                square = t.ndim in (2, 3) and t.shape[-1] == t.shape[-2]  # [g, d, d]: groups
                 diagonal = side == "A" and t.ndim == 1
                 if not (square or diagonal) or not t.is_floating_point():
                     raise FactorFileError(
@@ -289,14 +290,19 @@ class KroneckerFactors(Mapping[str, FactorPair]):
                         f"{' (or a diagonal vector)' if side == 'A' else ''}, "
                         f"got shape {tuple(t.shape)} and dtype {t.dtype}."
                     )
+            if A.ndim == 3 and (S.ndim != 3 or S.shape[0] != A.shape[0]):
+                raise FactorFileError(
+                    f"{path}: grouped factors of {m} disagree: "
+                    f"A{tuple(A.shape)}, S{tuple(S.shape)}."
+                )
             factors[m] = FactorPair(A, S)
             if has_corrections:
-                p, q = S.shape[0], A.shape[0]
+                lead, p, q = tuple(S.shape[:-2]), S.shape[-1], A.shape[-1]
                 shapes = {
-                    "Q_A": (q, q),
-                    "Q_S": (p, p),
-                    "eigenvalues": (p, q),
-                    "bias_eigenvalues": (p,),
+                    "Q_A": (*lead, q, q),
+                    "Q_S": (*lead, p, p),
+                    "eigenvalues": (*lead, p, q),
+                    "bias_eigenvalues": (*lead, p),
                 }
                 for f in fields[m][2:]:
                     t = tensors[f"{m}/{f}"]

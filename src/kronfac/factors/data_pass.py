@@ -197,10 +197,11 @@ def _tie(
         (first.bias is None or not first.bias.requires_grad)
         and (other.bias is None or not other.bias.requires_grad)
     )
-    same_kind = type(first) is type(other) and (first.in_features, first.out_features) == (
-        other.in_features,
-        other.out_features,
-    )
+    same_kind = type(first) is type(other) and (
+        first.in_features,
+        first.out_features,
+        first.groups,
+    ) == (other.in_features, other.out_features, other.groups)
     if not same_kind:  # covered through the first module; select_modules warns
         return
     if not same_bias:

@@ -82,6 +82,11 @@ def _token_second_moment(gt: Tensor, idx: Tensor, vocab: int, padding_idx: int |
     return out.T
 
 
+def _with_ones(x: Tensor, joint_bias: bool) -> Tensor:
+    """Inputs with the bias's trailing 1 appended when the bias joins the weight's block."""
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1) if joint_bias else x
+
+
 def compute_corrections(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -131,18 +136,34 @@ def compute_corrections(
         for name, g in rows.grads.items():
             Q_A, Q_S = bases[name]
             x = rows.inputs[name]
-            gt = g @ Q_S.to(g.dtype)  # [K, n, T, p]
+            if Q_S.ndim == 3:  # groups: [K, n, T, g, p] rotated per group
+                gt = torch.einsum(
+                    "kntgi,gij->kntgj", g.reshape(*g.shape[:-1], Q_S.shape[0], -1), Q_S
+                )
+            else:
+                gt = g @ Q_S  # [K, n, T, p]
             adapter = setup.adapters[name]
             if Q_A is None:
                 pad = getattr(adapter, "padding_idx", None)
                 contribution = _token_second_moment(gt, x, adapter.in_features, pad)
-            else:
-                if setup.joint_bias(name):
-                    x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
-                contribution = _rotated_second_moment(gt, x @ Q_A.to(x.dtype))
+            elif adapter.groups == 1:
+                contribution = _rotated_second_moment(
+                    gt, _with_ones(x, setup.joint_bias(name)) @ Q_A
+                )
+            else:  # one block per group: slices of the inputs and of the output gradients
+                xs = x.reshape(*x.shape[:-1], adapter.groups, -1)
+                contribution = torch.stack(
+                    [
+                        _rotated_second_moment(
+                            gt[..., j, :],
+                            _with_ones(xs[..., j, :], setup.joint_bias(name)) @ Q_A[j],
+                        )
+                        for j in range(adapter.groups)
+                    ]
+                )
             sums[name] = contribution if name not in sums else sums[name] + contribution
             if name in separate:
-                b = gt.sum(2).square().sum((0, 1))
+                b = gt.sum(2).square().sum((0, 1))  # [p] or [g, p]
                 bias_sums[name] = b if name not in bias_sums else bias_sums[name] + b
         check_finite(
             {n: [s.sum(), *([bias_sums[n]] if n in bias_sums else [])] for n, s in sums.items()},
@@ -156,10 +177,10 @@ def compute_corrections(
     for name, (Q_A, Q_S) in bases.items():
         lam = sums.get(name)
         if lam is None:  # the module's output never reached the loss
-            lam = Q_S.new_zeros(Q_S.shape[0], factors[name].A.shape[0])
+            lam = Q_S.new_zeros(*Q_S.shape[:-1], factors[name].A.shape[-1])
         bias = bias_sums.get(name) if name in separate else None
         if name in separate and bias is None:
-            bias = Q_S.new_zeros(Q_S.shape[0])
+            bias = Q_S.new_zeros(Q_S.shape[:-1])
         corrections[name] = EigenCorrection(
             Q_A,
             Q_S,

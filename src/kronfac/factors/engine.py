@@ -33,33 +33,45 @@ __all__ = ["check_finite", "compute_factors"]
 class _Accumulator:
     """Running sums of one module: ``Σ a aᵀ / T``, ``Σ a / T`` (bias column), ``N``, ``Σ g gᵀ``.
 
-    For a diagonal-input layer ``gram`` holds only the diagonal ``[d_in]`` (token counts / T).
+    For a diagonal-input layer ``gram`` holds only the diagonal ``[d_in]`` (token counts / T);
+    for ``g > 1`` groups every sum has a leading group dimension.
     """
 
-    def __init__(
-        self, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device, diagonal: bool
-    ) -> None:
-        shape = (d_in,) if diagonal else (d_in, d_in)
-        self.gram = torch.zeros(shape, dtype=dtype, device=device)
-        self.colsum = torch.zeros(d_in, dtype=dtype, device=device)
+    def __init__(self, adapter: LayerAdapter, dtype: torch.dtype, device: torch.device) -> None:
+        d_in, d_out, g = adapter.in_features, adapter.out_features, adapter.groups
+        lead = (g,) if g > 1 else ()
+        gram_shape = (d_in,) if adapter.diagonal_input else (d_in, d_in)
+        self.gram = torch.zeros(*lead, *gram_shape, dtype=dtype, device=device)
+        self.colsum = torch.zeros(*lead, d_in, dtype=dtype, device=device)
         self.count = 0
-        self.ggT = torch.zeros(d_out, d_out, dtype=dtype, device=device)
+        self.ggT = torch.zeros(*lead, d_out, d_out, dtype=dtype, device=device)
+        self.diagonal_input = adapter.diagonal_input
 
     def input_factor(self, with_bias: bool, num_data: int) -> Tensor:
         """``A`` from the running sums, with the bias row/column when ``with_bias``."""
-        if not with_bias or self.gram.ndim == 1:
+        if not with_bias or self.diagonal_input:
             return self.gram / num_data
-        d = self.gram.shape[0]
-        A = self.gram.new_empty(d + 1, d + 1)
-        A[:d, :d] = self.gram
-        A[:d, d] = A[d, :d] = self.colsum
-        A[d, d] = self.count
+        d = self.gram.shape[-1]
+        A = self.gram.new_empty(*self.gram.shape[:-2], d + 1, d + 1)
+        A[..., :d, :d] = self.gram
+        A[..., :d, d] = self.colsum
+        A[..., d, :d] = self.colsum
+        A[..., d, d] = self.count
         return A / num_data
 
 
+def _add_gram_(acc: Tensor, x: Tensor, groups: int, alpha: float) -> None:
+    """``acc += alpha · xᵀx`` for rows ``x: [rows, g·d]``, per group when ``groups > 1``."""
+    if groups == 1:
+        acc.addmm_(x.T, x, alpha=alpha)
+    else:
+        xg = x.reshape(x.shape[0], groups, -1).transpose(0, 1)  # [g, rows, d]
+        acc.baddbmm_(xg.transpose(1, 2), xg, alpha=alpha)
+
+
 def _diagonal(M: Tensor) -> Tensor:
-    """The diagonal of a dense factor, or a diagonal factor itself."""
-    return M if M.ndim == 1 else M.diagonal()
+    """The diagonal of a dense factor (per group), or a diagonal factor itself."""
+    return M if M.ndim == 1 else M.diagonal(dim1=-2, dim2=-1)
 
 
 def _token_counts(adapter: LayerAdapter, idx: Tensor, dtype: torch.dtype) -> Tensor:
@@ -175,22 +187,14 @@ def compute_factors(
     def consume(rows: BatchRows) -> None:
         if not accs:
             device = next(iter(rows.inputs.values())).device
-            accs.update(
-                (
-                    n,
-                    _Accumulator(
-                        a.in_features, a.out_features, rows.dtype, device, a.diagonal_input
-                    ),
-                )
-                for n, a in setup.adapters.items()
-            )
+            accs.update((n, _Accumulator(a, rows.dtype, device)) for n, a in setup.adapters.items())
         groups: dict[int, list[str]] = {}  # modules fed the same tensor share one GEMM
         for name, x in rows.inputs.items():
             groups.setdefault(id(x), []).append(name)
         for names in groups.values():
-            x = rows.inputs[names[0]]
+            adapter, x = setup.adapters[names[0]], rows.inputs[names[0]]
             T = x.shape[1]
-            if setup.adapters[names[0]].diagonal_input:
+            if adapter.diagonal_input:
                 for name in names:
                     accs[name].gram += _token_counts(setup.adapters[name], x, rows.dtype) / T
                     accs[name].count += rows.n
@@ -198,12 +202,15 @@ def compute_factors(
             if setup.approx == "reduce":
                 x, T = x.mean(dim=1), 1
             x = x.reshape(-1, x.shape[-1])
-            colsum = x.sum(0).div_(T)
-            gram = None if len(names) == 1 else torch.mm(x.T, x).div_(T)
+            colsum = x.sum(0).div_(T).reshape(accs[names[0]].colsum.shape)
+            gram = None
+            if len(names) > 1:
+                gram = torch.zeros_like(accs[names[0]].gram)
+                _add_gram_(gram, x, adapter.groups, 1.0 / T)
             for name in names:
                 acc = accs[name]
                 if gram is None:
-                    acc.gram.addmm_(x.T, x, alpha=1.0 / T)
+                    _add_gram_(acc.gram, x, adapter.groups, 1.0 / T)
                 else:
                     acc.gram += gram
                 acc.colsum += colsum
@@ -214,8 +221,7 @@ def compute_factors(
         for name, g in rows.grads.items():
             if setup.approx == "reduce":
                 g = g.sum(dim=2)
-            g = g.reshape(-1, g.shape[-1])
-            accs[name].ggT.addmm_(g.T, g)
+            _add_gram_(accs[name].ggT, g.reshape(-1, g.shape[-1]), setup.adapters[name].groups, 1.0)
         if rows.grads:
             check_finite(
                 {n: [a.ggT.diagonal()] for n, a in accs.items()}, rows.index, "output gradients"
@@ -227,7 +233,8 @@ def compute_factors(
     for name, acc in accs.items():
         A = acc.input_factor(setup.joint_bias(name), result.num_data)
         if setup.fisher == "forward-only":
-            S = torch.eye(acc.ggT.shape[0], dtype=acc.ggT.dtype, device=acc.ggT.device)
+            eye = torch.eye(acc.ggT.shape[-1], dtype=acc.ggT.dtype, device=acc.ggT.device)
+            S = eye.expand_as(acc.ggT).clone()
         else:
             S = acc.ggT / divisor
         factors[name] = FactorPair(A, S)

@@ -51,12 +51,12 @@ class LayerAdapter(ABC):
     @property
     @abstractmethod
     def in_features(self) -> int:
-        """``d_in``, the input side of the weight matrix (without the bias column)."""
+        """``d_in``, the input side of the weight matrix (without the bias column), per group."""
 
     @property
     @abstractmethod
     def out_features(self) -> int:
-        """``d_out``, the output side of the weight matrix."""
+        """``d_out``, the output side of the weight matrix, per group."""
 
     def rows_key(self) -> tuple[Any, ...]:
         """What :meth:`input_rows` depends on besides the tensor.
@@ -68,6 +68,16 @@ class LayerAdapter(ABC):
     def layer_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         """The tensor the weight multiplies, from the arguments of one call of the module."""
         return args[0] if args else next(iter(kwargs.values()))
+
+    @property
+    def groups(self) -> int:
+        """``g``: independent weight blocks (a grouped convolution's groups), 1 for most layers.
+
+        With ``g > 1`` the ``[g·d_out, d_in]`` weight matrix holds one ``[d_out, d_in]`` block per
+        group (rows), the input rows ``[rows, g·d_in]`` one ``d_in`` slice per group, and the
+        factors get a leading group dimension: ``A: [g, d_in, d_in]``, ``S: [g, d_out, d_out]``.
+        """
+        return 1
 
     @abstractmethod
     def input_rows(self, x: Tensor) -> Tensor:

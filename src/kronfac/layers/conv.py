@@ -12,8 +12,11 @@ stride and dilation. This is im2col: the patch matrix ``[N·T, C_in·k_1·…·k
 materialised once per batch and layer (``k_1·…·k_d`` times the input's size for stride 1),
 which is what the input factor's GEMM consumes; nothing larger is held.
 
-Grouped convolutions (``groups > 1``) have one Kronecker block per group and are not supported
-yet: such modules raise ``NotImplementedError`` when selected.
+A grouped convolution (``groups = g``) is ``g`` independent convolutions: output channels of
+group ``j`` see only the input channels of group ``j``. Its block is block-diagonal with one
+Kronecker product ``S_j ⊗ A_j`` per group, from the patches of group ``j``'s input channels (a
+contiguous slice of the im2col columns) and the gradients of its output channels; the factors
+have a leading group dimension (``A: [g, q, q]``, ``S: [g, p, p]``).
 """
 
 from __future__ import annotations
@@ -63,15 +66,6 @@ class ConvAdapter(LayerAdapter):
 
     module: nn.modules.conv._ConvNd
 
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__(module)
-        if self.module.groups != 1:
-            raise NotImplementedError(
-                f"{type(module).__name__}(groups={self.module.groups}): grouped convolutions "
-                "are not supported yet (one Kronecker block per group). Exclude the module "
-                "with `modules=`."
-            )
-
     @property
     def weight(self) -> nn.Parameter:  # noqa: D102
         return self.module.weight
@@ -86,7 +80,11 @@ class ConvAdapter(LayerAdapter):
 
     @property
     def out_features(self) -> int:  # noqa: D102
-        return self.module.out_channels
+        return self.module.out_channels // self.module.groups
+
+    @property
+    def groups(self) -> int:  # noqa: D102
+        return self.module.groups
 
     def rows_key(self) -> tuple[Any, ...]:  # noqa: D102
         m = self.module
@@ -104,10 +102,10 @@ class ConvAdapter(LayerAdapter):
 
     def output_grad_rows(self, g: Tensor) -> Tensor:  # noqa: D102
         # [K, N, C_out, *L] -> [K, N·L, C_out]
-        return g.movedim(2, -1).reshape(g.shape[0], -1, self.out_features)
+        return g.movedim(2, -1).reshape(g.shape[0], -1, self.module.out_channels)
 
     def weight_to_matrix(self, w: Tensor) -> Tensor:  # noqa: D102
-        return w.reshape(self.out_features, self.in_features, -1)
+        return w.reshape(self.module.out_channels, self.in_features, -1)
 
     def matrix_to_weight(self, m: Tensor) -> Tensor:  # noqa: D102
         return m.reshape(-1, m.shape[-1])
