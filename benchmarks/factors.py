@@ -3,16 +3,20 @@
 Workloads (issue 2):
 
 - W1: MLP 784-512-512-10 (ReLU), cross-entropy (mean), 2048 samples in batches of 256;
+- W2 (issue 4): Conv2d(3,32,3,pad 1)-ReLU-Conv2d(32,64,3,pad 1)-ReLU-AdaptiveAvgPool(4)-
+  Flatten-Linear(1024,10), 3x32x32 inputs, 1024 samples in batches of 128, cross-entropy;
 - W3: transformers ``LlamaForCausalLM`` from a small ``LlamaConfig`` (random weights), 32
   sequences of 128 tokens in batches of 8, token-level cross-entropy, factors on the decoder
-  layers' Linear modules.
+  layers' Linear modules;
+- GPT2 (issue 4): ``GPT2LMHeadModel`` (4 layers, 256 wide, 4 heads, vocab 1000), 32 x 128
+  tokens in batches of 8, token-level cross-entropy, factors on the blocks' Conv1D modules.
 
 Every configuration runs in one process, interleaved with BASE, median of ``--repeats`` runs
 after a warm-up, torch threads = cores. Prints a Markdown table of ratios to BASE.
 
     python benchmarks/factors.py [--repeats 5] [--workloads W1 W3] [--peers]
 
-``--peers`` also times curvlinops' ``KFACLinearOperator`` on W1 when it is installed.
+``--peers`` also times curvlinops' ``KFACLinearOperator`` on W1 and W2 when it is installed.
 """
 
 from __future__ import annotations
@@ -38,6 +42,34 @@ def w1() -> tuple[nn.Module, nn.Module, list, dict, str]:
     return model, nn.CrossEntropyLoss(), data, {}, "W1 MLP 784-512-512-10, 2048 x CE"
 
 
+def w2() -> tuple[nn.Module, nn.Module, list, dict, str]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(1024, 10),
+    )
+    X, y = torch.randn(1024, 3, 32, 32), torch.randint(0, 10, (1024,))
+    data = [(X[i : i + 128], y[i : i + 128]) for i in range(0, 1024, 128)]
+    return model, nn.CrossEntropyLoss(), data, {}, "W2 CNN 3x32x32, 1024 x CE"
+
+
+def gpt2() -> tuple[nn.Module, nn.Module, list, dict, str]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=1000, n_positions=128)
+    model = GPT2LMHeadModel(config)
+    ids = torch.randint(0, 1000, (32, 129))
+    data = [({"input_ids": ids[i : i + 8, :-1]}, ids[i : i + 8, 1:]) for i in range(0, 32, 8)]
+    opts = {"modules": ["h."], "forward": lm_logits}
+    return model, nn.CrossEntropyLoss(), data, opts, "GPT-2 4x256, 32x128 tok"
+
+
 def lm_logits(model: nn.Module, X: dict) -> torch.Tensor:
     """Token-level logits [N, V, T] of a transformers causal LM (cross-entropy's class dim 1)."""
     return model(**X).logits.transpose(1, 2)
@@ -59,6 +91,9 @@ def w3() -> tuple[nn.Module, nn.Module, list, dict, str]:
     data = [({"input_ids": ids[i : i + 8, :-1]}, ids[i : i + 8, 1:]) for i in range(0, 32, 8)]
     opts = {"modules": ["layers."], "forward": lm_logits}
     return model, nn.CrossEntropyLoss(), data, opts, "W3 Llama 4x256, 32x128 tok"
+
+
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "GPT2": gpt2}
 
 
 def base_pass(model: nn.Module, loss_fn: nn.Module, data: list, forward=None) -> None:
@@ -93,7 +128,7 @@ def warnings_off(fn, *args, **kwargs):
 
 def run_workload(key: str, repeats: int, peers: bool) -> None:
     """Time BASE and every configuration of one workload, interleaved; print table rows."""
-    model, loss_fn, data, opts, title = {"W1": w1, "W3": w3}[key]()
+    model, loss_fn, data, opts, title = WORKLOADS[key]()
     fwd = opts.get("forward")
     fns = {"BASE (forward+backward)": lambda: base_pass(model, loss_fn, data, fwd)}
     fishers = ["mc", "empirical", "forward-only"] + (["type-2"] if key == "W1" else [])
@@ -101,7 +136,7 @@ def run_workload(key: str, repeats: int, peers: bool) -> None:
         fns[f"kronfac {fisher}"] = lambda f=fisher: warnings_off(
             kronfac.compute_factors, model, loss_fn, data, fisher=f, **opts
         )
-    if peers and key == "W1":
+    if peers and key in ("W1", "W2"):
         try:
             import curvlinops  # noqa: F401
         except ImportError:
@@ -120,7 +155,7 @@ def run_workload(key: str, repeats: int, peers: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--workloads", nargs="+", default=["W1", "W3"], choices=["W1", "W3"])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--peers", action="store_true")
     args = parser.parse_args(argv)
     setup_threads()

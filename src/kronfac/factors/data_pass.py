@@ -591,13 +591,12 @@ def _input_rows(
             for c in calls[name]
         )
         if key not in cache:
-            x = _cat_calls(
-                [
-                    _per_example(c.adapter.input_rows(c.inputs), n, name, "input", b)
-                    for c in calls[name]
-                ],
-                dim=1,
-            )
+            parts = []
+            for c in calls[name]:
+                part = _per_example(c.adapter.input_rows(c.inputs), n, name, "input", b, 0)
+                # an adapter may reuse its buffer at its next call: keep earlier calls' rows
+                parts.append(part if len(calls[name]) == 1 else part.clone())
+            x = _cat_calls(parts, dim=1)
             cache[key] = x if adapters[name].diagonal_input else x.to(dtype)
         rows[name] = cache[key]
     return rows
@@ -626,12 +625,23 @@ def _grad_rows(
     for (name, c), g in zip(flat, grads, strict=True):
         if g is not None:
             rows = c.adapter.output_grad_rows(g)
-            per_module.setdefault(name, []).append(_per_example(rows, n, name, "output", b))
+            per_module.setdefault(name, []).append(_per_example(rows, n, name, "output", b, 1))
     return {name: _cat_calls(gs, dim=2).to(dtype) for name, gs in per_module.items()}
 
 
-def _per_example(rows: Tensor, n: int, name: str, what: str, b: int) -> Tensor:
-    """``[..., rows, d]`` → ``[..., n, T, d]``, checking the rows split into ``n`` data points."""
+def _per_example(rows: Tensor, n: int, name: str, what: str, b: int, lead: int) -> Tensor:
+    """``[*lead, rows, d]`` → ``[*lead, n, T, d]``, checking the rows split into ``n`` points.
+
+    An adapter may also return ``[*lead, n, T, d]`` directly (``lead`` leading dimensions
+    before), e.g. a transposed view of channels-first patches that must not be copied.
+    """
+    if rows.ndim == lead + 3:
+        if rows.shape[lead] != n:
+            raise ValueError(
+                f"Batch {b}: module {name!r} {what} has {rows.shape[lead]} data points, "
+                f"expected {n}."
+            )
+        return rows
     if rows.shape[-2] % n:
         raise ValueError(
             f"Batch {b}: module {name!r} {what} has {rows.shape[-2]} rows, not a multiple of the "

@@ -61,7 +61,22 @@ class _Accumulator:
 
 
 def _add_gram_(acc: Tensor, x: Tensor, groups: int, alpha: float) -> None:
-    """``acc += alpha · xᵀx`` for rows ``x: [rows, g·d]``, per group when ``groups > 1``."""
+    """``acc += alpha · Σ_rows x xᵀ`` per group, for rows ``x: [..., g·d]`` in any layout.
+
+    Rows stored channels-first (``x: [m, T, d]`` a transposed view of ``[m, d, T]``, as
+    convolution patches and gradients are) are reduced with one GEMM ``X_iᵀ X_i`` per leading
+    entry, instead of a transposing copy to ``[m·T, d]``.
+    """
+    if x.ndim == 3 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+        xt = x.transpose(1, 2)  # [m, g·d, T], contiguous
+        if groups == 1:
+            for xi in xt:
+                acc.addmm_(xi, xi.T, alpha=alpha)
+        else:
+            for xi in xt.reshape(xt.shape[0], groups, -1, xt.shape[-1]):
+                acc.baddbmm_(xi, xi.transpose(1, 2), alpha=alpha)
+        return
+    x = x.reshape(-1, x.shape[-1])
     if groups == 1:
         acc.addmm_(x.T, x, alpha=alpha)
     else:
@@ -201,8 +216,8 @@ def compute_factors(
                 continue
             if setup.approx == "reduce":
                 x, T = x.mean(dim=1), 1
-            x = x.reshape(-1, x.shape[-1])
-            colsum = x.sum(0).div_(T).reshape(accs[names[0]].colsum.shape)
+            colsum = x.sum(dim=tuple(range(x.ndim - 1))).div_(T)
+            colsum = colsum.reshape(accs[names[0]].colsum.shape)
             gram = None
             if len(names) > 1:
                 gram = torch.zeros_like(accs[names[0]].gram)
@@ -221,7 +236,7 @@ def compute_factors(
         for name, g in rows.grads.items():
             if setup.approx == "reduce":
                 g = g.sum(dim=2)
-            _add_gram_(accs[name].ggT, g.reshape(-1, g.shape[-1]), setup.adapters[name].groups, 1.0)
+            _add_gram_(accs[name].ggT, g.flatten(0, 1), setup.adapters[name].groups, 1.0)
         if rows.grads:
             check_finite(
                 {n: [a.ggT.diagonal()] for n, a in accs.items()}, rows.index, "output gradients"

@@ -81,11 +81,18 @@ class LayerAdapter(ABC):
 
     @abstractmethod
     def input_rows(self, x: Tensor) -> Tensor:
-        """Layer input of one call → ``[rows, d_in]``, rows ordered data point by data point."""
+        """Layer input of one call → ``[rows, d_in]``, rows ordered data point by data point.
+
+        May instead return ``[N, T, d_in]`` directly, e.g. a transposed view of channels-first
+        data that a reshape to rows would copy.
+        """
 
     @abstractmethod
     def output_grad_rows(self, g: Tensor) -> Tensor:
-        """Output gradients ``[K, *output.shape]`` of one call → ``[K, rows, d_out]``."""
+        """Output gradients ``[K, *output.shape]`` of one call → ``[K, rows, d_out]``.
+
+        May instead return ``[K, N, T, d_out]`` directly (a view, as for :meth:`input_rows`).
+        """
 
     @abstractmethod
     def weight_to_matrix(self, w: Tensor) -> Tensor:
