@@ -26,6 +26,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DT, assert_rel_close, gen, init, randn
 from torch import Tensor, nn
 from torch.func import hessian, jacrev
 
@@ -37,8 +38,6 @@ try:
 except ImportError:  # tests/ is not a package: pytest puts tests/ on sys.path
     import reference as ref
 
-DT = torch.float64
-TOL = 1e-10
 FISHERS = ("type-2", "mc", "empirical", "forward-only")
 
 
@@ -53,36 +52,6 @@ def _one_thread():
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def assert_rel_close(actual: Tensor, expected: Tensor, tol: float = TOL, what: str = "") -> None:
-    """``max|actual - expected| <= tol · max|expected|`` (and same shape)."""
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    actual = actual.to(expected.dtype)
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    assert err <= tol * max(scale, 1e-300), (
-        f"{what}: max abs error {err:.3e}, reference max {scale:.3e} (rel {err / scale:.3e})"
-    )
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape: int, g: torch.Generator) -> Tensor:
-    return torch.randn(*shape, generator=g, dtype=DT)
-
-
-def init(model: nn.Module, seed: int) -> nn.Module:
-    """Deterministic float64 parameters, scaled by the fan-in (global RNG untouched)."""
-    g = gen(seed)
-    model.to(DT)
-    with torch.no_grad():
-        for p in model.parameters():
-            fan_in = p[0].numel() if p.ndim > 1 else p.numel()
-            p.copy_(torch.randn(p.shape, generator=g, dtype=DT) / math.sqrt(fan_in))
-    return model
 
 
 class ChannelsLast(nn.Module):

@@ -23,6 +23,7 @@ import math
 
 import pytest
 import torch
+from helpers import DT, assert_rel_close, gen, init, randn
 from torch import Tensor, nn
 
 import kronfac
@@ -32,31 +33,9 @@ try:
 except ImportError:  # tests/ is not a package: pytest puts tests/ on sys.path
     import reference as ref
 
-DT = torch.float64
-TOL = 1e-10  # exact identities in float64: round-off only
-
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def assert_rel_close(actual: Tensor, expected: Tensor, tol: float = TOL, what: str = "") -> None:
-    """``max|actual - expected| <= tol · max|expected|`` (and same shape)."""
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    actual = actual.to(expected.dtype)
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    assert err <= tol * max(scale, 1e-300), (
-        f"{what}: max abs error {err:.3e}, reference max {scale:.3e} (rel {err / scale:.3e})"
-    )
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape: int, g: torch.Generator) -> Tensor:
-    return torch.randn(*shape, generator=g, dtype=DT)
 
 
 def make_targets(loss: str, out_shape: tuple[int, ...], g: torch.Generator) -> Tensor:
@@ -93,15 +72,6 @@ def make_data(
             out_shape = tuple(model(X).shape)
         data.append((X, make_targets(loss, out_shape, g)))
     return data
-
-
-def init(model: nn.Module, seed: int) -> nn.Module:
-    """Deterministic float64 parameters (without touching the global RNG)."""
-    g = gen(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=DT) / math.sqrt(p.shape[-1]))
-    return model
 
 
 def deep_linear(widths=(4, 5, 3, 2), seed: int = 0) -> nn.Module:

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
+from helpers import DT, assert_rel_close, gen, init, randn
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
@@ -39,31 +40,12 @@ try:
 except ImportError:  # tests/ is not a package: pytest puts tests/ on sys.path
     import reference as ref
 
-DT = torch.float64
 DAMPING = 1e-2
 SINGULAR = 1e-9  # dense reference singular when λ_min <= SINGULAR · λ_max
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers: models, data, comparisons
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def randn(*shape: int, g: torch.Generator) -> Tensor:
-    return torch.randn(*shape, generator=g, dtype=DT)
-
-
-def init(model: nn.Module, seed: int) -> nn.Module:
-    """Deterministic float64 parameters (the global RNG is not touched)."""
-    g = gen(seed)
-    model.to(DT)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(randn(*p.shape, g=g) / math.sqrt(p.shape[-1]))
-    return model
 
 
 def mlp(act: str | None, widths: tuple[int, ...], seed: int = 0) -> nn.Module:
@@ -123,19 +105,6 @@ def make_data(model, loss, batch_sizes, in_shape, seed=0) -> list[tuple[Tensor, 
 
 def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-def assert_rel_close(actual, expected, tol: float, what: str = "") -> None:
-    """``max|actual - expected| <= tol · max|expected|`` (and same shape)."""
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    actual = actual.to(expected.dtype)
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    assert err <= tol * max(scale, 1e-300), (
-        f"{what}: max abs error {err:.3e}, reference max {scale:.3e} "
-        f"(rel {err / max(scale, 1e-300):.3e}, tol {tol:.0e})"
-    )
 
 
 def rel_fro(M: Tensor, ref_M: Tensor) -> float:

@@ -39,14 +39,14 @@ class LayerAdapter(ABC):
         self.module = module
 
     @property
-    @abstractmethod
     def weight(self) -> nn.Parameter:
-        """The weight parameter."""
+        """The weight parameter (default: ``module.weight``)."""
+        return self.module.weight  # type: ignore[return-value]
 
     @property
-    @abstractmethod
     def bias(self) -> nn.Parameter | None:
-        """The bias parameter, or ``None``."""
+        """The bias parameter, or ``None`` (default: ``module.bias`` if present)."""
+        return getattr(self.module, "bias", None)
 
     @property
     @abstractmethod

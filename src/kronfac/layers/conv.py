@@ -98,14 +98,6 @@ class ConvAdapter(LayerAdapter):
         self._buffer: Tensor | None = None
 
     @property
-    def weight(self) -> nn.Parameter:  # noqa: D102
-        return self.module.weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:  # noqa: D102
-        return self.module.bias
-
-    @property
     def in_features(self) -> int:  # noqa: D102
         return self.module.weight[0].numel()
 

@@ -37,10 +37,6 @@ class EmbeddingAdapter(LayerAdapter):
             )
 
     @property
-    def weight(self) -> nn.Parameter:  # noqa: D102
-        return self.module.weight
-
-    @property
     def bias(self) -> nn.Parameter | None:  # noqa: D102
         return None
 

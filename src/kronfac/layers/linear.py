@@ -20,14 +20,6 @@ class LinearAdapter(LayerAdapter):
     module: nn.Linear
 
     @property
-    def weight(self) -> nn.Parameter:  # noqa: D102
-        return self.module.weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:  # noqa: D102
-        return self.module.bias
-
-    @property
     def in_features(self) -> int:  # noqa: D102
         return self.module.in_features
 
