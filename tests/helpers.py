@@ -43,3 +43,33 @@ def assert_rel_close(actual, expected, tol: float = TOL, what: str = "") -> None
         f"{what}: max abs error {err:.3e}, reference max {scale:.3e} "
         f"(rel {err / max(scale, 1e-300):.3e}, tol {tol:.0e})"
     )
+
+
+def param_slices(model: nn.Module) -> dict[str, slice]:
+    out, start = {}, 0
+    for n, p in model.named_parameters():
+        out[n] = slice(start, start + p.numel())
+        start += p.numel()
+    return out
+
+
+def kfac_block(S: Tensor, A: Tensor, joint: bool) -> Tensor:
+    """Dense ``S ⊗ A`` of one Linear layer in the *parameter* layout ``[vec W, b]``.
+
+    ``joint``: ``A`` is ``[d_in+1, d_in+1]`` and ``torch.kron(S, A)`` acts on the row-major
+    flattening of ``[W | b]``; we permute it to ``(W.flatten(), b)``. Separate: block-diagonal
+    ``diag(S ⊗ A, S)``.
+    """
+    d_out = S.shape[0]
+    if not joint:
+        d_in = A.shape[0]
+        M = torch.zeros(d_out * (d_in + 1), d_out * (d_in + 1), dtype=S.dtype)
+        M[: d_out * d_in, : d_out * d_in] = torch.kron(S, A)
+        M[d_out * d_in :, d_out * d_in :] = S
+        return M
+    d_in = A.shape[0] - 1
+    K = torch.kron(S, A)  # index i*(d_in+1) + j
+    perm = [i * (d_in + 1) + j for i in range(d_out) for j in range(d_in)]
+    perm += [i * (d_in + 1) + d_in for i in range(d_out)]
+    perm_t = torch.tensor(perm)
+    return K[perm_t][:, perm_t]

@@ -26,7 +26,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DT, assert_rel_close, gen, init, randn
+from helpers import DT, assert_rel_close, gen, init, kfac_block, param_slices, randn
 from torch import Tensor, nn
 from torch.func import hessian, jacrev
 
@@ -78,14 +78,6 @@ def block_sizes(model: nn.Module, bias: str) -> list[int]:
     return sizes
 
 
-def param_slices(model: nn.Module) -> dict[str, slice]:
-    out, start = {}, 0
-    for n, p in model.named_parameters():
-        out[n] = slice(start, start + p.numel())
-        start += p.numel()
-    return out
-
-
 def mse_data(model: nn.Module, batch_sizes, in_shape, seed: int) -> list[tuple[Tensor, Tensor]]:
     g = gen(seed)
     data = []
@@ -95,23 +87,6 @@ def mse_data(model: nn.Module, batch_sizes, in_shape, seed: int) -> list[tuple[T
             out_shape = model(X).shape
         data.append((X, randn(*out_shape, g=g)))
     return data
-
-
-def kfac_block(S: Tensor, A: Tensor, joint: bool) -> Tensor:
-    """Dense ``S ⊗ A`` in the parameter layout ``[W.flatten(), b]`` of one layer."""
-    d_out = S.shape[0]
-    if not joint:
-        d_in = A.shape[0]
-        M = torch.zeros(d_out * (d_in + 1), d_out * (d_in + 1), dtype=S.dtype)
-        M[: d_out * d_in, : d_out * d_in] = torch.kron(S, A)
-        M[d_out * d_in :, d_out * d_in :] = S
-        return M
-    d_in = A.shape[0] - 1
-    K = torch.kron(S, A)  # index i*(d_in+1) + j
-    perm = [i * (d_in + 1) + j for i in range(d_out) for j in range(d_in)]
-    perm += [i * (d_in + 1) + d_in for i in range(d_out)]
-    perm_t = torch.tensor(perm)
-    return K[perm_t][:, perm_t]
 
 
 # ----------------------------------------------------------------------------------------------
