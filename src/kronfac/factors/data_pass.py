@@ -327,6 +327,9 @@ class BatchRows:
         inputs: Module name → layer inputs ``[n, T, d_in]`` in the accumulation dtype (token
             indices ``[n, T, 1]`` for diagonal-input layers). Modules fed the very same tensors
             (queries, keys and values of an attention block) get the same object.
+        masks: Module name → ``[n, T]`` 0/1 weights of the positions (padding from the batch's
+            ``attention_mask``), or ``None`` when every position counts. Inputs and gradients
+            are already zero at masked positions (token indices are not: weigh them).
         grads: Module name → output gradients ``[K, n, T, d_out]`` of the summed loss (empty for
             ``fisher="forward-only"``; a module whose output does not reach the loss is absent).
     """
@@ -335,20 +338,22 @@ class BatchRows:
     n: int
     dtype: torch.dtype
     inputs: dict[str, Tensor]
+    masks: dict[str, Tensor | None]
     grads: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class PassResult:
-    """What a pass counted: ``N``, ``R``, ``C`` and the calls of every module."""
+    """What a pass counted: ``N``, the largest ``R``, ``C``, and the loss terms counted."""
 
     num_data: int
     terms_per_example: int
     num_classes: int
+    num_terms: int
 
     def mean_divisor(self, likelihood: Likelihood) -> int:
         """``D``: the entries torch's mean averages over for the dataset loss (1 for sum)."""
-        return likelihood.mean_divisor(self.num_data, self.terms_per_example, self.num_classes)
+        return likelihood.mean_divisor(self.num_terms, self.num_classes)
 
 
 def _batch_size(y: Any, batch_index: int) -> int:
@@ -386,8 +391,11 @@ def _backprop_vectors(
     generator: torch.Generator | None,
     dtype: torch.dtype,
     per_term: bool = False,
+    term_mask: Tensor | None = None,
 ) -> Tensor:
     """The ``K`` vectors ``[K, *output.shape]`` whose backpropagation gives the ``g``'s.
+
+    Terms outside ``term_mask`` (``ignore_index`` targets, padding) get zero vectors.
 
     With ``per_term=True`` and ``R > 1`` terms per data point, type-2 gets one vector per
     (term position, Hessian-root column), ``K = R·C``, each supported on a single term, so that
@@ -421,7 +429,12 @@ def _backprop_vectors(
         samples = likelihood.sample(terms, mc_samples, generator)
         vectors = likelihood.gradient(terms, samples) / math.sqrt(mc_samples)
     else:  # empirical
-        vectors = likelihood.gradient(terms, likelihood.targets_to_terms(y, output)).unsqueeze(0)
+        targets = likelihood.targets_to_terms(y, output)
+        if term_mask is not None and not targets.is_floating_point():
+            targets = torch.where(term_mask.view(targets.shape), targets, 0)
+        vectors = likelihood.gradient(terms, targets).unsqueeze(0)
+    if term_mask is not None:
+        vectors = vectors * term_mask.reshape(1, -1, 1).to(vectors.dtype)
     return likelihood.from_terms(vectors, output).to(output.dtype)
 
 
@@ -479,8 +492,8 @@ def run_pass(
     likelihood, adapters = setup.likelihood, setup.adapters
     backward = setup.fisher != "forward-only"
     generator: torch.Generator | None = None
-    total = 0
-    shape: tuple[int, int] | None = None  # (R, C)
+    total = terms = 0
+    R, C = 0, None
     called = dict.fromkeys(adapters, 0)
     batches = tqdm(
         data,
@@ -506,15 +519,18 @@ def run_pass(
                 raise ValueError(
                     f"Batch {b}: model output has batch size {output.shape[0]}, targets {n}."
                 )
-            rc = (likelihood.terms_per_example(output), likelihood.num_classes(output))
-            if shape is None:
-                shape = rc
-            elif rc != shape and likelihood.reduction == "mean":
+            r_b, c_b = likelihood.terms_per_example(output), likelihood.num_classes(output)
+            if C is not None and c_b != C:
                 raise ValueError(
-                    f"Batch {b}: {rc[0]} loss terms of size {rc[1]} per data point, earlier "
-                    f"batches had {shape[0]} of size {shape[1]}; reduction='mean' needs the "
-                    "same number of terms for every data point."
+                    f"Batch {b}: loss terms of size {c_b}, earlier batches had size {C}."
                 )
+            R, C = max(R, r_b), c_b
+            padding = _attention_mask(X, n, b)
+            term_mask = likelihood.term_mask(y, output)
+            if padding is not None and padding.shape[1] == r_b:  # one loss term per token
+                pad_terms = padding.reshape(-1).to(output.device)
+                term_mask = pad_terms if term_mask is None else term_mask & pad_terms
+            terms += n * r_b if term_mask is None else int(term_mask.sum())
             dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
             for name in adapters:
                 called[name] += len(calls[name])
@@ -527,7 +543,8 @@ def run_pass(
                             "is not batch-first has no per-example gradients; exclude it with "
                             "`modules=`."
                         )
-            rows = BatchRows(b, n, dtype, _input_rows(adapters, calls, n, dtype, b))
+            masks = _position_masks(adapters, calls, padding, n, dtype)
+            rows = BatchRows(b, n, dtype, _input_rows(adapters, calls, n, dtype, b, masks), masks)
             if backward:
                 _check_finite_output(output, adapters, calls, b)
                 if not output.requires_grad:
@@ -546,14 +563,15 @@ def run_pass(
                     generator,
                     dtype,
                     per_term,
+                    term_mask,
                 )
-                rows.grads = _grad_rows(adapters, calls, output, vectors, n, dtype, b)
+                rows.grads = _grad_rows(adapters, calls, output, vectors, n, dtype, b, masks)
             consume(rows)
             total += n
             del output, rows
     if total == 0:
         raise ValueError("data is empty: expected at least one batch (X, y) with data points.")
-    assert shape is not None
+    assert C is not None
     for name, count in called.items():
         if count == 0:
             raise ValueError(
@@ -561,13 +579,55 @@ def run_pass(
             )
     if setup.num_data is not None and setup.num_data != total:
         raise ValueError(f"num_data={setup.num_data} but the data holds {total} data points.")
-    R = setup.num_per_example_loss_terms
-    if R is not None and shape[0] != R:
+    given = setup.num_per_example_loss_terms
+    if given is not None and given != R:
         raise ValueError(
-            f"num_per_example_loss_terms={R} but the model output has {shape[0]} loss terms "
+            f"num_per_example_loss_terms={given} but the model output has {R} loss terms "
             "per data point."
         )
-    return PassResult(total, *shape)
+    if terms == 0:
+        raise ValueError("Every loss term is masked (ignore_index or attention_mask).")
+    return PassResult(total, R, C, terms)
+
+
+def _attention_mask(X: Any, n: int, b: int) -> Tensor | None:
+    """The batch's padding mask ``[n, T]`` (``X["attention_mask"]`` of a Mapping), or ``None``."""
+    if not isinstance(X, Mapping) or X.get("attention_mask") is None:
+        return None
+    mask = X["attention_mask"]
+    if not isinstance(mask, Tensor) or mask.ndim != 2 or mask.shape[0] != n:
+        raise ValueError(
+            f"Batch {b}: expected attention_mask of shape [{n}, T], got "
+            f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}."
+        )
+    return None if bool(mask.bool().all()) else mask.bool()
+
+
+def _position_masks(
+    adapters: Mapping[str, LayerAdapter],
+    calls: Mapping[str, list[Call]],
+    padding: Tensor | None,
+    n: int,
+    dtype: torch.dtype,
+) -> dict[str, Tensor | None]:
+    """Per module ``[n, T]`` position weights; ``None`` without padding.
+
+    The padding mask applies to every call with one position per token (``T_call = T``);
+    calls with another number of positions (a per-example layer after pooling) count fully.
+    """
+    masks: dict[str, Tensor | None] = {}
+    for name in adapters:
+        if padding is None or not calls[name]:
+            masks[name] = None
+            continue
+        parts = []
+        for c in calls[name]:
+            width = c.adapter.out_features * c.adapter.groups
+            T = c.output.numel() // (n * width)
+            on = padding.to(device=c.output.device, dtype=dtype)
+            parts.append(on if padding.shape[1] == T else on.new_ones(n, T))
+        masks[name] = _cat_calls(parts, dim=1)
+    return masks
 
 
 def _input_rows(
@@ -576,6 +636,7 @@ def _input_rows(
     n: int,
     dtype: torch.dtype,
     b: int,
+    masks: Mapping[str, Tensor | None],
 ) -> dict[str, Tensor]:
     """Every called module's inputs ``[n, T, d_in]``; identical inputs share one object.
 
@@ -597,7 +658,11 @@ def _input_rows(
                 # an adapter may reuse its buffer at its next call: keep earlier calls' rows
                 parts.append(part if len(calls[name]) == 1 else part.clone())
             x = _cat_calls(parts, dim=1)
-            cache[key] = x if adapters[name].diagonal_input else x.to(dtype)
+            if not adapters[name].diagonal_input:
+                x = x.to(dtype)
+                if masks[name] is not None:
+                    x = x * masks[name][..., None]  # type: ignore[index]
+            cache[key] = x
         rows[name] = cache[key]
     return rows
 
@@ -610,6 +675,7 @@ def _grad_rows(
     n: int,
     dtype: torch.dtype,
     b: int,
+    masks: Mapping[str, Tensor | None],
 ) -> dict[str, Tensor]:
     """Backpropagate ``vectors`` to every call's output: ``[K, n, T, d_out]`` per module."""
     flat = [(name, c) for name in adapters for c in calls[name]]
@@ -626,7 +692,11 @@ def _grad_rows(
         if g is not None:
             rows = c.adapter.output_grad_rows(g)
             per_module.setdefault(name, []).append(_per_example(rows, n, name, "output", b, 1))
-    return {name: _cat_calls(gs, dim=2).to(dtype) for name, gs in per_module.items()}
+    out = {}
+    for name, gs in per_module.items():
+        g = _cat_calls(gs, dim=2).to(dtype)
+        out[name] = g if masks[name] is None else g * masks[name][None, ..., None]  # type: ignore[index]
+    return out
 
 
 def _per_example(rows: Tensor, n: int, name: str, what: str, b: int, lead: int) -> Tensor:

@@ -82,9 +82,12 @@ def _token_second_moment(gt: Tensor, idx: Tensor, vocab: int, padding_idx: int |
     return out.T
 
 
-def _with_ones(x: Tensor, joint_bias: bool) -> Tensor:
-    """Inputs with the bias's trailing 1 appended when the bias joins the weight's block."""
-    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1) if joint_bias else x
+def _with_ones(x: Tensor, joint_bias: bool, mask: Tensor | None) -> Tensor:
+    """Inputs with the bias's trailing 1 (0 at masked positions) when the bias joins the block."""
+    if not joint_bias:
+        return x
+    ones = x.new_ones(*x.shape[:-1], 1) if mask is None else mask[..., None].to(x.dtype)
+    return torch.cat([x, ones], dim=-1)
 
 
 def compute_corrections(
@@ -136,6 +139,7 @@ def compute_corrections(
         for name, g in rows.grads.items():
             Q_A, Q_S = bases[name]
             x = rows.inputs[name]
+            joint, mask = setup.joint_bias(name), rows.masks[name]
             if Q_S.ndim == 3:  # groups: [K, n, T, g, p] rotated per group
                 gt = torch.einsum(
                     "kntgi,gij->kntgj", g.reshape(*g.shape[:-1], Q_S.shape[0], -1), Q_S
@@ -147,16 +151,14 @@ def compute_corrections(
                 pad = getattr(adapter, "padding_idx", None)
                 contribution = _token_second_moment(gt, x, adapter.in_features, pad)
             elif adapter.groups == 1:
-                contribution = _rotated_second_moment(
-                    gt, _with_ones(x, setup.joint_bias(name)) @ Q_A
-                )
+                contribution = _rotated_second_moment(gt, _with_ones(x, joint, mask) @ Q_A)
             else:  # one block per group: slices of the inputs and of the output gradients
                 xs = x.reshape(*x.shape[:-1], adapter.groups, -1)
                 contribution = torch.stack(
                     [
                         _rotated_second_moment(
                             gt[..., j, :],
-                            _with_ones(xs[..., j, :], setup.joint_bias(name)) @ Q_A[j],
+                            _with_ones(xs[..., j, :], joint, mask) @ Q_A[j],
                         )
                         for j in range(adapter.groups)
                     ]

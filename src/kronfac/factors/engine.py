@@ -89,9 +89,11 @@ def _diagonal(M: Tensor) -> Tensor:
     return M if M.ndim == 1 else M.diagonal(dim1=-2, dim2=-1)
 
 
-def _token_counts(adapter: LayerAdapter, idx: Tensor, dtype: torch.dtype) -> Tensor:
-    """``Σ_rows e_i``: how often each token occurs, zero at the adapter's ``padding_idx``."""
-    counts = torch.bincount(idx.reshape(-1), minlength=adapter.in_features).to(dtype)
+def _token_counts(
+    adapter: LayerAdapter, idx: Tensor, dtype: torch.dtype, weights: Tensor | None = None
+) -> Tensor:
+    """``Σ_rows w e_i``: (weighted) token counts, zero at the adapter's ``padding_idx``."""
+    counts = torch.bincount(idx.reshape(-1), weights, minlength=adapter.in_features).to(dtype)
     pad = getattr(adapter, "padding_idx", None)
     if pad is not None:
         counts[pad] = 0
@@ -151,6 +153,11 @@ def compute_factors(
         loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` (class-index targets) or
             ``nn.BCEWithLogitsLoss``, reduction ``"mean"`` or ``"sum"``.
         data: Iterable of batches ``(X, y)``; ``X`` a Tensor or a Mapping (``model(**X)``).
+            A Mapping's ``attention_mask`` ``[N, T]`` marks padding: padded positions leave
+            ``A`` (each data point weighs its ``T_n`` real positions by ``1/T_n``), the output
+            gradients, the loss terms (when there is one term per token) and their count in
+            ``D``. Cross-entropy targets equal to ``ignore_index`` leave the loss terms and
+            ``D`` as torch drops them.
         fisher: ``"type-2"`` (columns of the loss Hessian's square root: the exact GGN for one
             datum), ``"mc"`` (gradients at ``mc_samples`` labels per term sampled from the
             model), ``"empirical"`` (gradients at the true labels) or ``"forward-only"``
@@ -208,15 +215,26 @@ def compute_factors(
             groups.setdefault(id(x), []).append(name)
         for names in groups.values():
             adapter, x = setup.adapters[names[0]], rows.inputs[names[0]]
+            mask = rows.masks[names[0]]
+            # per data point 1/T_n: T_n its unmasked positions (every position without padding)
+            weight = None if mask is None else mask.sum(1).clamp(min=1).reciprocal()
             T = x.shape[1]
             if adapter.diagonal_input:
+                w = None if mask is None else (mask * weight[:, None]).reshape(-1)
                 for name in names:
-                    accs[name].gram += _token_counts(setup.adapters[name], x, rows.dtype) / T
+                    counts = _token_counts(setup.adapters[name], x, rows.dtype, w)
+                    accs[name].gram += counts if w is not None else counts / T
                     accs[name].count += rows.n
                 continue
-            if setup.approx == "reduce":
-                x, T = x.mean(dim=1), 1
-            colsum = x.sum(dim=tuple(range(x.ndim - 1))).div_(T)
+            if setup.approx == "reduce":  # inputs averaged over the (unmasked) positions
+                x = x.mean(dim=1) if weight is None else x.sum(dim=1) * weight[:, None]
+                T = 1
+                colsum = x.sum(0)
+            elif weight is None:
+                colsum = x.sum(dim=(0, 1)).div_(T)
+            else:  # Σ_n 1/T_n Σ_t a aᵀ as one Gram of the rows weighted by 1/√T_n
+                colsum = (x.sum(1) * weight[:, None]).sum(0)
+                x, T = x * weight.sqrt()[:, None, None], 1
             colsum = colsum.reshape(accs[names[0]].colsum.shape)
             gram = None
             if len(names) > 1:

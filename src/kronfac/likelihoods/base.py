@@ -84,15 +84,19 @@ class Likelihood(ABC):
     def entries_per_term(self) -> int | None:
         """Entries one term counts for in torch's mean; ``None``: ``C`` (every entry a term)."""
 
-    def mean_divisor(self, num_data: int, terms_per_example: int, num_classes: int) -> int:
+    def mean_divisor(self, num_terms: int, num_classes: int) -> int:
         """Number of entries torch averages over for the dataset loss (``1`` for ``sum``).
 
-        ``N·R`` for a categorical likelihood, ``N·R·C`` for Gaussian / Bernoulli ones.
+        ``num_terms`` is the number of (unmasked) loss terms of the whole data, ``N·R`` without
+        padding; a categorical term counts once, a Gaussian / Bernoulli term ``C`` times.
         """
         if self.reduction == "sum":
             return 1
-        per_term = self.entries_per_term or num_classes
-        return num_data * terms_per_example * per_term
+        return num_terms * (self.entries_per_term or num_classes)
+
+    def term_mask(self, target: Tensor, output: Tensor) -> Tensor | None:
+        """``[M]`` booleans: the terms the loss counts (``None``: all of them)."""
+        return None
 
     # -- curvature --------------------------------------------------------------------------
     @abstractmethod

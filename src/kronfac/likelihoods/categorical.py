@@ -8,7 +8,8 @@ data point; each term ``f ∈ ℝ^C`` with ``p = softmax(f)`` has
   (``B Bᵀ = diag(p) − 2 p pᵀ + p pᵀ Σ_k p_k = diag(p) − p pᵀ``);
 - sampling ``y ~ Categorical(p)``.
 
-torch's mean averages over the ``N·R`` terms.
+torch's mean averages over the ``N·R`` terms, less those whose target is ``ignore_index``
+(dropped from the loss, its mean and the curvature alike).
 """
 
 from __future__ import annotations
@@ -59,18 +60,19 @@ class CategoricalLikelihood(Likelihood):
                 f"CrossEntropyLoss: expected targets of shape {expected} for logits of shape "
                 f"{tuple(output.shape)}, got {tuple(target.shape)}."
             )
-        ignore = self.loss_fn.ignore_index
-        if (target == ignore).any():
-            raise NotImplementedError(
-                f"CrossEntropyLoss: targets equal to ignore_index={ignore} are not supported "
-                "(torch drops those terms from the loss and from its mean)."
-            )
         C = output.shape[1]
-        if target.numel() and (target.min() < 0 or target.max() >= C):
+        used = target[target != self.loss_fn.ignore_index]
+        if used.numel() and (used.min() < 0 or used.max() >= C):
             raise ValueError(
-                f"CrossEntropyLoss: expected class indices in [0, {C}), got values in "
-                f"[{int(target.min())}, {int(target.max())}]."
+                f"CrossEntropyLoss: expected class indices in [0, {C}) (or ignore_index="
+                f"{self.loss_fn.ignore_index}), got values in [{int(used.min())}, "
+                f"{int(used.max())}]."
             )
+
+    def term_mask(self, target: Tensor, output: Tensor) -> Tensor | None:
+        """Terms whose target is ``ignore_index`` are dropped, as torch drops them."""
+        keep = self.targets_to_terms(target, output) != self.loss_fn.ignore_index
+        return None if bool(keep.all()) else keep
 
     def num_classes(self, output: Tensor) -> int:  # noqa: D102
         return output.shape[1]
