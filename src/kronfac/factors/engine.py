@@ -210,10 +210,10 @@ def compute_factors(
         if not accs:
             device = next(iter(rows.inputs.values())).device
             accs.update((n, _Accumulator(a, rows.dtype, device)) for n, a in setup.adapters.items())
-        groups: dict[int, list[str]] = {}  # modules fed the same tensor share one GEMM
+        shared: dict[int, list[str]] = {}  # modules fed the same tensor share one GEMM
         for name, x in rows.inputs.items():
-            groups.setdefault(id(x), []).append(name)
-        for names in groups.values():
+            shared.setdefault(id(x), []).append(name)
+        for names in shared.values():
             adapter, x = setup.adapters[names[0]], rows.inputs[names[0]]
             mask = rows.masks[names[0]]
             # per data point 1/T_n: T_n its unmasked positions (every position without padding)
