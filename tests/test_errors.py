@@ -720,3 +720,11 @@ def test_module_shared_across_the_batch_is_a_clear_error():
         kronfac.compute_factors(Positional(), nn.MSELoss(), [(X, y)])
     factors = kronfac.compute_factors(Positional(), nn.MSELoss(), [(X, y)], modules=["out"])
     assert list(factors) == ["out"]
+
+
+def test_to_dense_of_a_large_operator_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(300, 200))  # P = 60,200: P² > 2³¹
+    data = [(torch.randn(4, 300), torch.randint(0, 200, (4,)))]
+    K = kronfac.KFAC(model, nn.CrossEntropyLoss(), data)
+    with pytest.raises(ValueError, match=r"to_dense of a 60200 x 60200 operator needs \d+ GiB"):
+        K.to_dense()

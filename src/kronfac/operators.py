@@ -160,8 +160,20 @@ class CurvatureOperator:
         return self.logdet(damping).exp()
 
     def to_dense(self) -> Tensor:
-        """The dense ``[P, P]`` matrix in the parameter layout (for small models and tests)."""
-        return self._matmat(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
+        """The dense ``[P, P]`` matrix in the parameter layout (for small models and tests).
+
+        Raises:
+            ValueError: If the matrix would exceed 2³¹ entries (it is built by products with
+                the identity and would not fit in memory).
+        """
+        P = self.shape[0]
+        if P * P > 1 << 31:
+            gib = P * P * torch.empty((), dtype=self.dtype).element_size() / 2**30
+            raise ValueError(
+                f"to_dense of a {P} x {P} operator needs {gib:.0f} GiB; it is meant for small "
+                "models. Use products (op @ v), diagonal() or to_scipy() instead."
+            )
+        return self._matmat(torch.eye(P, dtype=self.dtype, device=self.device))
 
     def to_scipy(self) -> Any:
         """A ``scipy.sparse.linalg.LinearOperator`` of the same matrix (NumPy in and out)."""
