@@ -255,9 +255,29 @@ class NeverCalled(nn.Module):
 
 
 def test_module_never_called():
-    with pytest.raises(ValueError, match=r"Module 'spare' was never called.*modules="):
-        compute(model=NeverCalled())
+    # every module selected (modules=None): left out with a warning naming it
+    with pytest.warns(kronfac.UncoveredParameterWarning, match=r"'spare' were never called"):
+        assert list(compute(model=NeverCalled())) == ["used"]
+    # selected on purpose, or strict: an error
+    with pytest.raises(ValueError, match=r"Module\(s\) 'spare' were never called.*modules="):
+        compute(model=NeverCalled(), modules=["used", "spare"])
+    with pytest.raises(ValueError, match=r"'spare' were never called"):
+        compute(model=NeverCalled(), strict=True)
     assert list(compute(model=NeverCalled(), modules=["used"])) == ["used"]
+
+
+def test_torch_transformer_layer_leaves_out_what_it_does_not_call():
+    """nn.MultiheadAttention applies out_proj through its weight, never as a module."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, nn.Linear(8, 3))
+    X, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4, 5))
+    fwd = lambda m, X: m(X).transpose(1, 2)  # noqa: E731
+    with pytest.warns(kronfac.UncoveredParameterWarning) as record:
+        E = kronfac.EKFAC(model, nn.CrossEntropyLoss(), [(X, y)], forward=fwd)
+    text = " ".join(str(w.message) for w in record)
+    assert "self_attn.out_proj" in text and "self_attn.in_proj_weight" in text
+    assert list(E.factors) == ["0.linear1", "0.linear2", "1"]
 
 
 def test_shared_parameter():

@@ -233,6 +233,7 @@ class PassSetup:
     seed: int
     progress: bool
     strict: bool = False
+    select_all: bool = False
 
     @classmethod
     def create(
@@ -296,6 +297,7 @@ class PassSetup:
             seed,
             progress,
             strict,
+            modules is None,
         )
 
     @property
@@ -344,12 +346,17 @@ class BatchRows:
 
 @dataclass
 class PassResult:
-    """What a pass counted: ``N``, the largest ``R``, ``C``, and the loss terms counted."""
+    """What a pass counted.
+
+    ``N``, the largest ``R``, ``C``, the loss terms counted, and the selected modules never
+    called (left out, with a warning, when every module was selected).
+    """
 
     num_data: int
     terms_per_example: int
     num_classes: int
     num_terms: int
+    uncalled: tuple[str, ...] = ()
 
     def mean_divisor(self, likelihood: Likelihood) -> int:
         """``D``: the entries torch's mean averages over for the dataset loss (1 for sum)."""
@@ -484,8 +491,9 @@ def run_pass(
 
     Raises:
         ValueError: Empty data, a batch that is not a pair, shapes that do not fit the loss,
-            a module never called, counts that disagree with the setup's ``num_data`` /
-            ``num_per_example_loss_terms``, or an output modified in place.
+            a selected module never called (when ``modules`` was given, or ``strict``), counts
+            that disagree with the setup's ``num_data`` / ``num_per_example_loss_terms``, or an
+            output modified in place.
         TypeError: Targets of the wrong dtype, or a model output that is not a Tensor.
         NonFiniteError: NaN / Inf in a covered module's output (named, with the batch).
     """
@@ -572,11 +580,21 @@ def run_pass(
     if total == 0:
         raise ValueError("data is empty: expected at least one batch (X, y) with data points.")
     assert C is not None
-    for name, count in called.items():
-        if count == 0:
-            raise ValueError(
-                f"Module {name!r} was never called in the forward pass; exclude it with `modules=`."
-            )
+    uncalled = tuple(name for name, count in called.items() if count == 0)
+    if uncalled and (setup.strict or not setup.select_all):
+        raise ValueError(
+            f"Module(s) {', '.join(map(repr, uncalled))} were never called in the forward pass "
+            "(e.g. nn.MultiheadAttention's out_proj, applied through its weight); exclude them "
+            "with `modules=`."
+        )
+    if uncalled:
+        warnings.warn(
+            f"Module(s) {', '.join(map(repr, uncalled))} were never called in the forward pass "
+            "(e.g. nn.MultiheadAttention's out_proj, applied through its weight): their "
+            "parameters are left out of the curvature.",
+            UncoveredParameterWarning,
+            stacklevel=4,
+        )
     if setup.num_data is not None and setup.num_data != total:
         raise ValueError(f"num_data={setup.num_data} but the data holds {total} data points.")
     given = setup.num_per_example_loss_terms
@@ -587,7 +605,7 @@ def run_pass(
         )
     if terms == 0:
         raise ValueError("Every loss term is masked (ignore_index or attention_mask).")
-    return PassResult(total, R, C, terms)
+    return PassResult(total, R, C, terms, uncalled)
 
 
 def _attention_mask(X: Any, n: int, b: int) -> Tensor | None:

@@ -123,10 +123,12 @@ def compute_corrections(
                 f"The factors were computed with {key}={factors.options.get(key)!r}, the "
                 f"correction was asked with {key}={setup.options[key]!r}."
             )
-    if set(setup.adapters) != set(factors):
+    if not set(factors) <= set(setup.adapters):
         raise ValueError(
             f"The factors cover {sorted(factors)}, the options select {sorted(setup.adapters)}."
         )
+    # modules the factors left out (never called) are left out here too
+    setup.adapters = {n: a for n, a in setup.adapters.items() if n in factors}
     bases: dict[str, tuple[Tensor | None, Tensor]] = {}
     for name, (A, S) in factors.items():
         Q_A = None if A.ndim == 1 else eigh(A, name)[1]  # a diagonal A: the identity

@@ -264,6 +264,8 @@ def compute_factors(
     divisor = result.mean_divisor(setup.likelihood)
     factors = {}
     for name, acc in accs.items():
+        if name in result.uncalled:
+            continue
         A = acc.input_factor(setup.joint_bias(name), result.num_data)
         if setup.fisher == "forward-only":
             eye = torch.eye(acc.ggT.shape[-1], dtype=acc.ggT.dtype, device=acc.ggT.device)
@@ -273,7 +275,7 @@ def compute_factors(
         factors[name] = FactorPair(A, S)
     return KroneckerFactors(
         factors,
-        param_names=setup.param_names,
+        param_names={n: setup.param_names[n] for n in factors},
         options=setup.options,
         num_data=result.num_data,
         num_per_example_loss_terms=result.terms_per_example,
