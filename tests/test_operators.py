@@ -239,6 +239,16 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("case", ids, indirect=True, scope="class", ids=ids)
 
 
+@pytest.fixture(scope="class")
+def case(request):
+    """One operator case of the requesting ``OperatorChecks`` subclass, built once per class."""
+    checks = request.cls()
+    op, dense, model, names = checks.make(**checks.CASES[request.param])
+    assert dense.abs().max() > 0
+    torch.testing.assert_close(dense, dense.T, rtol=0, atol=1e-13 * dense.abs().max())
+    return op, dense, model, names
+
+
 class OperatorChecks:
     """Checks every operation of an operator against a dense reference (float64).
 
@@ -261,13 +271,6 @@ class OperatorChecks:
 
     def make(self, **kw):
         raise NotImplementedError
-
-    @pytest.fixture(scope="class")
-    def case(self, request):
-        op, dense, model, names = self.make(**self.CASES[request.param])
-        assert dense.abs().max() > 0
-        torch.testing.assert_close(dense, dense.T, rtol=0, atol=1e-13 * dense.abs().max())
-        return op, dense, model, names
 
     def tol(self, what: str) -> float:
         return self.TOL[what]
