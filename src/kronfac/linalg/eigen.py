@@ -8,7 +8,8 @@ r"""Blocks diagonal in a Kronecker-factored eigenbasis (EKFAC, exactly damped in
 
 with ``Λ: [p, q]`` (row-major ``vec``). Then ``tr M = Σ Λ``, ``‖M‖_F² = Σ Λ²``,
 ``log det(M + δI) = Σ log(Λ + δ)``, ``(M + δI)⁻¹`` has eigenvalues ``1/(Λ + δ)``, and the
-diagonal is ``(Q_S ∘ Q_S) Λ (Q_A ∘ Q_A)ᵀ``.
+diagonal is ``(Q_S ∘ Q_S) Λ (Q_A ∘ Q_A)ᵀ``. With partial bases (low-rank factors) the
+complement of their span carries one more eigenvalue ``c`` in every formula.
 """
 
 from __future__ import annotations
@@ -24,74 +25,94 @@ __all__ = ["EigenBlock"]
 
 
 class EigenBlock(Block):
-    """``(Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ`` (module docstring), per group.
+    """``c·I + (Q_S ⊗ Q_A) diag(Λ − c) (Q_S ⊗ Q_A)ᵀ`` (module docstring), per group.
+
+    The bases may be partial (``k_S ≤ p`` and ``k_A ≤ q`` columns, as for low-rank factors):
+    the orthogonal complement of their span then has the eigenvalue ``complement`` (``c``).
 
     Args:
-        Q_S: ``[p, p]`` (or ``[g, p, p]``) orthonormal columns.
-        Q_A: ``[q, q]`` (or ``[g, q, q]``) orthonormal columns, or ``None`` for the identity
-            (a diagonal ``A``).
-        eigenvalues: ``Λ: [p, q]`` (or ``[g, p, q]``).
+        Q_S: ``[p, k_S]`` (or ``[g, p, k_S]``) orthonormal columns.
+        Q_A: ``[q, k_A]`` (or ``[g, q, k_A]``) orthonormal columns, or ``None`` for the
+            identity (a diagonal ``A``).
+        eigenvalues: ``Λ: [k_S, k_A]`` (or ``[g, k_S, k_A]``).
         name: The module (for error messages).
+        complement: ``c``, the eigenvalue of the complement of partial bases.
     """
 
     def __init__(
-        self, Q_S: Tensor, Q_A: Tensor | None, eigenvalues: Tensor, name: str = ""
+        self,
+        Q_S: Tensor,
+        Q_A: Tensor | None,
+        eigenvalues: Tensor,
+        name: str = "",
+        complement: float = 0.0,
     ) -> None:
         if Q_S.ndim == 2:
             Q_S, eigenvalues = Q_S[None], eigenvalues[None]
             Q_A = None if Q_A is None else Q_A[None]
-        g, p, _ = Q_S.shape
-        q = eigenvalues.shape[-1] if Q_A is None else Q_A.shape[-1]
-        if eigenvalues.shape != (g, p, q) or (Q_A is not None and Q_A.shape != (g, q, q)):
+        g, p, kS = Q_S.shape
+        q, kA = (eigenvalues.shape[-1],) * 2 if Q_A is None else Q_A.shape[-2:]
+        if eigenvalues.shape != (g, kS, kA) or (Q_A is not None and Q_A.shape[0] != g):
             raise ValueError(
                 f"{name}: eigenvalues {tuple(eigenvalues.shape)} do not fit the eigenbases "
                 f"{tuple(Q_S.shape)} and {None if Q_A is None else tuple(Q_A.shape)}."
             )
         self.Q_S, self.Q_A, self.eigenvalues, self.name = Q_S, Q_A, eigenvalues, name
+        self.complement = float(complement)
+        self._sides = (p, q)
+        self._rest = g * (p * q - kS * kA)  # eigenvalues equal to the complement's
 
     @property
     def shape(self) -> tuple[int, int]:  # noqa: D102
-        g, p, q = self.eigenvalues.shape
-        return g * p, q
+        return self.eigenvalues.shape[0] * self._sides[0], self._sides[1]
 
     def matmat(self, V: Tensor) -> Tensor:  # noqa: D102
-        Q_S = self.Q_S[:, None]
-        X = Q_S.transpose(-1, -2) @ to_groups(V, self.eigenvalues.shape[0])  # [g, k, p, q]
+        Q_S, c = self.Q_S[:, None], self.complement
+        X = to_groups(V, self.eigenvalues.shape[0])  # [g, k, p, q]
+        R = Q_S.transpose(-1, -2) @ X
         if self.Q_A is not None:
-            X = X @ self.Q_A[:, None]
-        X = Q_S @ (X * self.eigenvalues[:, None])
+            R = R @ self.Q_A[:, None]
+        R = Q_S @ (R * (self.eigenvalues[:, None] - c))
         if self.Q_A is not None:
-            X = X @ self.Q_A[:, None].transpose(-1, -2)
-        return from_groups(X)
+            R = R @ self.Q_A[:, None].transpose(-1, -2)
+        return from_groups(R + c * X if c else R)
 
     def trace(self) -> Tensor:  # noqa: D102
-        return self.eigenvalues.sum()
+        return self.eigenvalues.sum() + self.complement * self._rest
 
     def frobenius_norm_sq(self) -> Tensor:  # noqa: D102
-        return self.eigenvalues.square().sum()
+        return self.eigenvalues.square().sum() + self.complement**2 * self._rest
 
     def diagonal(self) -> Tensor:  # noqa: D102
-        out = self.Q_S.square() @ self.eigenvalues
+        out = self.Q_S.square() @ (self.eigenvalues - self.complement)
         if self.Q_A is not None:
             out = out @ self.Q_A.square().transpose(-1, -2)
+        out = out + self.complement
         return out.reshape(-1, out.shape[-1])
 
     def logdet(self, damping: float = 0.0) -> Tensor:  # noqa: D102
-        return self._damped(damping).log().sum()
+        lam, rest = self._damped(damping)
+        out = lam.log().sum()
+        return out + self._rest * rest.log() if self._rest else out
 
     def to_dense(self) -> Tensor:  # noqa: D102
-        g, _, q = self.eigenvalues.shape
-        dense = []
+        g = self.eigenvalues.shape[0]
+        p, q = self._sides
+        c, dense = self.complement, []
         for j in range(g):
             Q_A = self.Q_A[j] if self.Q_A is not None else torch.eye(q).to(self.Q_S)
-            Q = torch.kron(self.Q_S[j], Q_A)
-            dense.append((Q * self.eigenvalues[j].reshape(-1)) @ Q.T)
+            Q = torch.kron(self.Q_S[j].contiguous(), Q_A.contiguous())
+            M = (Q * (self.eigenvalues[j].reshape(-1) - c)) @ Q.T
+            dense.append(M + c * torch.eye(p * q).to(M))
         return torch.block_diag(*dense)
 
-    def _damped(self, damping: float) -> Tensor:
-        """``Λ + δ``, with eigenvalues within round-off of zero set to 0 (PSD-checked)."""
+    def _damped(self, damping: float) -> tuple[Tensor, Tensor]:
+        """``(Λ + δ, c + δ)``, eigenvalues within round-off of zero set to 0 (PSD-checked)."""
         lam = psd_eigenvalues(self.eigenvalues.reshape(-1), self.name)
-        return lam.reshape(self.eigenvalues.shape) + damping
+        rest = torch.tensor(self.complement + damping, dtype=lam.dtype)
+        if self._rest and float(rest) < 0:
+            raise NotPSDError(f"Block of {self.name or 'a module'} is not PSD after damping.")
+        return lam.reshape(self.eigenvalues.shape) + damping, rest
 
     def inverse(self, damping: float = 0.0) -> EigenBlock:
         """``(M + δI)⁻¹`` in the same eigenbasis.
@@ -99,10 +120,11 @@ class EigenBlock(Block):
         Raises:
             NotPSDError: If an eigenvalue of ``M + δI`` is not positive.
         """
-        lam = self._damped(damping)
-        if bool((lam <= 0).any()):
+        lam, rest = self._damped(damping)
+        if bool((lam <= 0).any()) or (self._rest and float(rest) <= 0):
             raise NotPSDError(
                 f"Block of {self.name or 'a module'} is singular after damping {damping:g} "
                 "(an eigenvalue is 0); increase the damping."
             )
-        return EigenBlock(self.Q_S, self.Q_A, lam.reciprocal(), self.name)
+        c = 1.0 / float(rest) if self._rest else 0.0
+        return EigenBlock(self.Q_S, self.Q_A, lam.reciprocal(), self.name, complement=c)

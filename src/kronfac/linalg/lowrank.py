@@ -1,0 +1,281 @@
+r"""Low-rank factors ``M = c·I + U diag(λ) Uᵀ`` and their streaming computation.
+
+A factor whose side is too large to hold densely (an LLM layer's 4096 x 4096) is kept as an
+eigen-pair ``(U, λ)`` of rank ``k`` — ``U: [side, k]`` orthonormal columns — plus a multiple
+``c`` of the identity (``c = 0`` for a computed factor; damping and inversion keep the form:
+``(U diag(λ) Uᵀ + δI)⁻¹ = U diag(1/(λ + δ) − 1/δ) Uᵀ + I/δ``). Products, traces, diagonals and
+spectra follow without a ``side x side`` matrix.
+
+:class:`StreamingLowRank` accumulates ``Σ_rows r rᵀ`` batch by batch as an incremental SVD in
+float64: with the current ``U diag(σ²) Uᵀ`` and new rows ``R: [m, side]``,
+``[U diag(σ), Rᵀ] = Q B`` (thin QR), ``B = W diag(σ') V'ᵀ`` (SVD of the small ``B``), and the
+update keeps the top ``k + p`` columns of ``Q W`` (``p`` oversampling columns, dropped at the
+end). Memory ``O(side · (k + p + m))``. Without truncation (data rank ≤ ``k + p``) the result
+is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from kronfac.errors import NotPSDError
+from kronfac.linalg.base import Block
+from kronfac.linalg.decompositions import cholesky_inverse, eigh, psd_eigenvalues
+from kronfac.linalg.eigen import EigenBlock
+
+__all__ = ["LowRankFactor", "LowRankKroneckerBlock", "StreamingLowRank"]
+
+
+class LowRankFactor(NamedTuple):
+    """``M = shift·I + U diag(eigenvalues) Uᵀ`` (see the module docstring).
+
+    Attributes:
+        U: ``[side, k]`` orthonormal columns.
+        eigenvalues: ``[k]``, descending.
+        shift: ``c``, the eigenvalue of the orthogonal complement of ``U`` (0 for a factor).
+    """
+
+    U: Tensor
+    eigenvalues: Tensor
+    shift: float = 0.0
+
+    @property
+    def side(self) -> int:
+        """The matrix's side."""
+        return self.U.shape[0]
+
+    def to_dense(self) -> Tensor:
+        """The dense ``[side, side]`` matrix (for small cases and tests)."""
+        M = (self.U * self.eigenvalues) @ self.U.T
+        return M + self.shift * torch.eye(self.side, dtype=M.dtype, device=M.device)
+
+    def matmul(self, X: Tensor) -> Tensor:
+        """``M X`` for ``X: [..., side, m]``."""
+        out = self.U @ (self.eigenvalues[:, None] * (self.U.T @ X))
+        return out + self.shift * X if self.shift else out
+
+    def to(self, *args, **kwargs) -> LowRankFactor:  # type: ignore[no-untyped-def]
+        """The factor with its tensors moved / cast by ``Tensor.to``."""
+        return LowRankFactor(
+            self.U.to(*args, **kwargs), self.eigenvalues.to(*args, **kwargs), self.shift
+        )
+
+    def spectrum(self) -> Tensor:
+        """All ``side`` eigenvalues: ``λ + c`` and ``c`` (multiplicity ``side − k``)."""
+        rest = self.eigenvalues.new_full((self.side - self.U.shape[1],), self.shift)
+        return torch.cat([self.eigenvalues + self.shift, rest])
+
+
+class StreamingLowRank:
+    """Rank-``k`` eigen-pair of ``Σ_rows r rᵀ``, updated batch by batch (module docstring).
+
+    Args:
+        side: The factor's side.
+        rank: ``k``.
+        oversample: Extra columns kept between updates (``p``).
+        device: Where to compute (float64).
+    """
+
+    def __init__(self, side: int, rank: int, device: torch.device, oversample: int = 10) -> None:
+        self.side, self.rank, self.keep = side, rank, min(side, rank + oversample)
+        self.U = torch.zeros(side, 0, dtype=torch.float64, device=device)
+        self.sigma = torch.zeros(0, dtype=torch.float64, device=device)
+
+    def update(self, rows: Tensor) -> None:
+        """Add ``Σ r rᵀ`` of ``rows: [m, side]`` (already weighted)."""
+        M = torch.cat([self.U * self.sigma, rows.to(torch.float64).T], dim=1)
+        Q, B = torch.linalg.qr(M)
+        W, sigma, _ = torch.linalg.svd(B)
+        keep = min(self.keep, sigma.numel())
+        self.U, self.sigma = Q @ W[:, :keep], sigma[:keep]
+
+    def result(self, scale: float, dtype: torch.dtype) -> LowRankFactor:
+        """The top-``k`` factor ``scale · U diag(σ²) Uᵀ``, padded to ``k`` columns if needed."""
+        k = min(self.rank, self.side)
+        U, lam = self.U[:, :k], self.sigma[:k].square() * scale
+        if U.shape[1] < k:  # data rank below k: complete U with orthonormal directions
+            g = torch.Generator(device=U.device).manual_seed(0)
+            extra = torch.randn(
+                self.side, k - U.shape[1], generator=g, dtype=U.dtype, device=U.device
+            )
+            Q, _ = torch.linalg.qr(torch.cat([U, extra], dim=1))
+            U = torch.cat([U, Q[:, U.shape[1] :]], dim=1)
+            lam = torch.cat([lam, lam.new_zeros(k - lam.numel())])
+        return LowRankFactor(U.to(dtype), lam.to(dtype))
+
+
+Factor = Tensor | LowRankFactor | None
+
+
+def _right(F: Factor, X: Tensor) -> Tensor:
+    """``X Fᵀ`` (``F`` symmetric) for ``X: [..., p, q]``: dense, diagonal ``[q]``, low-rank."""
+    if F is None:
+        return X
+    if isinstance(F, LowRankFactor):
+        return F.matmul(X.transpose(-1, -2)).transpose(-1, -2)
+    return X * F if F.ndim == 1 else X @ F
+
+
+def _trace(F: Factor) -> Tensor | float:
+    if F is None:
+        return 1.0
+    if isinstance(F, LowRankFactor):
+        return F.eigenvalues.sum() + F.shift * F.side
+    return F.sum() if F.ndim == 1 else F.trace()
+
+
+def _fro_sq(F: Factor) -> Tensor | float:
+    if F is None:
+        return 1.0
+    if isinstance(F, LowRankFactor):
+        lam, c = F.eigenvalues, F.shift
+        return lam.square().sum() + 2 * c * lam.sum() + c * c * F.side
+    return F.square().sum()
+
+
+def _diag(F: Factor, like: Tensor) -> Tensor:
+    if F is None:
+        return like.new_ones(1)
+    if isinstance(F, LowRankFactor):
+        return F.U.square() @ F.eigenvalues + F.shift
+    return F if F.ndim == 1 else F.diagonal()
+
+
+def _dense(F: Factor, like: Tensor) -> Tensor:
+    if F is None:
+        return like.new_ones(1, 1)
+    if isinstance(F, LowRankFactor):
+        return F.to_dense()
+    return torch.diag(F) if F.ndim == 1 else F
+
+
+class LowRankKroneckerBlock(Block):
+    """``S ⊗ A`` where a factor may be a :class:`LowRankFactor` (never a ``side²`` matrix).
+
+    ``S``: ``[p, p]`` or low-rank; ``A``: ``[q, q]``, diagonal ``[q]``, low-rank, or ``None``
+    (a single-factor bias block). Products apply the factors one after the other (Roth's
+    lemma); spectra pad a low-rank factor's ``k`` eigenvalues with its ``side − k`` copies of
+    ``c``; damped inverses stay low-rank (module docstring).
+
+    Args:
+        S: Output-gradient factor.
+        A: Input factor.
+        name: The module (for error messages).
+    """
+
+    def __init__(self, S: Tensor | LowRankFactor, A: Factor, name: str = "") -> None:
+        self.S, self.A, self.name = S, A, name
+        ref = S.U if isinstance(S, LowRankFactor) else S
+        self._ref = ref
+
+    @property
+    def shape(self) -> tuple[int, int]:  # noqa: D102
+        p = self.S.side if isinstance(self.S, LowRankFactor) else self.S.shape[0]
+        if self.A is None:
+            return p, 1
+        return p, self.A.side if isinstance(self.A, LowRankFactor) else self.A.shape[0]
+
+    def matmat(self, V: Tensor) -> Tensor:  # noqa: D102
+        X = V.movedim(-1, 0)  # [k, p, q]
+        X = self.S.matmul(X) if isinstance(self.S, LowRankFactor) else self.S @ X
+        return _right(self.A, X).movedim(0, -1)
+
+    def trace(self) -> Tensor:  # noqa: D102
+        return torch.as_tensor(_trace(self.S) * _trace(self.A))
+
+    def frobenius_norm_sq(self) -> Tensor:  # noqa: D102
+        return torch.as_tensor(_fro_sq(self.S) * _fro_sq(self.A))
+
+    def diagonal(self) -> Tensor:  # noqa: D102
+        return torch.outer(_diag(self.S, self._ref), _diag(self.A, self._ref))
+
+    def _spectrum(self, F: Factor) -> Tensor:
+        if F is None:
+            return self._ref.new_ones(1)
+        if isinstance(F, LowRankFactor):
+            return psd_eigenvalues(F.spectrum(), self.name)
+        values = F if F.ndim == 1 else eigh(F, self.name)[0]
+        return psd_eigenvalues(values, self.name)
+
+    def logdet(self, damping: float = 0.0) -> Tensor:  # noqa: D102
+        s, a = self._spectrum(self.S), self._spectrum(self.A)
+        return (torch.outer(s, a) + damping).log().sum()
+
+    def to_dense(self) -> Tensor:  # noqa: D102
+        S, A = _dense(self.S, self._ref), _dense(self.A, self._ref)
+        return torch.kron(S.contiguous(), A.contiguous())
+
+    def _mean_eigenvalue(self, F: Factor) -> float:
+        side = F.side if isinstance(F, LowRankFactor) else F.shape[0]  # type: ignore[union-attr]
+        return float(_trace(F)) / side
+
+    def _damped_inverse(self, F: Factor, delta: float) -> Factor:
+        if F is None:
+            return None
+        if isinstance(F, LowRankFactor):
+            rest = F.shift + delta
+            lam = F.eigenvalues + rest
+            if rest <= 0 or bool((lam <= 0).any()):
+                raise NotPSDError(
+                    f"Low-rank factor of {self.name or 'a module'} plus damping {delta:g} is "
+                    "singular (its complement has eigenvalue 0); increase the damping."
+                )
+            return LowRankFactor(F.U, lam.reciprocal() - 1.0 / rest, 1.0 / rest)
+        if F.ndim == 1:
+            damped = F + delta
+            if bool((damped <= 0).any()):
+                raise NotPSDError(
+                    f"Diagonal factor of {self.name or 'a module'} plus damping {delta:g} is "
+                    "not positive definite; increase the damping."
+                )
+            return damped.reciprocal()
+        return cholesky_inverse(F, delta, self.name)
+
+    def _basis(self, F: Factor) -> tuple[Tensor, Tensor | None]:
+        """Eigenvalues and (possibly partial) basis of a factor; ``None``: the identity."""
+        if F is None:
+            return self._ref.new_ones(1), None
+        if isinstance(F, LowRankFactor):
+            return psd_eigenvalues(F.eigenvalues, self.name), F.U
+        if F.ndim == 1:
+            return psd_eigenvalues(F, self.name), None
+        values, Q = eigh(F, self.name)
+        return psd_eigenvalues(values, self.name), Q
+
+    def inverse(
+        self,
+        damping: float = 0.0,
+        *,
+        heuristic: bool = False,
+        min_damping: float = 1e-8,
+        exact: bool = False,
+    ) -> Block:
+        """The inverse of the damped block, as :meth:`KroneckerBlock.inverse`.
+
+        Raises:
+            NotPSDError: If a damped factor (or ``S ⊗ A + δI``) is not positive definite.
+        """
+        if exact:
+            if any(isinstance(F, LowRankFactor) and F.shift for F in (self.S, self.A)):
+                raise ValueError("Exact damping needs factors without an identity shift.")
+            s, Q_S = self._basis(self.S)
+            a, Q_A = self._basis(self.A)
+            if Q_S is None:  # pragma: no cover - S is never diagonal
+                raise ValueError("S must be dense or low-rank.")
+            block = EigenBlock(Q_S, Q_A, torch.outer(s, a), self.name)
+            return block.inverse(damping)
+        d_S = d_A = damping
+        if heuristic and self.A is not None:
+            mean_a, mean_s = self._mean_eigenvalue(self.A), self._mean_eigenvalue(self.S)
+            if mean_a > 0 and mean_s > 0:
+                pi, root = math.sqrt(mean_a / mean_s), math.sqrt(damping)
+                d_S, d_A = max(root / pi, min_damping), max(pi * root, min_damping)
+        return LowRankKroneckerBlock(
+            self._damped_inverse(self.S, d_S),  # type: ignore[arg-type]
+            self._damped_inverse(self.A, d_A),
+            self.name,
+        )
