@@ -9,6 +9,7 @@ from kronfac.factors import (
     ParamNames,
     compute_factors,
 )
+from kronfac.linalg import LowRankFactor
 from kronfac.operators import EKFAC, KFAC, CurvatureOperator
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "FactorFileError",
     "FactorPair",
     "KroneckerFactors",
+    "LowRankFactor",
     "NonFiniteError",
     "NotPSDError",
     "ParamNames",

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from kronfac.factors import KroneckerFactors, compute_factors
 from kronfac.factors.ekfac import compute_corrections
 from kronfac.layers import LayerAdapter, get_adapter
-from kronfac.linalg import Block, EigenBlock, KroneckerBlock
+from kronfac.linalg import Block, EigenBlock, KroneckerBlock, LowRankFactor, LowRankKroneckerBlock
 
 __all__ = ["EKFAC", "KFAC", "CurvatureOperator"]
 
@@ -197,6 +197,17 @@ def _check_damping(damping: float) -> None:
         raise ValueError(f"damping must be a non-negative number, got {damping!r}.")
 
 
+def _shape(F: Tensor | LowRankFactor, expected: tuple[int, ...]) -> tuple[int, ...]:
+    """A factor's shape; a low-rank factor of side ``d`` reads as ``(d, d)``."""
+    if isinstance(F, LowRankFactor):
+        return (F.side, F.side) if len(expected) == 2 else (-1,)
+    return tuple(F.shape)
+
+
+def _tensor(F: Tensor | LowRankFactor) -> Tensor:
+    return F.U if isinstance(F, LowRankFactor) else F
+
+
 def _layout(
     factors: KroneckerFactors, model: nn.Module
 ) -> tuple[dict[str, tuple[_Slot, ...]], dict[str, torch.Size]]:
@@ -236,10 +247,10 @@ def _layout(
         lead = (adapter.groups,) if adapter.groups > 1 else ()
         A_shape = (*lead, d_in) if adapter.diagonal_input else (*lead, d_in, d_in)
         S_shape = (*lead, d_out, d_out)
-        if A.shape != A_shape or S.shape != S_shape:
+        if _shape(A, A_shape) != A_shape or _shape(S, S_shape) != S_shape:
             raise ValueError(
-                f"Factors of module {mod!r} have shapes A{tuple(A.shape)}, S{tuple(S.shape)}; "
-                f"expected A{A_shape}, S{S_shape}."
+                f"Factors of module {mod!r} have shapes A{_shape(A, A_shape)}, "
+                f"S{_shape(S, S_shape)}; expected A{A_shape}, S{S_shape}."
             )
         w, b = offsets[names.weight], offsets[names.bias] if has_bias else None
         if joint or not has_bias:
@@ -279,11 +290,13 @@ class KFAC(CurvatureOperator):
         slots, shapes = _layout(factors, model)
         flat_slots, blocks = [], []
         for mod, (A, S) in factors.items():
+            low = isinstance(A, LowRankFactor) or isinstance(S, LowRankFactor)
+            Block = LowRankKroneckerBlock if low else KroneckerBlock
             for slot in slots[mod]:
                 flat_slots.append(slot)
-                blocks.append(KroneckerBlock(S, None if slot.weight is None else A, mod))
+                blocks.append(Block(S, None if slot.weight is None else A, mod))
         order = sorted(range(len(flat_slots)), key=lambda i: _slot_start(flat_slots[i]))
-        A0 = next(iter(factors.values())).A
+        A0 = _tensor(next(iter(factors.values())).A)
         super().__init__(
             [flat_slots[i] for i in order], [blocks[i] for i in order], shapes, A0.dtype, A0.device
         )
@@ -337,6 +350,11 @@ class EKFAC(CurvatureOperator):
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable[Any], **options: Any):
+        if options.get("rank") is not None:
+            raise NotImplementedError(
+                "EKFAC with low-rank factors (rank=...) is not supported: its eigenbasis needs "
+                "the full factors. Use kronfac.KFAC(..., rank=...) or EKFAC without rank."
+            )
         factors = compute_factors(model, loss_fn, data, **options)
         self._setup(compute_corrections(model, loss_fn, data, factors, **options), model)
 

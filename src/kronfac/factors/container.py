@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from kronfac.linalg import LowRankFactor
+
 __all__ = ["EigenCorrection", "FactorFileError", "FactorPair", "KroneckerFactors", "ParamNames"]
 
 _FORMAT = "kronfac.factors"
@@ -36,10 +38,12 @@ class FactorPair(NamedTuple):
         A: Input factor ``[d_in(+1), d_in(+1)]`` (``+1``: the bias column with ``bias="joint"``);
             ``[d_in]`` for a diagonal one (embeddings); ``[g, ·, ·]`` for a grouped convolution.
         S: Output-gradient factor ``[d_out, d_out]`` (``[g, d_out, d_out]`` with groups).
+
+    Either may be a :class:`~kronfac.LowRankFactor` (``rank=`` of ``compute_factors``).
     """
 
-    A: Tensor
-    S: Tensor
+    A: Tensor | LowRankFactor
+    S: Tensor | LowRankFactor
 
 
 class ParamNames(NamedTuple):
@@ -133,9 +137,12 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         return len(self._factors)
 
     def __repr__(self) -> str:
-        body = ", ".join(
-            f"{k}: A{tuple(v.A.shape)} S{tuple(v.S.shape)}" for k, v in self._factors.items()
-        )
+        def shape(t: Any) -> str:
+            if isinstance(t, LowRankFactor):
+                return f"(rank {t.U.shape[1]} of {t.side})"
+            return str(tuple(t.shape))
+
+        body = ", ".join(f"{k}: A{shape(v.A)} S{shape(v.S)}" for k, v in self._factors.items())
         return f"KroneckerFactors({body}; num_data={self.num_data}, options={self.options})"
 
     def with_corrections(self, corrections: Mapping[str, EigenCorrection]) -> KroneckerFactors:
@@ -176,6 +183,10 @@ class KroneckerFactors(Mapping[str, FactorPair]):
             "num_per_example_loss_terms": self.num_per_example_loss_terms,
             "modules": {k: list(v) for k, v in self.param_names.items()},
             "corrections": self.corrections is not None,
+            "lowrank": {
+                k: [side for side, t in zip("AS", v, strict=True) if isinstance(t, LowRankFactor)]
+                for k, v in self.items()
+            },
         }
         return {"kronfac": json.dumps(doc)}
 
@@ -188,9 +199,17 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         from safetensors.torch import save_file
 
         tensors = {}
-        for name, (A, S) in self.items():
-            tensors[f"{name}/A"] = A.detach().cpu().contiguous()
-            tensors[f"{name}/S"] = S.detach().cpu().contiguous()
+        for name, pair in self.items():
+            for side, t in zip("AS", pair, strict=True):
+                if isinstance(t, LowRankFactor):
+                    tensors[f"{name}/{side}.U"] = t.U.detach().cpu().contiguous()
+                    tensors[f"{name}/{side}.eigenvalues"] = (
+                        t.eigenvalues.detach().cpu().contiguous()
+                    )
+                    shift = torch.tensor(float(t.shift), dtype=t.U.dtype)
+                    tensors[f"{name}/{side}.shift"] = shift
+                else:
+                    tensors[f"{name}/{side}"] = t.detach().cpu().contiguous()
         for name, corr in (self.corrections or {}).items():
             for field, t in corr._asdict().items():
                 if t is not None:
@@ -258,30 +277,52 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         has_corrections = doc.get("corrections", False)
         if not isinstance(has_corrections, bool):
             raise FactorFileError(f"{path}: metadata 'corrections' must be true or false.")
-        fields = {m: ["A", "S"] for m in modules}
+        lowrank = doc.get("lowrank", {})
+        if not isinstance(lowrank, dict) or not all(
+            isinstance(v, list) and set(v) <= {"A", "S"} for v in lowrank.values()
+        ):
+            raise FactorFileError(f"{path}: metadata 'lowrank' must map modules to ['A', 'S'].")
+        base = {
+            f"{m}/{side}{suffix}"
+            for m in modules
+            for side in "AS"
+            for suffix in (
+                (".U", ".eigenvalues", ".shift") if side in lowrank.get(m, []) else ("",)
+            )
+        }
+        fields: dict[str, list[str]] = {m: [] for m in modules}
         if has_corrections:
             for m, names in modules.items():
                 A = tensors.get(f"{m}/A")
-                fields[m] += (
-                    ["Q_S", "eigenvalues"]
-                    if A is not None and A.ndim == 1
-                    else [
-                        "Q_A",
-                        "Q_S",
-                        "eigenvalues",
-                    ]
-                )
+                diagonal_A = A is not None and A.ndim == 1
+                fields[m] += ["Q_S", "eigenvalues"] if diagonal_A else ["Q_A", "Q_S", "eigenvalues"]
                 if options.get("bias") == "separate" and names.bias is not None:
                     fields[m].append("bias_eigenvalues")
-        expected = {f"{m}/{f}" for m, fs in fields.items() for f in fs}
+        expected = base | {f"{m}/{f}" for m, fs in fields.items() for f in fs}
         if set(tensors) != expected:
             raise FactorFileError(
                 f"{path}: tensors {sorted(set(tensors) ^ expected)} disagree with the metadata."
             )
         factors, corrections = {}, {}
         for m in modules:
-            A, S = tensors[f"{m}/A"], tensors[f"{m}/S"]
+            pair = []
+            for side in "AS":
+                if side not in lowrank.get(m, []):
+                    pair.append(tensors[f"{m}/{side}"])
+                    continue
+                U, lam = tensors[f"{m}/{side}.U"], tensors[f"{m}/{side}.eigenvalues"]
+                shift = tensors[f"{m}/{side}.shift"]
+                if U.ndim != 2 or lam.shape != (U.shape[1],) or shift.ndim != 0:
+                    raise FactorFileError(
+                        f"{path}: low-rank factor {m}/{side} must be U [side, k], eigenvalues "
+                        f"[k] and a scalar shift, got {tuple(U.shape)}, {tuple(lam.shape)}, "
+                        f"{tuple(shift.shape)}."
+                    )
+                pair.append(LowRankFactor(U, lam, float(shift)))
+            A, S = pair
             for side, t in (("A", A), ("S", S)):
+                if isinstance(t, LowRankFactor):
+                    continue
                 square = t.ndim in (2, 3) and t.shape[-1] == t.shape[-2]  # [g, d, d]: groups
                 diagonal = side == "A" and t.ndim == 1
                 if not (square or diagonal) or not t.is_floating_point():
@@ -290,7 +331,11 @@ class KroneckerFactors(Mapping[str, FactorPair]):
                         f"{' (or a diagonal vector)' if side == 'A' else ''}, "
                         f"got shape {tuple(t.shape)} and dtype {t.dtype}."
                     )
-            if A.ndim == 3 and (S.ndim != 3 or S.shape[0] != A.shape[0]):
+            if (
+                not isinstance(A, LowRankFactor)
+                and A.ndim == 3
+                and (isinstance(S, LowRankFactor) or S.ndim != 3 or S.shape[0] != A.shape[0])
+            ):
                 raise FactorFileError(
                     f"{path}: grouped factors of {m} disagree: "
                     f"A{tuple(A.shape)}, S{tuple(S.shape)}."
@@ -304,7 +349,7 @@ class KroneckerFactors(Mapping[str, FactorPair]):
                     "eigenvalues": (*lead, p, q),
                     "bias_eigenvalues": (*lead, p),
                 }
-                for f in fields[m][2:]:
+                for f in fields[m]:
                     t = tensors[f"{m}/{f}"]
                     if tuple(t.shape) != shapes[f] or not t.is_floating_point():
                         raise FactorFileError(

@@ -234,6 +234,8 @@ class PassSetup:
     progress: bool
     strict: bool = False
     select_all: bool = False
+    rank: int | None = None
+    rank_threshold: int = 512
 
     @classmethod
     def create(
@@ -252,6 +254,8 @@ class PassSetup:
         seed: int = 2147483647,
         progress: bool = False,
         strict: bool = False,
+        rank: int | None = None,
+        rank_threshold: int = 512,
     ) -> PassSetup:
         """Validate the options of :func:`kronfac.compute_factors` (see there)."""
         _check_choice("fisher", fisher, FISHER_TYPES)
@@ -263,18 +267,37 @@ class PassSetup:
             raise ValueError(
                 f"mc_samples={mc_samples} requires fisher='mc', got fisher={fisher!r}."
             )
-        counts = {"num_data": num_data, "num_per_example_loss_terms": num_per_example_loss_terms}
+        counts = {
+            "num_data": num_data,
+            "num_per_example_loss_terms": num_per_example_loss_terms,
+            "rank": rank,
+        }
         for name, value in counts.items():
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+        if isinstance(rank_threshold, bool) or not isinstance(rank_threshold, int):
+            raise ValueError(f"rank_threshold must be a positive integer, got {rank_threshold!r}.")
+        if rank_threshold < 1:
+            raise ValueError(f"rank_threshold must be a positive integer, got {rank_threshold!r}.")
         if not isinstance(loss_fn, nn.Module):
             raise TypeError(
                 f"loss_fn must be a torch.nn loss module, got {type(loss_fn).__name__}."
             )
         likelihood = get_likelihood(loss_fn)
         adapters, param_names, tied = select_modules(model, modules, strict)
+        if rank is not None:
+            grouped = [
+                n
+                for n, a in adapters.items()
+                if a.groups > 1 and max(a.in_features + 1, a.out_features) >= rank_threshold
+            ]
+            if grouped:
+                raise NotImplementedError(
+                    f"Low-rank factors of grouped convolutions are not supported: "
+                    f"{', '.join(grouped)}. Raise rank_threshold or exclude them with `modules=`."
+                )
         diagonal = [n for n, a in adapters.items() if a.diagonal_input]
         if approx == "reduce" and diagonal:
             raise NotImplementedError(
@@ -298,6 +321,8 @@ class PassSetup:
             progress,
             strict,
             modules is None,
+            rank,
+            rank_threshold,
         )
 
     @property
@@ -309,6 +334,8 @@ class PassSetup:
             "approx": self.approx,
             "bias": self.bias,
             "seed": self.seed,
+            "rank": self.rank,
+            "rank_threshold": self.rank_threshold,
             "loss": type(self.likelihood.loss_fn).__name__,
             "reduction": self.likelihood.reduction,
         }

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from kronfac.factors.container import EigenCorrection, KroneckerFactors
 from kronfac.factors.data_pass import BatchRows, PassSetup, run_pass
 from kronfac.factors.engine import check_finite
-from kronfac.linalg import eigh
+from kronfac.linalg import LowRankFactor, eigh
 
 __all__ = ["compute_corrections"]
 
@@ -129,6 +129,8 @@ def compute_corrections(
         )
     # modules the factors left out (never called) are left out here too
     setup.adapters = {n: a for n, a in setup.adapters.items() if n in factors}
+    if any(isinstance(t, LowRankFactor) for pair in factors.values() for t in pair):
+        raise NotImplementedError("EKFAC corrections of low-rank factors are not supported.")
     bases: dict[str, tuple[Tensor | None, Tensor]] = {}
     for name, (A, S) in factors.items():
         Q_A = None if A.ndim == 1 else eigh(A, name)[1]  # a diagonal A: the identity

@@ -26,6 +26,7 @@ from kronfac.errors import NonFiniteError
 from kronfac.factors.container import FactorPair, KroneckerFactors
 from kronfac.factors.data_pass import BatchRows, ForwardFn, PassSetup, run_pass
 from kronfac.layers import LayerAdapter
+from kronfac.linalg import LowRankFactor, StreamingLowRank
 
 __all__ = ["check_finite", "compute_factors"]
 
@@ -34,21 +35,40 @@ class _Accumulator:
     """Running sums of one module: ``Σ a aᵀ / T``, ``Σ a / T`` (bias column), ``N``, ``Σ g gᵀ``.
 
     For a diagonal-input layer ``gram`` holds only the diagonal ``[d_in]`` (token counts / T);
-    for ``g > 1`` groups every sum has a leading group dimension.
+    for ``g > 1`` groups every sum has a leading group dimension. A side at least
+    ``rank_threshold`` long (with ``rank``) is accumulated as a :class:`StreamingLowRank`
+    instead, and its dense sum is never allocated.
     """
 
-    def __init__(self, adapter: LayerAdapter, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        adapter: LayerAdapter,
+        dtype: torch.dtype,
+        device: torch.device,
+        setup: PassSetup,
+        joint_bias: bool,
+    ) -> None:
         d_in, d_out, g = adapter.in_features, adapter.out_features, adapter.groups
         lead = (g,) if g > 1 else ()
+        rank, threshold = setup.rank, setup.rank_threshold
+        low_A = rank is not None and not adapter.diagonal_input and d_in + joint_bias >= threshold
+        low_S = rank is not None and d_out >= threshold
+        self.A_stream = StreamingLowRank(d_in + joint_bias, rank, device) if low_A else None  # type: ignore[arg-type]
+        self.S_stream = StreamingLowRank(d_out, rank, device) if low_S else None  # type: ignore[arg-type]
         gram_shape = (d_in,) if adapter.diagonal_input else (d_in, d_in)
+        if low_A:
+            gram_shape = (0, 0)
         self.gram = torch.zeros(*lead, *gram_shape, dtype=dtype, device=device)
-        self.colsum = torch.zeros(*lead, d_in, dtype=dtype, device=device)
+        self.colsum = torch.zeros(*lead, 0 if low_A else d_in, dtype=dtype, device=device)
         self.count = 0
-        self.ggT = torch.zeros(*lead, d_out, d_out, dtype=dtype, device=device)
+        side = 0 if low_S else d_out
+        self.ggT = torch.zeros(*lead, side, side, dtype=dtype, device=device)
         self.diagonal_input = adapter.diagonal_input
 
-    def input_factor(self, with_bias: bool, num_data: int) -> Tensor:
+    def input_factor(self, with_bias: bool, num_data: int) -> Tensor | LowRankFactor:
         """``A`` from the running sums, with the bias row/column when ``with_bias``."""
+        if self.A_stream is not None:
+            return self.A_stream.result(1.0 / num_data, self.gram.dtype)
         if not with_bias or self.diagonal_input:
             return self.gram / num_data
         d = self.gram.shape[-1]
@@ -58,6 +78,44 @@ class _Accumulator:
         A[..., d, :d] = self.colsum
         A[..., d, d] = self.count
         return A / num_data
+
+    def output_factor(self, divisor: int, side: int, identity: bool) -> Tensor | LowRankFactor:
+        """``S``: ``Σ g gᵀ / D``, or the identity for ``fisher="forward-only"``."""
+        dtype, device = self.gram.dtype, self.gram.device
+        if identity:
+            if self.S_stream is not None:  # the identity, held as an empty low-rank factor
+                empty = torch.zeros(side, 0, dtype=dtype, device=device)
+                return LowRankFactor(empty, empty.new_zeros(0), 1.0)
+            eye = torch.eye(side, dtype=dtype, device=device)
+            return eye.expand_as(self.ggT).clone()
+        if self.S_stream is not None:
+            return self.S_stream.result(1.0 / divisor, dtype)
+        return self.ggT / divisor
+
+
+def _stream_rows(
+    stream: StreamingLowRank,
+    x: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    approx: str,
+    joint_bias: bool,
+) -> None:
+    """Feed a low-rank input factor the rows ``√w [a, 1]`` whose Gram the dense path forms."""
+    n, T, d = x.shape
+    if approx == "reduce":
+        rows = x.mean(dim=1) if weight is None else x.sum(dim=1) * weight[:, None]
+        w = rows.new_ones(n)
+    else:
+        rows = x.reshape(-1, d)
+        w = (
+            rows.new_full((n * T,), 1.0 / T)
+            if mask is None
+            else (mask * weight[:, None]).reshape(-1)
+        )  # type: ignore[index]
+    if joint_bias:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    stream.update(rows * w.sqrt()[:, None])
 
 
 def _add_gram_(acc: Tensor, x: Tensor, groups: int, alpha: float) -> None:
@@ -131,6 +189,8 @@ def compute_factors(
     seed: int = 2147483647,
     progress: bool = False,
     strict: bool = False,
+    rank: int | None = None,
+    rank_threshold: int = 512,
 ) -> KroneckerFactors:
     r"""Kronecker factors of the Fisher / GGN of ``model`` over ``data``.
 
@@ -177,6 +237,11 @@ def compute_factors(
         strict: Raise a ``ValueError`` instead of an
             :class:`~kronfac.UncoveredParameterWarning` when trainable parameters of the
             selected modules are left out (LayerNorm, raw ``nn.Parameter``, ...).
+        rank: Keep every factor whose side is at least ``rank_threshold`` as a rank-``rank``
+            :class:`~kronfac.LowRankFactor` ``U diag(λ) Uᵀ`` with the same scale as the
+            full-rank factor, computed streaming (incremental SVD in float64, memory
+            ``O(side · (rank + rows))``): exact when the data's rank is at most ``rank``.
+        rank_threshold: The side from which a factor is kept low-rank.
 
     Returns:
         The factors of every covered module.
@@ -203,13 +268,18 @@ def compute_factors(
         seed=seed,
         progress=progress,
         strict=strict,
+        rank=rank,
+        rank_threshold=rank_threshold,
     )
     accs: dict[str, _Accumulator] = {}
 
     def consume(rows: BatchRows) -> None:
         if not accs:
             device = next(iter(rows.inputs.values())).device
-            accs.update((n, _Accumulator(a, rows.dtype, device)) for n, a in setup.adapters.items())
+            accs.update(
+                (n, _Accumulator(a, rows.dtype, device, setup, setup.joint_bias(n)))
+                for n, a in setup.adapters.items()
+            )
         shared: dict[int, list[str]] = {}  # modules fed the same tensor share one GEMM
         for name, x in rows.inputs.items():
             shared.setdefault(id(x), []).append(name)
@@ -218,6 +288,14 @@ def compute_factors(
             mask = rows.masks[names[0]]
             # per data point 1/T_n: T_n its unmasked positions (every position without padding)
             weight = None if mask is None else mask.sum(1).clamp(min=1).reciprocal()
+            streamed = [n for n in names if accs[n].A_stream is not None]
+            for name in streamed:
+                stream = accs[name].A_stream
+                _stream_rows(stream, x, mask, weight, setup.approx, setup.joint_bias(name))  # type: ignore[arg-type]
+                accs[name].count += rows.n
+            names = [n for n in names if n not in streamed]
+            if not names:
+                continue
             T = x.shape[1]
             if adapter.diagonal_input:
                 w = None if mask is None else (mask * weight[:, None]).reshape(-1)
@@ -254,10 +332,19 @@ def compute_factors(
         for name, g in rows.grads.items():
             if setup.approx == "reduce":
                 g = g.sum(dim=2)
-            _add_gram_(accs[name].ggT, g.flatten(0, 1), setup.adapters[name].groups, 1.0)
+            if accs[name].S_stream is not None:
+                accs[name].S_stream.update(g.reshape(-1, g.shape[-1]))  # type: ignore[union-attr]
+            else:
+                _add_gram_(accs[name].ggT, g.flatten(0, 1), setup.adapters[name].groups, 1.0)
         if rows.grads:
             check_finite(
-                {n: [a.ggT.diagonal()] for n, a in accs.items()}, rows.index, "output gradients"
+                {
+                    n: [a.ggT.diagonal(dim1=-2, dim2=-1)]
+                    + [st.sigma for st in (a.S_stream, a.A_stream) if st is not None]
+                    for n, a in accs.items()
+                },
+                rows.index,
+                "output gradients",
             )
 
     result = run_pass(setup, model, data, consume)
@@ -267,11 +354,8 @@ def compute_factors(
         if name in result.uncalled:
             continue
         A = acc.input_factor(setup.joint_bias(name), result.num_data)
-        if setup.fisher == "forward-only":
-            eye = torch.eye(acc.ggT.shape[-1], dtype=acc.ggT.dtype, device=acc.ggT.device)
-            S = eye.expand_as(acc.ggT).clone()
-        else:
-            S = acc.ggT / divisor
+        side = setup.adapters[name].out_features
+        S = acc.output_factor(divisor, side, identity=setup.fisher == "forward-only")
         factors[name] = FactorPair(A, S)
     return KroneckerFactors(
         factors,
