@@ -291,7 +291,12 @@ class PassSetup:
             grouped = [
                 n
                 for n, a in adapters.items()
-                if a.groups > 1 and max(a.in_features + 1, a.out_features) >= rank_threshold
+                if a.groups > 1
+                and max(
+                    a.in_features + (bias == "joint" and param_names[n].bias is not None),
+                    a.out_features,
+                )
+                >= rank_threshold
             ]
             if grouped:
                 raise NotImplementedError(

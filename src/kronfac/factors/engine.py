@@ -94,14 +94,13 @@ class _Accumulator:
 
 
 def _stream_rows(
-    stream: StreamingLowRank,
     x: Tensor,
     mask: Tensor | None,
     weight: Tensor | None,
     approx: str,
     joint_bias: bool,
-) -> None:
-    """Feed a low-rank input factor the rows ``√w [a, 1]`` whose Gram the dense path forms."""
+) -> Tensor:
+    """The rows ``√w [a, 1]`` whose Gram the dense path forms, for a low-rank input factor."""
     n, T, d = x.shape
     if approx == "reduce":
         rows = x.mean(dim=1) if weight is None else x.sum(dim=1) * weight[:, None]
@@ -115,7 +114,16 @@ def _stream_rows(
         )  # type: ignore[index]
     if joint_bias:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    stream.update(rows * w.sqrt()[:, None])
+    return rows * w.sqrt()[:, None]
+
+
+def _update_stream(stream: StreamingLowRank, rows: Tensor, name: str, b: int, what: str) -> None:
+    """Feed ``rows`` to a low-rank accumulator, refusing NaN / Inf with the module's name."""
+    if not bool(torch.isfinite(rows).all()):
+        raise NonFiniteError(
+            f"Non-finite values (NaN or Inf) in the {what} of module {name!r} at batch {b}."
+        )
+    stream.update(rows)
 
 
 def _add_gram_(acc: Tensor, x: Tensor, groups: int, alpha: float) -> None:
@@ -290,8 +298,8 @@ def compute_factors(
             weight = None if mask is None else mask.sum(1).clamp(min=1).reciprocal()
             streamed = [n for n in names if accs[n].A_stream is not None]
             for name in streamed:
-                stream = accs[name].A_stream
-                _stream_rows(stream, x, mask, weight, setup.approx, setup.joint_bias(name))  # type: ignore[arg-type]
+                r = _stream_rows(x, mask, weight, setup.approx, setup.joint_bias(name))
+                _update_stream(accs[name].A_stream, r, name, rows.index, "inputs")  # type: ignore[arg-type]
                 accs[name].count += rows.n
             names = [n for n in names if n not in streamed]
             if not names:
@@ -333,7 +341,10 @@ def compute_factors(
             if setup.approx == "reduce":
                 g = g.sum(dim=2)
             if accs[name].S_stream is not None:
-                accs[name].S_stream.update(g.reshape(-1, g.shape[-1]))  # type: ignore[union-attr]
+                stream = accs[name].S_stream
+                _update_stream(
+                    stream, g.reshape(-1, g.shape[-1]), name, rows.index, "output gradients"
+                )  # type: ignore[arg-type]
             else:
                 _add_gram_(accs[name].ggT, g.flatten(0, 1), setup.adapters[name].groups, 1.0)
         if rows.grads:

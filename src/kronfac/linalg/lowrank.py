@@ -153,6 +153,13 @@ def _dense(F: Factor, like: Tensor) -> Tensor:
     return torch.diag(F) if F.ndim == 1 else F
 
 
+def _scaled(F: Tensor | LowRankFactor, c: float) -> Tensor | LowRankFactor:
+    """``c·F``."""
+    if isinstance(F, LowRankFactor):
+        return LowRankFactor(F.U, c * F.eigenvalues, c * F.shift)
+    return c * F
+
+
 class LowRankKroneckerBlock(Block):
     """``S ⊗ A`` where a factor may be a :class:`LowRankFactor` (never a ``side²`` matrix).
 
@@ -260,6 +267,15 @@ class LowRankKroneckerBlock(Block):
             NotPSDError: If a damped factor (or ``S ⊗ A + δI``) is not positive definite.
         """
         if exact:
+            S = self.S
+            if isinstance(S, LowRankFactor) and S.U.shape[1] == 0:  # S = c·I (forward-only)
+                if self.A is None:
+                    return LowRankKroneckerBlock(self._damped_inverse(S, damping), None, self.name)  # type: ignore[arg-type]
+                scaled = _scaled(self.A, S.shift)
+                identity = LowRankFactor(S.U, S.eigenvalues, 1.0)
+                return LowRankKroneckerBlock(
+                    identity, self._damped_inverse(scaled, damping), self.name
+                )
             if any(isinstance(F, LowRankFactor) and F.shift for F in (self.S, self.A)):
                 raise ValueError("Exact damping needs factors without an identity shift.")
             s, Q_S = self._basis(self.S)
