@@ -6,12 +6,14 @@ eigen-pair ``(U, λ)`` of rank ``k`` — ``U: [side, k]`` orthonormal columns �
 ``(U diag(λ) Uᵀ + δI)⁻¹ = U diag(1/(λ + δ) − 1/δ) Uᵀ + I/δ``). Products, traces, diagonals and
 spectra follow without a ``side x side`` matrix.
 
-:class:`StreamingLowRank` accumulates ``Σ_rows r rᵀ`` batch by batch as an incremental SVD in
-float64: with the current ``U diag(σ²) Uᵀ`` and new rows ``R: [m, side]``,
-``[U diag(σ), Rᵀ] = Q B`` (thin QR), ``B = W diag(σ') V'ᵀ`` (SVD of the small ``B``), and the
-update keeps the top ``k + p`` columns of ``Q W`` (``p`` oversampling columns, dropped at the
-end). Memory ``O(side · (k + p + m))``. Without truncation (data rank ≤ ``k + p``) the result
-is exact.
+:class:`StreamingLowRank` sketches ``C = Σ_rows r rᵀ`` in one pass, in float64 (Tropp, Yurtsever,
+Udell & Cevher, 2017, "Fixed-rank approximation of a positive-semidefinite matrix from streaming
+data"): with a fixed orthonormal test matrix ``Ω: [side, l]`` (``l = k + p``, ``p``
+oversampling columns) each batch adds ``Rᵀ (R Ω)`` to ``Y = C Ω`` — two thin GEMMs, memory
+``O(side · (l + m))`` — and at the end the stabilised Nyström approximation
+``C ≈ Y_ν (Ωᵀ Y_ν)⁻¹ Y_νᵀ − νI`` (``Y_ν = Y + νΩ``, ``ν`` at round-off level) gives the
+eigen-pairs through a Cholesky factor and a thin SVD; the top ``k`` are kept. It is exact when
+the data's rank is at most ``l``.
 """
 
 from __future__ import annotations
@@ -71,41 +73,50 @@ class LowRankFactor(NamedTuple):
 
 
 class StreamingLowRank:
-    """Rank-``k`` eigen-pair of ``Σ_rows r rᵀ``, updated batch by batch (module docstring).
+    """Rank-``k`` eigen-pair of ``C = Σ_rows r rᵀ`` from one streaming sketch (module docstring).
 
     Args:
         side: The factor's side.
         rank: ``k``.
-        oversample: Extra columns kept between updates (``p``).
         device: Where to compute (float64).
+        oversample: Extra sketch columns ``p`` (``l = k + p``).
     """
 
     def __init__(self, side: int, rank: int, device: torch.device, oversample: int = 10) -> None:
-        self.side, self.rank, self.keep = side, rank, min(side, rank + oversample)
-        self.U = torch.zeros(side, 0, dtype=torch.float64, device=device)
-        self.sigma = torch.zeros(0, dtype=torch.float64, device=device)
+        self.side, self.rank = side, rank
+        width = min(side, rank + oversample)
+        g = torch.Generator(device=device).manual_seed(
+            0
+        )  # fixed: reproducible, global RNG untouched
+        omega = torch.randn(side, width, generator=g, dtype=torch.float64, device=device)
+        self.omega = torch.linalg.qr(omega)[0]
+        self.Y = torch.zeros(side, width, dtype=torch.float64, device=device)
+
+    @property
+    def sigma(self) -> Tensor:
+        """A cheap finiteness witness of the sketch (its column norms)."""
+        return self.Y.norm(dim=0)
 
     def update(self, rows: Tensor) -> None:
-        """Add ``Σ r rᵀ`` of ``rows: [m, side]`` (already weighted)."""
-        M = torch.cat([self.U * self.sigma, rows.to(torch.float64).T], dim=1)
-        Q, B = torch.linalg.qr(M)
-        W, sigma, _ = torch.linalg.svd(B)
-        keep = min(self.keep, sigma.numel())
-        self.U, self.sigma = Q @ W[:, :keep], sigma[:keep]
+        """Add ``Σ r rᵀ`` of ``rows: [m, side]`` (already weighted) to the sketch ``Y = C Ω``."""
+        R = rows.to(torch.float64)
+        self.Y += R.T @ (R @ self.omega)
 
     def result(self, scale: float, dtype: torch.dtype) -> LowRankFactor:
-        """The top-``k`` factor ``scale · U diag(σ²) Uᵀ``, padded to ``k`` columns if needed."""
-        k = min(self.rank, self.side)
-        U, lam = self.U[:, :k], self.sigma[:k].square() * scale
-        if U.shape[1] < k:  # data rank below k: complete U with orthonormal directions
-            g = torch.Generator(device=U.device).manual_seed(0)
-            extra = torch.randn(
-                self.side, k - U.shape[1], generator=g, dtype=U.dtype, device=U.device
-            )
-            Q, _ = torch.linalg.qr(torch.cat([U, extra], dim=1))
-            U = torch.cat([U, Q[:, U.shape[1] :]], dim=1)
-            lam = torch.cat([lam, lam.new_zeros(k - lam.numel())])
-        return LowRankFactor(U.to(dtype), lam.to(dtype))
+        """The top-``k`` eigen-pair of ``scale · C`` (stabilised Nyström approximation)."""
+        Y, omega = self.Y, self.omega
+        norm = float(torch.linalg.matrix_norm(Y, ord=2))
+        if norm == 0.0:  # no data reached this factor
+            return LowRankFactor(omega[:, : self.rank].to(dtype), Y.new_zeros(self.rank).to(dtype))
+        nu = self.side**0.5 * torch.finfo(torch.float64).eps * norm
+        Y_nu = Y + nu * omega
+        B = omega.T @ Y_nu
+        L = torch.linalg.cholesky((B + B.T) / 2)
+        E = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # Y_ν L⁻ᵀ
+        U, sv, _ = torch.linalg.svd(E, full_matrices=False)
+        k = min(self.rank, U.shape[1])
+        lam = (sv[:k].square() - nu).clamp(min=0) * scale
+        return LowRankFactor(U[:, :k].to(dtype), lam.to(dtype))
 
 
 Factor = Tensor | LowRankFactor | None
