@@ -7,8 +7,9 @@ batches of 8, token-level cross-entropy, fisher "mc":
 - time of ``compute_factors`` on the LoRA adapters and on the base Linear layers, full rank and
   ``rank=16`` (threshold 512), as ratios to BASE (forward + backward), interleaved in one
   process, median of ``--repeats`` runs after a warm-up;
-- peak memory of each configuration, each in a fresh child process (``ru_maxrss``), as the
-  increase over the model's own footprint (activations and gradients included).
+- peak memory of each configuration, each in a fresh child process: the peak resident set
+  (``VmHWM``, reset through ``/proc/self/clear_refs`` after building the model) over the
+  model's own footprint (activations and gradients included). Linux only.
 
     python benchmarks/lowrank.py [--repeats 3]
 """
@@ -16,9 +17,10 @@ batches of 8, token-level cross-entropy, fisher "mc":
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import warnings
@@ -79,15 +81,33 @@ def factors(model: nn.Module, data: list, options: dict) -> kronfac.KroneckerFac
         )
 
 
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> float:
+    """Release freed heap, reset the peak-RSS mark (Linux), and return the current RSS in MiB."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mib("VmRSS")
+
+
 def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The peak RSS since :func:`reset_peak` (``VmHWM``), in MiB."""
+    return _status_mib("VmHWM")
 
 
 def child(name: str) -> None:
     """Measure one configuration's peak memory increase in this (fresh) process."""
     setup_threads()
     model, data = build()
-    before = peak_mib()  # the model's own footprint; no pass has run in this process
+    gc.collect()
+    before = reset_peak()  # the model's own footprint; no pass has run in this process
     if name == "BASE":
         base_pass(model, data)
     else:
