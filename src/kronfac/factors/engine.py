@@ -262,23 +262,8 @@ def compute_factors(
         NotImplementedError: Unsupported loss or loss option.
         NonFiniteError: NaN / Inf in a module's factors (the module and batch are named).
     """
-    setup = PassSetup.create(
-        model,
-        loss_fn,
-        fisher=fisher,
-        mc_samples=mc_samples,
-        approx=approx,
-        modules=modules,
-        bias=bias,
-        forward=forward,
-        num_data=num_data,
-        num_per_example_loss_terms=num_per_example_loss_terms,
-        seed=seed,
-        progress=progress,
-        strict=strict,
-        rank=rank,
-        rank_threshold=rank_threshold,
-    )
+    options = {k: v for k, v in locals().items() if k not in ("model", "loss_fn", "data")}
+    setup = PassSetup.create(model, loss_fn, **options)
     accs: dict[str, _Accumulator] = {}
 
     def consume(rows: BatchRows) -> None:
