@@ -15,8 +15,8 @@ operator ``to_dense``.
    ``to_dense``, the three damped inverses) against dense computations from the reconstructed
    factors; singular low-rank blocks (``logdet(0) = -inf``, ``inverse(0)`` raises).
 4. Peak memory of the streaming path, measured in a subprocess.
-5. Save / load, bad options, EKFAC and grouped convolutions (not implemented above the
-   threshold, unchanged below it).
+5. Save / load, bad options, EKFAC with low-rank factors, grouped convolutions (not
+   implemented above the threshold, unchanged below it).
 6. ``fisher="forward-only"`` (``S = I`` on a low-rank side) and non-finite inputs on the
    streamed path.
 """
@@ -495,10 +495,44 @@ def test_small_factors_unchanged_below_threshold():
     check_factors(low, full, 2, 512, 0.0, "below threshold")
 
 
-def test_ekfac_rank_not_implemented():
-    model, loss_fn, data = tiny_problem()
-    with pytest.raises(NotImplementedError):
-        kronfac.EKFAC(model, loss_fn, data, fisher="type-2", rank=2, rank_threshold=3)
+def ekfac_problem(n_data):
+    model = init(nn.Sequential(nn.Linear(40, 36), nn.Tanh(), nn.Linear(36, 3)), seed=31)
+    g = gen(32)
+    X, y = randn(n_data, 40, g=g), torch.randint(0, 3, (n_data,), generator=g)
+    half = n_data // 2
+    return model, nn.CrossEntropyLoss(), [(X[:half], y[:half]), (X[half:], y[half:])]
+
+
+@pytest.mark.parametrize("bias", ["joint", "separate"])
+def test_ekfac_with_rank_exact_when_data_rank_at_most_k(bias):
+    """Gradients live in the span of the low-rank bases: EKFAC equals its full-rank self."""
+    model, loss_fn, data = ekfac_problem(5)
+    full = kronfac.EKFAC(model, loss_fn, data, fisher="empirical", bias=bias)
+    low = kronfac.EKFAC(
+        model, loss_fn, data, fisher="empirical", bias=bias, rank=8, rank_threshold=30
+    )
+    assert isinstance(low.factors["0"].A, kronfac.LowRankFactor)
+    assert_rel_close(low.to_dense(), full.to_dense(), 1e-10, "EKFAC rank <= k")
+
+
+@pytest.mark.parametrize("bias", ["joint", "separate"])
+def test_ekfac_with_rank_keeps_the_trace_and_round_trips(bias, tmp_path):
+    """Beyond rank k the complement carries the mean second moment outside the bases: the
+    trace (total per-example second moment) is that of full-rank EKFAC, whatever the basis."""
+    model, loss_fn, data = ekfac_problem(60)
+    full = kronfac.EKFAC(model, loss_fn, data, fisher="empirical", bias=bias)
+    low = kronfac.EKFAC(
+        model, loss_fn, data, fisher="empirical", bias=bias, rank=8, rank_threshold=30
+    )
+    assert_rel_close(low.trace(), full.trace(), 1e-10, "trace")
+    dense = low.to_dense()
+    eye = torch.eye(len(dense), dtype=DT)
+    v = randn(len(dense), g=gen(33))
+    assert_rel_close(low.inverse(0.1) @ v, torch.linalg.solve(dense + 0.1 * eye, v), 1e-9, "inv")
+    assert_rel_close(low.logdet(0.1), torch.logdet(dense + 0.1 * eye), 1e-10, "logdet")
+    low.factors.save(tmp_path / "ekfac-lowrank.safetensors")
+    loaded = kronfac.KroneckerFactors.load(tmp_path / "ekfac-lowrank.safetensors")
+    assert_rel_close(kronfac.EKFAC.from_factors(loaded, model).to_dense(), dense, 1e-12, "file")
 
 
 def grouped_problem():

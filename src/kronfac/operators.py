@@ -350,11 +350,6 @@ class EKFAC(CurvatureOperator):
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable[Any], **options: Any):
-        if options.get("rank") is not None:
-            raise NotImplementedError(
-                "EKFAC with low-rank factors (rank=...) is not supported: its eigenbasis needs "
-                "the full factors. Use kronfac.KFAC(..., rank=...) or EKFAC without rank."
-            )
         factors = compute_factors(model, loss_fn, data, **options)
         self._setup(compute_corrections(model, loss_fn, data, factors, **options), model)
 
@@ -378,13 +373,15 @@ class EKFAC(CurvatureOperator):
             )
         flat_slots, blocks = [], []
         for mod in factors:
-            Q_A, Q_S, lam, bias_lam = factors.corrections[mod]
+            Q_A, Q_S, lam, bias_lam, c, c_bias = factors.corrections[mod]
             for slot in slots[mod]:
                 flat_slots.append(slot)
                 if slot.weight is None:  # separate bias
-                    blocks.append(EigenBlock(Q_S, None, bias_lam[..., None], mod))
+                    rest = 0.0 if c_bias is None else float(c_bias)
+                    blocks.append(EigenBlock(Q_S, None, bias_lam[..., None], mod, rest))
                 else:
-                    blocks.append(EigenBlock(Q_S, Q_A, lam, mod))
+                    rest = 0.0 if c is None else float(c)
+                    blocks.append(EigenBlock(Q_S, Q_A, lam, mod, rest))
         order = sorted(range(len(flat_slots)), key=lambda i: _slot_start(flat_slots[i]))
         super().__init__(
             [flat_slots[i] for i in order],

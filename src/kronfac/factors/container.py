@@ -73,12 +73,17 @@ class EigenCorrection(NamedTuple):
         eigenvalues: ``[p, q]`` corrected eigenvalues.
         bias_eigenvalues: ``[p]`` corrected eigenvalues of a separate bias block
             (``Q_S diag(·) Q_Sᵀ``), or ``None``.
+        complement: With low-rank factors the bases are partial (``Q_S: [p, k_S]``,
+            ``Q_A: [q, k_A]``): the mean second moment outside their span, a scalar (else
+            ``None``); ``bias_complement`` likewise for a separate bias.
     """
 
     Q_A: Tensor | None
     Q_S: Tensor
     eigenvalues: Tensor
     bias_eigenvalues: Tensor | None
+    complement: Tensor | None = None
+    bias_complement: Tensor | None = None
 
 
 class KroneckerFactors(Mapping[str, FactorPair]):
@@ -296,8 +301,13 @@ class KroneckerFactors(Mapping[str, FactorPair]):
                 A = tensors.get(f"{m}/A")
                 diagonal_A = A is not None and A.ndim == 1
                 fields[m] += ["Q_S", "eigenvalues"] if diagonal_A else ["Q_A", "Q_S", "eigenvalues"]
-                if options.get("bias") == "separate" and names.bias is not None:
+                separate_bias = options.get("bias") == "separate" and names.bias is not None
+                if separate_bias:
                     fields[m].append("bias_eigenvalues")
+                if lowrank.get(m):
+                    fields[m].append("complement")
+                    if separate_bias and "S" in lowrank[m]:
+                        fields[m].append("bias_complement")
         expected = base | {f"{m}/{f}" for m, fs in fields.items() for f in fs}
         if set(tensors) != expected:
             raise FactorFileError(
@@ -342,12 +352,21 @@ class KroneckerFactors(Mapping[str, FactorPair]):
                 )
             factors[m] = FactorPair(A, S)
             if has_corrections:
-                lead, p, q = tuple(S.shape[:-2]), S.shape[-1], A.shape[-1]
+                if isinstance(A, LowRankFactor) or isinstance(S, LowRankFactor):
+                    lead = ()
+                    p = S.side if isinstance(S, LowRankFactor) else S.shape[-1]
+                    q = A.side if isinstance(A, LowRankFactor) else A.shape[-1]
+                else:
+                    lead, p, q = tuple(S.shape[:-2]), S.shape[-1], A.shape[-1]
+                kS = S.U.shape[1] if isinstance(S, LowRankFactor) else p
+                kA = A.U.shape[1] if isinstance(A, LowRankFactor) else q
                 shapes = {
-                    "Q_A": (*lead, q, q),
-                    "Q_S": (*lead, p, p),
-                    "eigenvalues": (*lead, p, q),
-                    "bias_eigenvalues": (*lead, p),
+                    "Q_A": (*lead, q, kA),
+                    "Q_S": (*lead, p, kS),
+                    "eigenvalues": (*lead, kS, kA),
+                    "bias_eigenvalues": (*lead, kS),
+                    "complement": (),
+                    "bias_complement": (),
                 }
                 for f in fields[m]:
                     t = tensors[f"{m}/{f}"]

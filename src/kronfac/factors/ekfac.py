@@ -82,6 +82,13 @@ def _token_second_moment(gt: Tensor, idx: Tensor, vocab: int, padding_idx: int |
     return out.T
 
 
+def _basis(F: Tensor | LowRankFactor, name: str) -> Tensor | None:
+    """Eigenvectors of a factor (partial for a low-rank one; ``None``: identity, diagonal)."""
+    if isinstance(F, LowRankFactor):
+        return F.U
+    return None if F.ndim == 1 else eigh(F, name)[1]
+
+
 def _with_ones(x: Tensor, joint_bias: bool, mask: Tensor | None) -> Tensor:
     """Inputs with the bias's trailing 1 (0 at masked positions) when the bias joins the block."""
     if not joint_bias:
@@ -129,12 +136,13 @@ def compute_corrections(
         )
     # modules the factors left out (never called) are left out here too
     setup.adapters = {n: a for n, a in setup.adapters.items() if n in factors}
-    if any(isinstance(t, LowRankFactor) for pair in factors.values() for t in pair):
-        raise NotImplementedError("EKFAC corrections of low-rank factors are not supported.")
     bases: dict[str, tuple[Tensor | None, Tensor]] = {}
+    partial: set[str] = set()  # modules with a low-rank factor: partial eigenbases
     for name, (A, S) in factors.items():
-        Q_A = None if A.ndim == 1 else eigh(A, name)[1]  # a diagonal A: the identity
-        bases[name] = (Q_A, eigh(S, name)[1])
+        bases[name] = (_basis(A, name), _basis(S, name))  # type: ignore[assignment]
+        if isinstance(A, LowRankFactor) or isinstance(S, LowRankFactor):
+            partial.add(name)
+    totals: dict[str, Tensor] = {}  # Σ ‖G‖² of modules with partial bases
     sums: dict[str, Tensor] = {}
     bias_sums: dict[str, Tensor] = {}
     separate = {n for n in factors if setup.bias == "separate" and factors.param_names[n].bias}
@@ -168,6 +176,12 @@ def compute_corrections(
                     ]
                 )
             sums[name] = contribution if name not in sums else sums[name] + contribution
+            if name in partial:  # the whole second moment, for the complement's eigenvalue
+                xa = _with_ones(x, joint, mask)
+                total = _rotated_second_moment(g, xa).sum()
+                if name in separate:
+                    total = torch.stack([total, g.sum(2).square().sum()])
+                totals[name] = total if name not in totals else totals[name] + total
             if name in separate:
                 b = gt.sum(2).square().sum((0, 1))  # [p] or [g, p]
                 bias_sums[name] = b if name not in bias_sums else bias_sums[name] + b
@@ -187,10 +201,15 @@ def compute_corrections(
         bias = bias_sums.get(name) if name in separate else None
         if name in separate and bias is None:
             bias = Q_S.new_zeros(Q_S.shape[:-1])
-        corrections[name] = EigenCorrection(
-            Q_A,
-            Q_S,
-            lam.to(Q_S.dtype) / divisor,
-            None if bias is None else bias.to(Q_S.dtype) / divisor,
-        )
+        lam = lam.to(Q_S.dtype) / divisor
+        bias = None if bias is None else bias.to(Q_S.dtype) / divisor
+        complement = bias_complement = None
+        if name in partial:
+            p, q = Q_S.shape[0], factors[name].A.shape[-1] if Q_A is None else Q_A.shape[0]
+            total = totals.get(name, Q_S.new_zeros(2)).to(Q_S.dtype) / divisor
+            rest = p * q - lam.numel()
+            complement = ((total.reshape(-1)[0] - lam.sum()) / max(rest, 1)).clamp(min=0)
+            if name in separate and Q_S.shape[1] < p:
+                bias_complement = ((total[1] - bias.sum()) / (p - Q_S.shape[1])).clamp(min=0)  # type: ignore[union-attr]
+        corrections[name] = EigenCorrection(Q_A, Q_S, lam, bias, complement, bias_complement)
     return factors.with_corrections(corrections)
