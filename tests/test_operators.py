@@ -191,7 +191,7 @@ def ekfac_blocks(factors):
     """``block_of`` from the corrections: ``(Q_S ⊗ Q_A) diag(vec Λ) (Q_S ⊗ Q_A)ᵀ``."""
 
     def block_of(mod):
-        Q_A, Q_S, lam, bias_lam = factors.corrections[mod]
+        Q_A, Q_S, lam, bias_lam = factors.corrections[mod][:4]
         Q = torch.kron(Q_S, Q_A)
         M = Q @ torch.diag(lam.reshape(-1)) @ Q.T
         return M, None if bias_lam is None else Q_S @ torch.diag(bias_lam) @ Q_S.T
@@ -587,7 +587,7 @@ def test_ekfac_closer_than_kfac(bias):
 def _check_bases(E, K_factors, tol=1e-10):
     """The corrections' Q_A, Q_S are orthonormal eigenvectors of K-FAC's A and S."""
     for mod, (A, S) in K_factors.items():
-        Q_A, Q_S, lam, _ = E.factors.corrections[mod]
+        Q_A, Q_S, lam, _ = E.factors.corrections[mod][:4]
         assert Q_A.shape == A.shape and Q_S.shape == S.shape
         assert lam.shape == (S.shape[0], A.shape[0])
         for Q, M, side in ((Q_A, A, "A"), (Q_S, S, "S")):
@@ -612,7 +612,7 @@ def test_ekfac_eigenvalues_from_dense(loss, reduction, fisher, bias):
     G = (ref.ggn if fisher == "type-2" else ref.empirical_fisher)(model, loss_fn, data)
     slices, _ = layout(model, list(K))
     for mod in K:
-        Q_A, Q_S, lam, bias_lam = E.factors.corrections[mod]
+        Q_A, Q_S, lam, bias_lam = E.factors.corrections[mod][:4]
         idx, b_idx = block_indices(model, mod, slices, bias == "joint")
         Q = torch.kron(Q_S, Q_A)
         expected = (Q.T @ G[idx[:, None], idx[None, :]] @ Q).diagonal().reshape(lam.shape)
@@ -668,7 +668,7 @@ def test_ekfac_eigenvalues_sequence(approx, fisher):
     G = ref.ggn(model, loss_fn, data) if fisher == "type-2" else None
     slices, _ = layout(model, list(K))
     for mod in K:
-        Q_A, Q_S, lam, _ = E.factors.corrections[mod]
+        Q_A, Q_S, lam, _ = E.factors.corrections[mod][:4]
         Gn = _per_example_grads(model, loss_fn, data, mod, fisher, joint=True)
         expected = (Q_S.T @ Gn @ Q_A).square().sum((0, 1)) / D
         if G is not None:  # the reference is the Frobenius-optimal diagonal of the exact GGN
