@@ -73,3 +73,18 @@ def kfac_block(S: Tensor, A: Tensor, joint: bool) -> Tensor:
     perm += [i * (d_in + 1) + d_in for i in range(d_out)]
     perm_t = torch.tensor(perm)
     return K[perm_t][:, perm_t]
+
+
+def tiny_llama(vocab: int) -> nn.Module:
+    """A 2-layer, 16-wide LlamaForCausalLM in float64, eval mode, random weights (no download)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    )
+    return transformers.LlamaForCausalLM(config).to(DT).eval()

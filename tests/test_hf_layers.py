@@ -25,6 +25,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_llama
 from torch import Tensor, nn
 
 import kronfac
@@ -401,15 +402,7 @@ def wrap(model: nn.Module, targets: list[str], **kwargs) -> tuple[nn.Module, nn.
 
 @pytest.fixture(scope="module")
 def llama_lora():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-    )
-    model = transformers.LlamaForCausalLM(config).to(DT).eval()
+    model = tiny_llama(V)
     base, wrapped = wrap(model, ["q_proj", "v_proj"])
     ids = torch.randint(0, V, (4, T + 1), generator=gen(5))
     return base, wrapped, ids

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import tiny_llama
 from torch import nn
 
 import kronfac
@@ -13,15 +14,7 @@ V, T = 40, 7
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-    )
-    model = transformers.LlamaForCausalLM(config).double().eval()
+    model = tiny_llama(V)
     ids = torch.randint(0, V, (5, T + 1))
     return model, ids
 
