@@ -335,7 +335,7 @@ def test_inverses(op_case, mode):
             pi = math.sqrt((A.trace() / A.shape[0]).item() / (S.trace() / S.shape[0]).item())
             d_A = max(pi * math.sqrt(d), min_damping)
             d_S = max(math.sqrt(d) / pi, min_damping)
-            return block_from(inv(S, d_S), inv(A, d_A), inv(S, d), joint)
+            return block_from(inv(S, d_S), inv(A, d_A), inv(S, d_S), joint)
 
         expected = blocks_dense(factors, block)
         inverse = op.inverse(d, heuristic=True, min_damping=min_damping)

@@ -469,7 +469,7 @@ class TestKFACInverse(OperatorChecks):
             pair = (torch.linalg.inv(A + d_A * eye(A)), torch.linalg.inv(S + d_S * eye(S)))
             if bias == "joint":
                 return pair, None
-            return pair, torch.linalg.inv(S + damping * eye(S))  # the bias block: plain δ
+            return pair, pair[1]  # the separate bias block: the weight's (S + δ_S I)⁻¹
 
         op = K.inverse(damping, heuristic=mode == "heuristic", min_damping=min_damping)
         dense = assemble(model, f, kfac_blocks(f, damp))

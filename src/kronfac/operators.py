@@ -61,7 +61,8 @@ class CurvatureOperator:
     """A symmetric block-diagonal operator in the parameter layout.
 
     ``op @ v`` takes a flat tensor ``[P]`` or ``[P, k]``, a list / tuple of tensors shaped like
-    the covered parameters, or a dict keyed by their names, and returns the same kind.
+    the covered parameters (or all with one more trailing dimension ``k``: ``k`` vectors at
+    once), or a dict keyed by their names, and returns the same kind.
 
     Attributes:
         param_names: Names of the covered parameters, in ``model.named_parameters()`` order.
@@ -116,18 +117,19 @@ class CurvatureOperator:
             out = self @ [v[n] for n in self.param_names]
             return dict(zip(self.param_names, out, strict=True))
         if isinstance(v, (list, tuple)):
-            kind = type(v)
-            if len(v) != len(self.param_names) or any(
-                not isinstance(t, Tensor) or t.shape != self._shapes[n]
-                for t, n in zip(v, self.param_names, strict=False)
-            ):
-                expected = [tuple(s) for s in self._shapes.values()]
+            kind, shapes = type(v), list(self._shapes.values())
+            cols = _columns(v, shapes)
+            if cols is None:
+                expected = [tuple(s) for s in shapes]
                 got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in v]
-                raise ValueError(f"Expected tensors of shapes {expected}, got {got}.")
-            flat = torch.cat([t.reshape(-1) for t in v])
-            Mv = self @ flat
-            sizes = [t.numel() for t in v]
-            return kind(p.reshape(t.shape) for p, t in zip(Mv.split(sizes), v, strict=True))
+                raise ValueError(
+                    f"Expected tensors of shapes {expected} (each with the same trailing "
+                    f"column dimension k, or none), got {got}."
+                )
+            k = cols or 1
+            flat = torch.cat([t.reshape(-1, k) for t in v])
+            Mv = (self @ flat).split([math.prod(s) for s in shapes])
+            return kind(p.reshape(t.shape) for p, t in zip(Mv, v, strict=True))
         raise TypeError(f"Expected a Tensor, a list of Tensors or a dict, got {type(v).__name__}.")
 
     # -- closed forms -----------------------------------------------------------------------
@@ -192,6 +194,18 @@ class CurvatureOperator:
         )
 
 
+def _columns(v: Sequence[Any], shapes: Sequence[torch.Size]) -> int | None:
+    """``0`` if the tensors of ``v`` have ``shapes``, ``k`` if all are ``[*shape, k]``, or None."""
+    if len(v) != len(shapes) or not all(isinstance(t, Tensor) for t in v):
+        return None
+    if all(t.shape == s for t, s in zip(v, shapes, strict=True)):
+        return 0
+    k = v[0].shape[-1] if v[0].ndim else -1
+    if all(t.shape == (*s, k) for t, s in zip(v, shapes, strict=True)):
+        return k
+    return None
+
+
 def _check_damping(damping: float) -> None:
     if not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0:
         raise ValueError(f"damping must be a non-negative number, got {damping!r}.")
@@ -209,9 +223,13 @@ def _tensor(F: Tensor | LowRankFactor) -> Tensor:
 
 
 def _layout(
-    factors: KroneckerFactors, model: nn.Module
+    factors: KroneckerFactors, model: nn.Module, order: Sequence[str] | None = None
 ) -> tuple[dict[str, tuple[_Slot, ...]], dict[str, torch.Size]]:
-    """The slots of every module's block(s) and the covered parameters' shapes, in order."""
+    """The slots of every module's block(s) and the covered parameters' shapes, in order.
+
+    ``order`` lists the covered parameters in the order of the flat vector (default: that of
+    ``model.named_parameters()``).
+    """
     if not isinstance(factors, KroneckerFactors):
         raise TypeError(
             "Expected kronfac.KroneckerFactors (from compute_factors or KroneckerFactors.load), "
@@ -225,7 +243,15 @@ def _layout(
     missing = sorted(covered - set(params))
     if missing:
         raise ValueError(f"Parameters {missing} of the factors are not in the model.")
-    shapes = {n: p.shape for n, p in params.items() if n in covered}
+    if order is None:
+        shapes = {n: p.shape for n, p in params.items() if n in covered}
+    elif len(order) != len(set(order)) or set(order) != covered:
+        raise ValueError(
+            f"order must list the covered parameters {sorted(covered)} once each, got "
+            f"{list(order)!r}."
+        )
+    else:
+        shapes = {n: params[n].shape for n in order}
     offsets, start = {}, 0
     for n, shape in shapes.items():
         offsets[n] = slice(start, start + math.prod(shape))
@@ -274,27 +300,41 @@ class KFAC(CurvatureOperator):
         self._setup(compute_factors(model, loss_fn, data, **options), model)
 
     @classmethod
-    def from_factors(cls, factors: KroneckerFactors, model: nn.Module) -> KFAC:
+    def from_factors(
+        cls, factors: KroneckerFactors, model: nn.Module, *, order: Sequence[str] | None = None
+    ) -> KFAC:
         """The operator of precomputed ``factors`` for the parameters of ``model``.
+
+        Args:
+            factors: The factors (:func:`kronfac.compute_factors`, ``KroneckerFactors.load``).
+            model: The model they were computed for.
+            order: Names of the covered parameters in the order of the flat vectors; default
+                ``model.named_parameters()`` order.
 
         Raises:
             TypeError: If ``factors`` is not a :class:`~kronfac.KroneckerFactors`.
-            ValueError: If it is empty, or a module or parameter of ``factors`` is missing from
-                ``model`` or a factor's shape does not fit its module.
+            ValueError: If it is empty, a module or parameter of ``factors`` is missing from
+                ``model``, a factor's shape does not fit its module, or ``order`` is not a
+                permutation of the covered parameters' names.
         """
         op = cls.__new__(cls)
-        op._setup(factors, model)
+        op._setup(factors, model, order)
         return op
 
-    def _setup(self, factors: KroneckerFactors, model: nn.Module) -> None:
-        slots, shapes = _layout(factors, model)
+    def _setup(
+        self, factors: KroneckerFactors, model: nn.Module, order: Sequence[str] | None = None
+    ) -> None:
+        slots, shapes = _layout(factors, model, order)
         flat_slots, blocks = [], []
         for mod, (A, S) in factors.items():
             low = isinstance(A, LowRankFactor) or isinstance(S, LowRankFactor)
             Block = LowRankKroneckerBlock if low else KroneckerBlock
             for slot in slots[mod]:
                 flat_slots.append(slot)
-                blocks.append(Block(S, None if slot.weight is None else A, mod))
+                if slot.weight is None:  # separate bias: π from the weight's A
+                    blocks.append(Block(S, None, mod, heuristic_A=A))
+                else:
+                    blocks.append(Block(S, A, mod))
         order = sorted(range(len(flat_slots)), key=lambda i: _slot_start(flat_slots[i]))
         A0 = _tensor(next(iter(factors.values())).A)
         super().__init__(
@@ -314,7 +354,8 @@ class KFAC(CurvatureOperator):
 
         - default: ``(S + δI)⁻¹ ⊗ (A + δI)⁻¹`` per block (a separate bias: ``(S + δI)⁻¹``);
         - ``heuristic=True``: Martens & Grosse's π-damping, ``A + π√δ I`` and ``S + √δ/π I``
-          with ``π = √((tr A / dim A) / (tr S / dim S))``, each at least ``min_damping``;
+          with ``π = √((tr A / dim A) / (tr S / dim S))``, each at least ``min_damping`` (a
+          separate bias block takes its weight's ``S + √δ/π I``);
         - ``exact=True``: ``(S ⊗ A + δI)⁻¹`` through the factors' eigendecompositions.
 
         The decompositions are computed here, once, and reused by every product.
@@ -354,18 +395,23 @@ class EKFAC(CurvatureOperator):
         self._setup(compute_corrections(model, loss_fn, data, factors, **options), model)
 
     @classmethod
-    def from_factors(cls, factors: KroneckerFactors, model: nn.Module) -> EKFAC:
+    def from_factors(
+        cls, factors: KroneckerFactors, model: nn.Module, *, order: Sequence[str] | None = None
+    ) -> EKFAC:
         """The operator of precomputed ``factors`` with EKFAC corrections.
 
         Raises:
-            ValueError: If the factors carry no corrections, or do not fit ``model``.
+            ValueError: If the factors carry no corrections, do not fit ``model``, or ``order``
+                is not a permutation of the covered parameters' names.
         """
         op = cls.__new__(cls)
-        op._setup(factors, model)
+        op._setup(factors, model, order)
         return op
 
-    def _setup(self, factors: KroneckerFactors, model: nn.Module) -> None:
-        slots, shapes = _layout(factors, model)
+    def _setup(
+        self, factors: KroneckerFactors, model: nn.Module, order: Sequence[str] | None = None
+    ) -> None:
+        slots, shapes = _layout(factors, model, order)
         if factors.corrections is None:
             raise ValueError(
                 "These factors carry no EKFAC corrections: build kronfac.EKFAC(model, loss_fn, "

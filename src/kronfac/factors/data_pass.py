@@ -41,6 +41,7 @@ __all__ = [
     "BatchRows",
     "PassResult",
     "PassSetup",
+    "run_forward",
     "run_pass",
     "select_modules",
 ]
@@ -405,7 +406,8 @@ def _batch_size(y: Any, batch_index: int) -> int:
     return y.shape[0]
 
 
-def _run_forward(model: nn.Module, X: Any, forward: ForwardFn | None, batch_index: int) -> Tensor:
+def run_forward(model: nn.Module, X: Any, forward: ForwardFn | None, batch_index: int) -> Tensor:
+    """The logits of batch ``X``: ``forward(model, X)``, ``model(**X)`` or ``model(X)``."""
     if forward is not None:
         output = forward(model, X)
     elif isinstance(X, Mapping):
@@ -553,7 +555,7 @@ def run_pass(
             for c in calls.values():
                 c.clear()
             with torch.set_grad_enabled(backward):
-                output = _run_forward(model, X, setup.forward, b)
+                output = run_forward(model, X, setup.forward, b)
             likelihood.check(output, y)
             if output.shape[0] != n:
                 raise ValueError(

@@ -247,8 +247,8 @@ def compute_factors(
             selected modules are left out (LayerNorm, raw ``nn.Parameter``, ...).
         rank: Keep every factor whose side is at least ``rank_threshold`` as a rank-``rank``
             :class:`~kronfac.LowRankFactor` ``U diag(λ) Uᵀ`` with the same scale as the
-            full-rank factor, computed streaming (incremental SVD in float64, memory
-            ``O(side · (rank + rows))``): exact when the data's rank is at most ``rank``.
+            full-rank factor, computed streaming (a one-pass Nyström sketch in float64, memory
+            ``O(side · (rank + 10))``): exact when the data's rank is at most ``rank + 10``.
         rank_threshold: The side from which a factor is kept low-rank.
 
     Returns:

@@ -57,13 +57,19 @@ class KroneckerBlock(Block):
             ``None`` for a single-factor block ``S`` (a separate bias: ``q = 1``, never damped).
             With groups: ``[g, q, q]`` or ``[g, q]``.
         name: The module (for error messages).
+        heuristic_A: For a single-factor block, the input factor of its weight's block, whose
+            ``π`` then sets ``δ_S`` under heuristic damping (as for the weight).
     """
 
-    def __init__(self, S: Tensor, A: Tensor | None, name: str = "") -> None:
+    def __init__(
+        self, S: Tensor, A: Tensor | None, name: str = "", heuristic_A: Tensor | None = None
+    ) -> None:
         self.grouped = S.ndim == 3
         if not self.grouped:
             S, A = S[None], None if A is None else A[None]
+            heuristic_A = None if heuristic_A is None else heuristic_A[None]
         self.S, self.A, self.name = S, A, name
+        self.heuristic_A = heuristic_A
         self._eigen: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
 
     def _factor(self, M: Tensor | None) -> Tensor | None:
@@ -140,14 +146,16 @@ class KroneckerBlock(Block):
 
         Plain: ``δ`` on both. Heuristic (Martens & Grosse, 2015, §6.3): with
         ``π = √((tr A / dim A) / (tr S / dim S))``, ``δ_A = max(π√δ, min_damping)`` and
-        ``δ_S = max(√δ/π, min_damping)``; single-factor blocks and factors whose mean eigenvalue
-        is not positive get the plain ``δ``.
+        ``δ_S = max(√δ/π, min_damping)``; a single-factor block takes ``π`` from
+        ``heuristic_A`` (its weight's input factor) or, without one, the plain ``δ``, as do
+        factors whose mean eigenvalue is not positive.
         """
         g = self.S.shape[0]
         plain = torch.full((g,), float(damping), dtype=self.S.dtype, device=self.S.device)
-        if not heuristic or self.A is None:
+        A = self.A if self.A is not None else self.heuristic_A
+        if not heuristic or A is None:
             return plain, plain.clone()
-        mean_a = self._diagonal_of_A().sum(-1) / self.A.shape[-1]
+        mean_a = (A if A.ndim == 2 else A.diagonal(dim1=-2, dim2=-1)).mean(-1)
         mean_s = self.S.diagonal(dim1=-2, dim2=-1).sum(-1) / self.S.shape[-1]
         ok = (mean_a > 0) & (mean_s > 0)
         pi = torch.where(ok, (mean_a / torch.where(ok, mean_s, 1.0)).clamp(min=0).sqrt(), 1.0)

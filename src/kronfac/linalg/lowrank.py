@@ -183,10 +183,15 @@ class LowRankKroneckerBlock(Block):
         S: Output-gradient factor.
         A: Input factor.
         name: The module (for error messages).
+        heuristic_A: For a single-factor block, its weight's input factor (sets ``π`` under
+            heuristic damping, see :meth:`KroneckerBlock.damping_split`).
     """
 
-    def __init__(self, S: Tensor | LowRankFactor, A: Factor, name: str = "") -> None:
+    def __init__(
+        self, S: Tensor | LowRankFactor, A: Factor, name: str = "", heuristic_A: Factor = None
+    ) -> None:
         self.S, self.A, self.name = S, A, name
+        self.heuristic_A = heuristic_A
         ref = S.U if isinstance(S, LowRankFactor) else S
         self._ref = ref
 
@@ -296,8 +301,9 @@ class LowRankKroneckerBlock(Block):
             block = EigenBlock(Q_S, Q_A, torch.outer(s, a), self.name)
             return block.inverse(damping)
         d_S = d_A = damping
-        if heuristic and self.A is not None:
-            mean_a, mean_s = self._mean_eigenvalue(self.A), self._mean_eigenvalue(self.S)
+        ref_A = self.A if self.A is not None else self.heuristic_A
+        if heuristic and ref_A is not None:
+            mean_a, mean_s = self._mean_eigenvalue(ref_A), self._mean_eigenvalue(self.S)
             if mean_a > 0 and mean_s > 0:
                 pi, root = math.sqrt(mean_a / mean_s), math.sqrt(damping)
                 d_S, d_A = max(root / pi, min_damping), max(pi * root, min_damping)
