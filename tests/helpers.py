@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
+from types import ModuleType
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -88,3 +92,17 @@ def tiny_llama(vocab: int) -> nn.Module:
         num_attention_heads=2,
     )
     return transformers.LlamaForCausalLM(config).to(DT).eval()
+
+
+def require_peer(name: str) -> ModuleType:
+    """Import a peer library the compatibility tests compare against.
+
+    Skips locally when it is not installed; on CI (``CI`` set, where ``.ci/run`` installs the
+    peers) a missing peer is an error, so the comparisons cannot silently stop running.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"CI must install {name!r} for the compatibility tests.") from err
+        pytest.skip(f"{name} is not installed", allow_module_level=True)

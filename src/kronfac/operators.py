@@ -28,7 +28,7 @@ __all__ = ["EKFAC", "KFAC", "CurvatureOperator"]
 
 
 @dataclass(frozen=True)
-class _Slot:
+class Slot:
     """Where a block's ``[p, q]`` matrix lives in the flat parameter vector.
 
     ``weight`` / ``bias`` are slices of the flat vector; a block holds the weight (read through
@@ -73,7 +73,7 @@ class CurvatureOperator:
 
     def __init__(
         self,
-        slots: Sequence[_Slot],
+        slots: Sequence[Slot],
         blocks: Sequence[Block],
         param_shapes: Mapping[str, torch.Size],
         dtype: torch.dtype,
@@ -224,7 +224,7 @@ def _tensor(F: Tensor | LowRankFactor) -> Tensor:
 
 def _layout(
     factors: KroneckerFactors, model: nn.Module, order: Sequence[str] | None = None
-) -> tuple[dict[str, tuple[_Slot, ...]], dict[str, torch.Size]]:
+) -> tuple[dict[str, tuple[Slot, ...]], dict[str, torch.Size]]:
     """The slots of every module's block(s) and the covered parameters' shapes, in order.
 
     ``order`` lists the covered parameters in the order of the flat vector (default: that of
@@ -280,9 +280,9 @@ def _layout(
             )
         w, b = offsets[names.weight], offsets[names.bias] if has_bias else None
         if joint or not has_bias:
-            slots[mod] = (_Slot(adapter, w, b),)
+            slots[mod] = (Slot(adapter, w, b),)
         else:
-            slots[mod] = (_Slot(adapter, w, None), _Slot(adapter, None, b))
+            slots[mod] = (Slot(adapter, w, None), Slot(adapter, None, b))
     return slots, shapes
 
 
@@ -449,5 +449,5 @@ class EKFAC(CurvatureOperator):
         return self._with_blocks([b.inverse(damping) for b in self._blocks])  # type: ignore[attr-defined]
 
 
-def _slot_start(slot: _Slot) -> int:
+def _slot_start(slot: Slot) -> int:
     return (slot.weight if slot.weight is not None else slot.bias).start  # type: ignore[union-attr]

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from kronfac.factors import compute_factors
-from kronfac.factors.data_pass import run_forward
 from kronfac.factors.ekfac import compute_corrections
 from kronfac.layers import get_adapter, supported_layers
 from kronfac.operators import EKFAC, KFAC, CurvatureOperator
@@ -124,6 +123,11 @@ def _check_coverage(model: nn.Module, names: Sequence[str]) -> None:
             )
 
 
+def _call_model(model: nn.Module, X: Any) -> Tensor:
+    """``model(X)``: curvlinops passes a dict-like ``X`` as one argument, not as keywords."""
+    return model(X)
+
+
 @contextmanager
 def _trainable_only(model: nn.Module, names: Sequence[str]) -> Any:
     """Within the context, exactly the parameters ``names`` require gradients."""
@@ -159,7 +163,7 @@ def _check_deterministic(
         for b, ((X1, y1), (X2, y2)) in enumerate(zip(data, data, strict=True)):
             if not (same(X1, X2) and same(y1, y2)):
                 raise RuntimeError(f"The data is not deterministic: batch {b} differs.")
-            if not same(run_forward(model, X1, None, b), run_forward(model, X2, None, b)):
+            if not same(_call_model(model, X1), _call_model(model, X2)):
                 raise RuntimeError(
                     f"The model is not deterministic: two forward passes on batch {b} differ "
                     "(dropout in train mode?). Call model.eval() or pass "
@@ -277,6 +281,7 @@ class KFACLinearOperator(_Operator):
             "num_per_example_loss_terms": num_per_example_loss_terms,
             "seed": seed,
             "progress": progressbar,
+            "forward": _call_model,
         }
         names = _resolve_params(model_func, params)
         _check_coverage(model_func, names)

@@ -41,7 +41,7 @@ __all__ = [
     "BatchRows",
     "PassResult",
     "PassSetup",
-    "run_forward",
+    "per_example",
     "run_pass",
     "select_modules",
 ]
@@ -406,7 +406,7 @@ def _batch_size(y: Any, batch_index: int) -> int:
     return y.shape[0]
 
 
-def run_forward(model: nn.Module, X: Any, forward: ForwardFn | None, batch_index: int) -> Tensor:
+def _run_forward(model: nn.Module, X: Any, forward: ForwardFn | None, batch_index: int) -> Tensor:
     """The logits of batch ``X``: ``forward(model, X)``, ``model(**X)`` or ``model(X)``."""
     if forward is not None:
         output = forward(model, X)
@@ -555,7 +555,7 @@ def run_pass(
             for c in calls.values():
                 c.clear()
             with torch.set_grad_enabled(backward):
-                output = run_forward(model, X, setup.forward, b)
+                output = _run_forward(model, X, setup.forward, b)
             likelihood.check(output, y)
             if output.shape[0] != n:
                 raise ValueError(
@@ -706,7 +706,7 @@ def _input_rows(
         if key not in cache:
             parts = []
             for c in calls[name]:
-                part = _per_example(c.adapter.input_rows(c.inputs), n, name, "input", b, 0)
+                part = per_example(c.adapter.input_rows(c.inputs), n, name, "input", b, 0)
                 # an adapter may reuse its buffer at its next call: keep earlier calls' rows
                 parts.append(part if len(calls[name]) == 1 else part.clone())
             x = _cat_calls(parts, dim=1)
@@ -743,7 +743,7 @@ def _grad_rows(
     for (name, c), g in zip(flat, grads, strict=True):
         if g is not None:
             rows = c.adapter.output_grad_rows(g)
-            per_module.setdefault(name, []).append(_per_example(rows, n, name, "output", b, 1))
+            per_module.setdefault(name, []).append(per_example(rows, n, name, "output", b, 1))
     out = {}
     for name, gs in per_module.items():
         g = _cat_calls(gs, dim=2).to(dtype)
@@ -751,7 +751,7 @@ def _grad_rows(
     return out
 
 
-def _per_example(rows: Tensor, n: int, name: str, what: str, b: int, lead: int) -> Tensor:
+def per_example(rows: Tensor, n: int, name: str, what: str, b: int, lead: int) -> Tensor:
     """``[*lead, rows, d]`` → ``[*lead, n, T, d]``, checking the rows split into ``n`` points.
 
     An adapter may also return ``[*lead, n, T, d]`` directly (``lead`` leading dimensions

@@ -41,13 +41,13 @@ from kronfac.factors.data_pass import BatchRows, PassSetup, run_pass
 from kronfac.factors.engine import check_finite
 from kronfac.linalg import LowRankFactor, eigh
 
-__all__ = ["compute_corrections"]
+__all__ = ["compute_corrections", "rotated_second_moment", "with_ones"]
 
 # Elements of the per-example gradients [K, chunk, p, q] formed at once.
 _MAX_PER_EXAMPLE_ELEMENTS = 1 << 25
 
 
-def _rotated_second_moment(gt: Tensor, at: Tensor) -> Tensor:
+def rotated_second_moment(gt: Tensor, at: Tensor) -> Tensor:
     """``Σ_{k,n} (g̃_{n,k}ᵀ ã_n)²`` for ``gt: [K, n, T, p]``, ``at: [n, T, q]`` → ``[p, q]``."""
     K, n, T, p = gt.shape
     q = at.shape[-1]
@@ -89,7 +89,7 @@ def _basis(F: Tensor | LowRankFactor, name: str) -> Tensor | None:
     return None if F.ndim == 1 else eigh(F, name)[1]
 
 
-def _with_ones(x: Tensor, joint_bias: bool, mask: Tensor | None) -> Tensor:
+def with_ones(x: Tensor, joint_bias: bool, mask: Tensor | None) -> Tensor:
     """Inputs with the bias's trailing 1 (0 at masked positions) when the bias joins the block."""
     if not joint_bias:
         return x
@@ -163,22 +163,22 @@ def compute_corrections(
                 pad = getattr(adapter, "padding_idx", None)
                 contribution = _token_second_moment(gt, x, adapter.in_features, pad)
             elif adapter.groups == 1:
-                contribution = _rotated_second_moment(gt, _with_ones(x, joint, mask) @ Q_A)
+                contribution = rotated_second_moment(gt, with_ones(x, joint, mask) @ Q_A)
             else:  # one block per group: slices of the inputs and of the output gradients
                 xs = x.reshape(*x.shape[:-1], adapter.groups, -1)
                 contribution = torch.stack(
                     [
-                        _rotated_second_moment(
+                        rotated_second_moment(
                             gt[..., j, :],
-                            _with_ones(xs[..., j, :], joint, mask) @ Q_A[j],
+                            with_ones(xs[..., j, :], joint, mask) @ Q_A[j],
                         )
                         for j in range(adapter.groups)
                     ]
                 )
             sums[name] = contribution if name not in sums else sums[name] + contribution
             if name in partial:  # the whole second moment, for the complement's eigenvalue
-                xa = _with_ones(x, joint, mask)
-                total = _rotated_second_moment(g, xa).sum()
+                xa = with_ones(x, joint, mask)
+                total = rotated_second_moment(g, xa).sum()
                 if name in separate:
                     total = torch.stack([total, g.sum(2).square().sum()])
                 totals[name] = total if name not in totals else totals[name] + total

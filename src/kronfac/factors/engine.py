@@ -28,10 +28,10 @@ from kronfac.factors.data_pass import BatchRows, ForwardFn, PassSetup, run_pass
 from kronfac.layers import LayerAdapter
 from kronfac.linalg import LowRankFactor, StreamingLowRank
 
-__all__ = ["check_finite", "compute_factors"]
+__all__ = ["FactorSums", "add_gram_", "check_finite", "compute_factors"]
 
 
-class _Accumulator:
+class FactorSums:
     """Running sums of one module: ``Σ a aᵀ / T``, ``Σ a / T`` (bias column), ``N``, ``Σ g gᵀ``.
 
     For a diagonal-input layer ``gram`` holds only the diagonal ``[d_in]`` (token counts / T);
@@ -45,12 +45,12 @@ class _Accumulator:
         adapter: LayerAdapter,
         dtype: torch.dtype,
         device: torch.device,
-        setup: PassSetup,
         joint_bias: bool,
+        rank: int | None = None,
+        threshold: int = 512,
     ) -> None:
         d_in, d_out, g = adapter.in_features, adapter.out_features, adapter.groups
         lead = (g,) if g > 1 else ()
-        rank, threshold = setup.rank, setup.rank_threshold
         low_A = rank is not None and not adapter.diagonal_input and d_in + joint_bias >= threshold
         low_S = rank is not None and d_out >= threshold
         self.A_stream = StreamingLowRank(d_in + joint_bias, rank, device) if low_A else None  # type: ignore[arg-type]
@@ -64,6 +64,17 @@ class _Accumulator:
         side = 0 if low_S else d_out
         self.ggT = torch.zeros(*lead, side, side, dtype=dtype, device=device)
         self.diagonal_input = adapter.diagonal_input
+
+    def add_inputs(self, x: Tensor, groups: int = 1) -> None:
+        """Add dense inputs ``x: [n, T, d_in]``, every position a term (no mask, no stream)."""
+        n, T = x.shape[:2]
+        add_gram_(self.gram, x, groups, 1.0 / T)
+        self.colsum += x.sum(dim=(0, 1)).div_(T).reshape(self.colsum.shape)
+        self.count += n
+
+    def add_output_grads(self, g: Tensor, groups: int = 1) -> None:
+        """Add output gradients ``g: [K, n, T, d_out]`` to ``Σ g gᵀ``."""
+        add_gram_(self.ggT, g.flatten(0, 1), groups, 1.0)
 
     def input_factor(self, with_bias: bool, num_data: int) -> Tensor | LowRankFactor:
         """``A`` from the running sums, with the bias row/column when ``with_bias``."""
@@ -126,7 +137,7 @@ def _update_stream(stream: StreamingLowRank, rows: Tensor, name: str, b: int, wh
     stream.update(rows)
 
 
-def _add_gram_(acc: Tensor, x: Tensor, groups: int, alpha: float) -> None:
+def add_gram_(acc: Tensor, x: Tensor, groups: int, alpha: float) -> None:
     """``acc += alpha · Σ_rows x xᵀ`` per group, for rows ``x: [..., g·d]`` in any layout.
 
     Rows stored channels-first (``x: [m, T, d]`` a transposed view of ``[m, d, T]``, as
@@ -264,13 +275,23 @@ def compute_factors(
     """
     options = {k: v for k, v in locals().items() if k not in ("model", "loss_fn", "data")}
     setup = PassSetup.create(model, loss_fn, **options)
-    accs: dict[str, _Accumulator] = {}
+    accs: dict[str, FactorSums] = {}
 
     def consume(rows: BatchRows) -> None:
         if not accs:
             device = next(iter(rows.inputs.values())).device
             accs.update(
-                (n, _Accumulator(a, rows.dtype, device, setup, setup.joint_bias(n)))
+                (
+                    n,
+                    FactorSums(
+                        a,
+                        rows.dtype,
+                        device,
+                        setup.joint_bias(n),
+                        setup.rank,
+                        setup.rank_threshold,
+                    ),
+                )
                 for n, a in setup.adapters.items()
             )
         shared: dict[int, list[str]] = {}  # modules fed the same tensor share one GEMM
@@ -310,11 +331,11 @@ def compute_factors(
             gram = None
             if len(names) > 1:
                 gram = torch.zeros_like(accs[names[0]].gram)
-                _add_gram_(gram, x, adapter.groups, 1.0 / T)
+                add_gram_(gram, x, adapter.groups, 1.0 / T)
             for name in names:
                 acc = accs[name]
                 if gram is None:
-                    _add_gram_(acc.gram, x, adapter.groups, 1.0 / T)
+                    add_gram_(acc.gram, x, adapter.groups, 1.0 / T)
                 else:
                     acc.gram += gram
                 acc.colsum += colsum
@@ -331,7 +352,7 @@ def compute_factors(
                     stream, g.reshape(-1, g.shape[-1]), name, rows.index, "output gradients"
                 )  # type: ignore[arg-type]
             else:
-                _add_gram_(accs[name].ggT, g.flatten(0, 1), setup.adapters[name].groups, 1.0)
+                accs[name].add_output_grads(g, setup.adapters[name].groups)
         if rows.grads:
             check_finite(
                 {

@@ -103,4 +103,9 @@ class CategoricalLikelihood(Likelihood):
         self, terms: Tensor, num_samples: int, generator: torch.Generator
     ) -> Tensor:
         p = torch.softmax(terms, dim=-1)
-        return torch.multinomial(p, num_samples, replacement=True, generator=generator).T
+        # one draw per sample, in sample order (the same labels as curvlinops for a seed)
+        draws = [
+            torch.multinomial(p, 1, replacement=True, generator=generator)
+            for _ in range(num_samples)
+        ]
+        return torch.cat(draws, dim=1).T

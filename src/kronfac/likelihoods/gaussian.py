@@ -35,10 +35,13 @@ class GaussianLikelihood(EntrywiseLikelihood):
     def sample(  # noqa: D102
         self, terms: Tensor, num_samples: int, generator: torch.Generator
     ) -> Tensor:
-        noise = torch.randn(
-            (num_samples, *terms.shape),
-            generator=generator,
-            dtype=terms.dtype,
-            device=terms.device,
+        # one draw per sample, in sample order (the same labels as curvlinops for a seed)
+        noise = torch.stack(
+            [
+                torch.randn(
+                    terms.shape, generator=generator, dtype=terms.dtype, device=terms.device
+                )
+                for _ in range(num_samples)
+            ]
         )
         return terms + noise * math.sqrt(0.5)
