@@ -1,5 +1,4 @@
-"""Optimizer comparisons on scikit-learn's digits: the harness of ``kronfac demo`` and
-``benchmarks/optim.py``.
+"""Optimizer comparisons on scikit-learn's digits (``kronfac demo``, ``benchmarks/optim.py``).
 
 Tasks (``load_digits``: 1797 images 8x8 scaled to ``[0, 1]``, a fixed 1437 / 360 split):
 
@@ -15,6 +14,7 @@ the training steps only (forward, backward, optimizer step), never the evaluatio
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -122,7 +122,7 @@ def digits_tasks() -> list[Task]:
     def autoencoder() -> nn.Module:
         sizes = [64, 256, 128, 32, 128, 256, 64]
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
                 layers.append(nn.Tanh())
@@ -228,9 +228,7 @@ def median_run(runs: Sequence[Run], target: float | None = None) -> Run:
     return ranked[(len(ranked) - 1) // 2]
 
 
-def summarise(
-    runs: Iterable[Run], target: float, adam_seconds_per_step: float
-) -> list[list[str]]:
+def summarise(runs: Iterable[Run], target: float, adam_seconds_per_step: float) -> list[list[str]]:
     """One row per method (its best learning rate): the cells of :func:`format_table`."""
     by_method: dict[str, dict[float, list[Run]]] = {}
     for r in runs:

@@ -473,9 +473,7 @@ class KFACPreconditioner:
                 parts: list[tuple[Tensor | None, ...]] = []
                 for block in layer.blocks():
                     if self.inverse_method == "cholesky":
-                        inv = block.inverse(
-                            damping, heuristic=True, min_damping=self.min_damping
-                        )
+                        inv = block.inverse(damping, heuristic=True, min_damping=self.min_damping)
                         parts.append((inv.S, inv.A))  # type: ignore[attr-defined]
                     else:
                         s, Q_S, a, Q_A = block.eigen()
