@@ -91,24 +91,24 @@ def disable_input_hooks() -> Iterator[None]:
 
 
 def incremental_svd(
-    L: Tensor, rows: Tensor, dtype: torch.dtype = torch.float64, n_kfac: int | None = None
+    A: Tensor, a: Tensor, dtype: torch.dtype = torch.float64, n_kfac: int | None = None
 ) -> Tensor:
-    r"""Fold ``rows`` into a low-rank factor: ``L' L'ᵀ ≈ L Lᵀ + rowsᵀ rows``.
+    r"""Fold the rows ``a`` into a low-rank factor: ``A' A'ᵀ ≈ A Aᵀ + aᵀ a``.
 
-    With the thin SVD ``[L, rowsᵀ] = U Σ Vᵀ`` (in ``dtype``), ``L' = U_k Σ_k`` is the best
-    rank-``k`` approximation (Eckart–Young), since ``[L, rowsᵀ][L, rowsᵀ]ᵀ = L Lᵀ + rowsᵀ rows``.
+    With the thin SVD ``[A, aᵀ] = U Σ Vᵀ`` (in ``dtype``), ``A' = U_k Σ_k`` is the best
+    rank-``k`` approximation (Eckart–Young), since ``[A, aᵀ][A, aᵀ]ᵀ = A Aᵀ + aᵀ a``.
 
     Args:
-        L: ``[side, r]``, the factor so far.
-        rows: ``[m, side]``, the new rows.
-        dtype: The dtype of the SVD (and of ``L'``).
+        A: ``[side, r]``, the factor so far.
+        a: ``[m, side]``, the new rows.
+        dtype: The dtype of the SVD (and of ``A'``).
         n_kfac: ``k``; ``r`` when ``None``.
 
     Returns:
-        ``L': [side, min(k, side, r + m)]``.
+        ``A': [side, min(k, side, r + m)]``.
     """
-    k = L.shape[-1] if n_kfac is None else n_kfac
-    U, sigma, _ = torch.linalg.svd(torch.cat([L.to(dtype), rows.to(dtype).T], dim=1), False)
+    k = A.shape[-1] if n_kfac is None else n_kfac
+    U, sigma, _ = torch.linalg.svd(torch.cat([A.to(dtype), a.to(dtype).T], dim=1), False)
     return U[:, :k] * sigma[:k]
 
 

@@ -193,7 +193,10 @@ def train(
         X, y = task.X_train[idx], task.y_train[idx]
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = task.loss_fn(model(X), y)
+        output = model(X)
+        loss = task.loss_fn(output, y)
+        if isinstance(optimizer, KFAC) and optimizer.preconditioner.fisher == "mc":
+            optimizer.preconditioner.mc_backward(output, task.loss_fn)
         loss.backward()
         optimizer.step()
         elapsed += time.perf_counter() - start

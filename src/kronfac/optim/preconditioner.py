@@ -85,6 +85,7 @@ class _Layer:
     # per slot: (s, Q_S, a, Q_A) eigendecompositions, or (S⁻¹, A⁻¹) damped Cholesky inverses
     decomposed: list[tuple[Tensor | None, ...]] | None = None
     scales: list[Tensor] | None = None  # EKFAC's Λ per slot
+    cache: tuple[float, list[Any]] | None = None  # (damping, the damped inverse's blocks)
 
     def blocks(self) -> list[KroneckerBlock]:
         """The K-FAC blocks of the running factors (weight, then a separate bias)."""
@@ -444,7 +445,9 @@ class KFACPreconditioner:
                 continue
             A = sums.input_factor(layer.joint, sums.count)
             S = sums.ggT * self._batch_scale(sums.count)
-            if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(S).all())):
+            # a NaN / Inf in any input or gradient row reaches the diagonal (as a_j², g_j²)
+            diagonals = torch.cat([A.diagonal(), S.diagonal()])
+            if not bool(torch.isfinite(diagonals).all()):
                 if self.grad_scaler is None:
                     warnings.warn(
                         f"Non-finite values (NaN or Inf) in the K-FAC statistics of module "
@@ -486,7 +489,7 @@ class KFACPreconditioner:
                     stacklevel=3,
                 )
                 continue
-            layer.decomposed = parts
+            layer.decomposed, layer.cache = parts, None
             if self.ekfac:  # the scales restart from K-FAC's eigenvalues in the new basis
                 layer.scales = [s[:, :, None] * a[:, None, :] for s, _, a, _ in parts]  # type: ignore[index]
 
@@ -509,25 +512,42 @@ class KFACPreconditioner:
                     at = xa if Q_A is None else xa @ Q_A[0]
                     fresh += rotated_second_moment(gt, at)
                 layer.scales[i].mul_(eps).add_(fresh[None], alpha=(1 - eps) * c)
+            layer.cache = None
 
     def _inverse_blocks(self, layer: _Layer, damping: float) -> list[Any]:
-        """The per-slot blocks applying the damped inverse to a ``[p, q, k]`` gradient."""
+        """The per-slot blocks applying the damped inverse to a ``[p, q, k]`` gradient.
+
+        Cached until the damping changes or the decomposition / EKFAC scales are refreshed.
+        Factored (π) damping is applied as the explicit inverses ``(S + δ_S I)⁻¹`` and
+        ``(A + δ_A I)⁻¹`` (two products per step instead of four rotations).
+        """
         assert layer.decomposed is not None
+        if layer.cache is not None and layer.cache[0] == damping:
+            return layer.cache[1]
         if self.inverse_method == "cholesky":
-            return [KroneckerBlock(S_inv, A_inv, layer.name) for S_inv, A_inv in layer.decomposed]  # type: ignore[arg-type]
-        out = []
-        for i, (block, (s, Q_S, a, Q_A)) in enumerate(
-            zip(layer.blocks(), layer.decomposed, strict=True)
-        ):
-            if self.ekfac:
-                lam = layer.scales[i] + damping  # type: ignore[index]
-            elif self.damping_mode == "tikhonov":
-                lam = s[:, :, None] * a[:, None, :] + damping  # type: ignore[index]
-            else:
-                d_S, d_A = block.damping_split(damping, True, self.min_damping)
-                a_damped = a if block.A is None else a + d_A[:, None]  # type: ignore[operator]
-                lam = (s + d_S[:, None])[:, :, None] * a_damped[:, None, :]  # type: ignore[operator]
-            out.append(EigenBlock(Q_S, Q_A, lam.reciprocal(), layer.name))  # type: ignore[arg-type]
+            out: list[Any] = [
+                KroneckerBlock(S_inv, A_inv, layer.name)  # type: ignore[arg-type]
+                for S_inv, A_inv in layer.decomposed
+            ]
+        else:
+            out = []
+            for i, (block, (s, Q_S, a, Q_A)) in enumerate(
+                zip(layer.blocks(), layer.decomposed, strict=True)
+            ):
+                if self.ekfac:
+                    lam = layer.scales[i] + damping  # type: ignore[index]
+                elif self.damping_mode == "tikhonov":
+                    lam = s[:, :, None] * a[:, None, :] + damping  # type: ignore[index]
+                else:
+                    d_S, d_A = block.damping_split(damping, True, self.min_damping)
+                    S_inv = (Q_S / (s + d_S[:, None])[:, None, :]) @ Q_S.transpose(-1, -2)  # type: ignore[operator, union-attr]
+                    A_inv = None
+                    if block.A is not None:
+                        A_inv = (Q_A / (a + d_A[:, None])[:, None, :]) @ Q_A.transpose(-1, -2)  # type: ignore[operator, union-attr]
+                    out.append(KroneckerBlock(S_inv, A_inv, layer.name))
+                    continue
+                out.append(EigenBlock(Q_S, Q_A, lam.reciprocal(), layer.name))  # type: ignore[arg-type]
+        layer.cache = (damping, out)
         return out
 
     def _precondition(self, damping: float) -> None:
@@ -611,6 +631,7 @@ class KFACPreconditioner:
             layer.A, layer.S = copy(saved["A"], layer.weight), copy(saved["S"], layer.weight)
             layer.decomposed = copy(saved["decomposed"], layer.weight)
             layer.scales = copy(saved["scales"], layer.weight)
+            layer.cache = None
         self.steps = int(state["steps"])
         self._generator.set_state(state["generator"])
 
