@@ -1,6 +1,6 @@
 """Pure tensor algebra for Kronecker-structured matrices (no torch.nn)."""
 
-from kronfac.linalg.base import Block
+from kronfac.linalg.base import Block, pi_damping
 from kronfac.linalg.decompositions import cholesky_inverse, eigh, psd_eigenvalues
 from kronfac.linalg.eigen import EigenBlock
 from kronfac.linalg.kronecker import KroneckerBlock, kron_matmul
@@ -16,5 +16,6 @@ __all__ = [
     "cholesky_inverse",
     "eigh",
     "kron_matmul",
+    "pi_damping",
     "psd_eigenvalues",
 ]

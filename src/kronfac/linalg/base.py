@@ -11,11 +11,37 @@ grouped convolutions): a grouped block is block-diagonal over ``g`` sub-blocks, 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
+import torch
 from torch import Tensor
 
-__all__ = ["Block", "from_groups", "to_groups"]
+__all__ = ["Block", "from_groups", "pi_damping", "to_groups"]
+
+
+def pi_damping(
+    mean_a: Tensor, mean_s: Tensor, damping: float, min_damping: float
+) -> tuple[Tensor, Tensor]:
+    r"""Factored π-damping ``(δ_S, δ_A)`` (Martens & Grosse, 2015, §6.3), per group.
+
+    With the factors' mean eigenvalues ``ā = tr A / dim A`` and ``s̄ = tr S / dim S``,
+    ``π = √(ā / s̄)``, ``δ_A = max(π√δ, min_damping)`` and ``δ_S = max(√δ/π, min_damping)``;
+    where a mean eigenvalue is not positive (``π`` would be 0 or undefined) both are ``δ``.
+
+    Args:
+        mean_a: ``ā`` per group, ``[g]``.
+        mean_s: ``s̄`` per group, ``[g]``.
+        damping: ``δ``.
+        min_damping: The lower bound.
+    """
+    ok = (mean_a > 0) & (mean_s > 0)
+    pi = torch.where(ok, (mean_a / torch.where(ok, mean_s, 1.0)).clamp(min=0).sqrt(), 1.0)
+    root = math.sqrt(damping)
+    plain = torch.full_like(pi, float(damping))
+    d_S = torch.where(ok, (root / pi).clamp(min=min_damping), plain)
+    d_A = torch.where(ok, (root * pi).clamp(min=min_damping), plain)
+    return d_S, d_A
 
 
 def to_groups(V: Tensor, groups: int) -> Tensor:

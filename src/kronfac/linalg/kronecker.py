@@ -21,13 +21,11 @@ diagonal factor (an embedding's token frequencies), stored and applied as a diag
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from kronfac.errors import NotPSDError
-from kronfac.linalg.base import Block, from_groups, to_groups
+from kronfac.linalg.base import Block, from_groups, pi_damping, to_groups
 from kronfac.linalg.decompositions import cholesky_inverse, eigh, psd_eigenvalues
 from kronfac.linalg.eigen import EigenBlock
 
@@ -156,13 +154,8 @@ class KroneckerBlock(Block):
         if not heuristic or A is None:
             return plain, plain.clone()
         mean_a = (A if A.ndim == 2 else A.diagonal(dim1=-2, dim2=-1)).mean(-1)
-        mean_s = self.S.diagonal(dim1=-2, dim2=-1).sum(-1) / self.S.shape[-1]
-        ok = (mean_a > 0) & (mean_s > 0)
-        pi = torch.where(ok, (mean_a / torch.where(ok, mean_s, 1.0)).clamp(min=0).sqrt(), 1.0)
-        root = math.sqrt(damping)
-        d_S = torch.where(ok, (root / pi).clamp(min=min_damping), plain)
-        d_A = torch.where(ok, (root * pi).clamp(min=min_damping), plain)
-        return d_S, d_A
+        mean_s = self.S.diagonal(dim1=-2, dim2=-1).mean(-1)
+        return pi_damping(mean_a, mean_s, damping, min_damping)
 
     def inverse(
         self,

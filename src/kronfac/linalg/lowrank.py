@@ -18,14 +18,13 @@ the data's rank is at most ``l``.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from kronfac.errors import NotPSDError
-from kronfac.linalg.base import Block
+from kronfac.linalg.base import Block, pi_damping
 from kronfac.linalg.decompositions import cholesky_inverse, eigh, psd_eigenvalues
 from kronfac.linalg.eigen import EigenBlock
 
@@ -303,10 +302,12 @@ class LowRankKroneckerBlock(Block):
         d_S = d_A = damping
         ref_A = self.A if self.A is not None else self.heuristic_A
         if heuristic and ref_A is not None:
-            mean_a, mean_s = self._mean_eigenvalue(ref_A), self._mean_eigenvalue(self.S)
-            if mean_a > 0 and mean_s > 0:
-                pi, root = math.sqrt(mean_a / mean_s), math.sqrt(damping)
-                d_S, d_A = max(root / pi, min_damping), max(pi * root, min_damping)
+            means = [
+                torch.tensor([self._mean_eigenvalue(F)], dtype=torch.float64)
+                for F in (ref_A, self.S)
+            ]
+            d_S_t, d_A_t = pi_damping(*means, damping, min_damping)
+            d_S, d_A = float(d_S_t), float(d_A_t)
         return LowRankKroneckerBlock(
             self._damped_inverse(self.S, d_S),  # type: ignore[arg-type]
             self._damped_inverse(self.A, d_A),

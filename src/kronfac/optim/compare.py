@@ -42,15 +42,16 @@ __all__ = [
 METHODS: dict[str, tuple[float, ...]] = {
     "adam": (3e-4, 1e-3, 3e-3),
     "sgd": (0.03, 0.1, 0.3),
-    "kfac": (0.03, 0.1, 0.3),
-    "ekfac": (0.03, 0.1, 0.3),
+    "kfac": (0.1, 0.3, 0.5),
+    "ekfac": (0.1, 0.3, 0.5),
 }
 KFAC_OPTIONS: dict[str, Any] = {
-    "damping": 1e-3,
+    "damping": 0.1,
     "factor_decay": 0.95,
     "inverse_every": 10,
-    "kl_clip": 1e-2,
+    "kl_clip": 0.1,
     "momentum": 0.9,
+    "fisher": "mc",
 }
 
 

@@ -54,7 +54,6 @@ class KFAC(torch.optim.Optimizer):
 
     Raises:
         ValueError: Out-of-range ``lr``, ``momentum`` or ``weight_decay``, or a bad option.
-        TypeError: ``lr`` among ``options``.
     """
 
     def __init__(
@@ -66,8 +65,6 @@ class KFAC(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         **options: Any,
     ) -> None:
-        if "lr" in options:
-            raise TypeError("Pass lr once, as KFAC's own argument.")
         schedule: Callable[[int], float] | None = lr if callable(lr) else None
         first = float(schedule(0)) if schedule is not None else lr
         if isinstance(first, bool) or not isinstance(first, (int, float)) or not first > 0:

@@ -12,10 +12,12 @@ accumulation; ``N`` data points in all) give
 ``a`` the layer inputs (a trailing 1 for a joint bias), ``g`` the gradients the backward pass
 leaves at the layer outputs, ``c = N`` for a loss averaged over the data points
 (``reduction="mean"``: the ``g`` carry ``1/N``) and ``c = 1/N`` for a summed loss, so that
-``Ŝ ⊗ Â`` estimates the Fisher of one data point's loss either way. A loss averaged over ``T``
-positions too (token-level language modelling) gives an ``Ŝ`` ``T`` times smaller, which acts
-as a larger damping. With ``fisher="mc"`` the ``g`` come from labels sampled from the model
-(:meth:`KFACPreconditioner.mc_backward`) instead of the training labels.
+``Ŝ ⊗ Â`` estimates the Fisher of one data point's loss either way. A module called several
+times in one forward pass of ``model`` is one block whose calls are more positions ``t`` of
+the same data points (call ``model`` itself: its forward passes delimit the data points).
+A loss averaged over ``T`` positions too (token-level language modelling) gives an ``Ŝ`` ``T``
+times smaller, which acts as a larger damping. With ``fisher="mc"`` the ``g`` come from labels
+sampled from the model (:meth:`KFACPreconditioner.mc_backward`) instead of the training labels.
 
 Running estimates (every ``factor_every`` steps; the first update initialises):
 ``A ← ε A + (1 − ε) Â``, ``S ← ε S + (1 − ε) Ŝ`` (``ε = factor_decay``). Every
@@ -25,7 +27,8 @@ gradient ``V = ∇W`` becomes
 
 - ``damping_mode="pi"`` (Martens & Grosse, 2015, §6.3): ``(S + δ_S I)⁻¹ V (A + δ_A I)⁻¹``
   with ``δ_A = π√δ``, ``δ_S = √δ/π``, ``π = √((tr A / q) / (tr S / p))`` (each at least
-  ``min_damping``), i.e. ``Q_S [(Q_Sᵀ V Q_A) ⊘ ((s + δ_S)(a + δ_A)ᵀ)] Q_Aᵀ``;
+  ``min_damping``; the factors as last decomposed), applied as the explicit inverses
+  ``Q_S diag(1/(s + δ_S)) Q_Sᵀ`` and ``Q_A diag(1/(a + δ_A)) Q_Aᵀ``;
 - ``damping_mode="tikhonov"``: ``(S ⊗ A + δI)⁻¹ vec V``, i.e. the same with ``s aᵀ + δ``;
 - ``ekfac=True`` (George et al., 2018): ``Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + δ)] Q_Aᵀ`` with ``Λ`` a
   running estimate of ``c Σ_n (Q_Sᵀ G_n Q_A)^{∘2}``, ``G_n = Σ_t g_{n,t} a_{n,t}ᵀ`` the
@@ -55,7 +58,7 @@ from kronfac.factors.ekfac import rotated_second_moment, with_ones
 from kronfac.factors.engine import FactorSums
 from kronfac.layers import LayerAdapter
 from kronfac.likelihoods import get_likelihood
-from kronfac.linalg import EigenBlock, KroneckerBlock
+from kronfac.linalg import EigenBlock, KroneckerBlock, pi_damping
 from kronfac.operators import Slot
 
 __all__ = ["KFACPreconditioner"]
@@ -79,7 +82,11 @@ class _Layer:
     joint: bool
     slots: tuple[Slot, ...]
     sums: FactorSums | None = None
-    rows: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    # this step's data points (a module called k times per forward pass counts them once) and
+    # the forward passes seen; the (forward pass, inputs, output gradients) kept for EKFAC
+    points: int = 0
+    forwards: set[int] = field(default_factory=set)
+    rows: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
     A: Tensor | None = None
     S: Tensor | None = None
     # per slot: (s, Q_S, a, Q_A) eigendecompositions, or (S⁻¹, A⁻¹) damped Cholesky inverses
@@ -235,9 +242,10 @@ class KFACPreconditioner:
         self.steps = 0
         self._generator = torch.Generator().manual_seed(seed)
         self._layers = self._select(model, modules, bias == "joint")
-        self._pending: list[tuple[_Layer, LayerAdapter, Tensor, Tensor]] = []
+        self._pending: list[tuple[_Layer, LayerAdapter, Tensor, Tensor, int]] = []
         self._recorded = False
-        self._handles = [
+        self._forward = 0  # counts the model's forward passes (calls of one are positions)
+        self._handles = [model.register_forward_pre_hook(self._next_forward)] + [
             adapter.module.register_forward_hook(self._make_hook(layer, adapter), with_kwargs=True)
             for layer in self._layers.values()
             for adapter in [layer.adapter, *layer.tied]
@@ -301,6 +309,9 @@ class KFACPreconditioner:
         self._handles.clear()
 
     # -- recording --------------------------------------------------------------------------
+    def _next_forward(self, *_: Any) -> None:
+        self._forward += 1
+
     def _records_now(self) -> bool:
         """Whether this step's passes feed the factors or the EKFAC scales."""
         return self.steps % self.factor_every == 0 or self._scale_step()
@@ -317,15 +328,22 @@ class KFACPreconditioner:
             if not output.requires_grad or not self._records_now():
                 return
             x = adapter.layer_input(args, kwargs).detach()
+            forward = self._forward
             if self.fisher == "mc":
-                self._pending.append((layer, adapter, x, output))
+                self._pending.append((layer, adapter, x, output, forward))
             else:
-                output.register_hook(lambda g: self._record(layer, adapter, x, g))
+                output.register_hook(lambda g: self._record(layer, adapter, x, g, forward))
 
         return hook
 
-    def _record(self, layer: _Layer, adapter: LayerAdapter, x: Tensor, g: Tensor) -> None:
-        """Add one call's inputs ``x`` and output gradient ``g`` to this step's sums."""
+    def _record(
+        self, layer: _Layer, adapter: LayerAdapter, x: Tensor, g: Tensor, forward: int
+    ) -> None:
+        """Add one call's inputs ``x`` and output gradient ``g`` to this step's sums.
+
+        The calls of one forward pass are positions of the same data points: ``A`` averages
+        over all of them, while the data points count once (``c`` of ``Ŝ``).
+        """
         n, dtype = g.shape[0], _factor_dtype(layer.weight)
         rows = per_example(adapter.input_rows(x), n, layer.name, "input", self.steps, 0)
         grads = per_example(
@@ -336,8 +354,12 @@ class KFACPreconditioner:
             layer.sums = FactorSums(adapter, dtype, rows.device, layer.joint)
         layer.sums.add_inputs(rows)
         layer.sums.add_output_grads(grads)
+        if forward not in layer.forwards:
+            layer.forwards.add(forward)
+            layer.points += n
         if self._scale_step():
-            layer.rows.append((with_ones(rows, layer.joint, None).clone(), grads.clone()))
+            ones = with_ones(rows, layer.joint, None).clone()
+            layer.rows.append((forward, ones, grads.clone()))
         self._recorded = True
 
     def mc_backward(self, output: Tensor, loss_fn: nn.Module) -> None:
@@ -373,14 +395,14 @@ class KFACPreconditioner:
         vector = likelihood.from_terms(vectors, output)[0] / divisor
         grads = torch.autograd.grad(
             output,
-            [out for *_, out in pending],
+            [item[3] for item in pending],
             grad_outputs=vector.to(output.dtype),
             retain_graph=True,
             allow_unused=True,
         )
-        for (layer, adapter, x, _), g in zip(pending, grads, strict=True):
+        for (layer, adapter, x, _, forward), g in zip(pending, grads, strict=True):
             if g is not None:
-                self._record(layer, adapter, x, g)
+                self._record(layer, adapter, x, g, forward)
 
     # -- the step ---------------------------------------------------------------------------
     def _value(self, name: str, value: Schedule) -> float:
@@ -420,7 +442,8 @@ class KFACPreconditioner:
             self._precondition(damping)
         finally:
             for layer in self._layers.values():
-                layer.sums, layer.rows = None, []
+                layer.sums, layer.rows, layer.points, layer.forwards = None, [], 0, set()
+            self._forward += 1  # calls in the next step never join this step's data points
         self.steps += 1
         return True
 
@@ -444,7 +467,7 @@ class KFACPreconditioner:
             if sums is None or sums.count == 0:
                 continue
             A = sums.input_factor(layer.joint, sums.count)
-            S = sums.ggT * self._batch_scale(sums.count)
+            S = sums.ggT * self._batch_scale(layer.points)
             # a NaN / Inf in any input or gradient row reaches the diagonal (as a_j², g_j²)
             diagonals = torch.cat([A.diagonal(), S.diagonal()])
             if not bool(torch.isfinite(diagonals).all()):
@@ -494,19 +517,27 @@ class KFACPreconditioner:
                 layer.scales = [s[:, :, None] * a[:, None, :] for s, _, a, _ in parts]  # type: ignore[index]
 
     def _update_scales(self) -> None:
-        """EKFAC: EMA of the batch's per-example second moments in the current basis."""
+        """EKFAC: EMA of the batch's per-example second moments in the current basis.
+
+        The calls of one forward pass are joined along the positions first, so that the
+        per-example gradient sums over every call before it is squared.
+        """
         eps = self.factor_decay
         for layer in self._layers.values():
             if not layer.rows or layer.decomposed is None or layer.scales is None:
                 continue
-            count = layer.sums.count if layer.sums is not None else 0
-            if count == 0:
-                continue
-            c = self._batch_scale(count)
+            per_forward: dict[int, list[tuple[Tensor, Tensor]]] = {}
+            for forward, x, g in layer.rows:
+                per_forward.setdefault(forward, []).append((x, g))
+            joined = [
+                (torch.cat([x for x, _ in calls], dim=1), torch.cat([g for _, g in calls], dim=2))
+                for calls in per_forward.values()
+            ]
+            c = self._batch_scale(layer.points)
             for i, (_, Q_S, _, Q_A) in enumerate(layer.decomposed):
                 is_bias = len(layer.decomposed) == 2 and i == 1
                 fresh = torch.zeros_like(layer.scales[i][0])
-                for x, g in layer.rows:
+                for x, g in joined:
                     xa = x.new_ones(*x.shape[:-1], 1) if is_bias else x
                     gt = g @ Q_S[0]  # type: ignore[index]
                     at = xa if Q_A is None else xa @ Q_A[0]
@@ -531,18 +562,22 @@ class KFACPreconditioner:
             ]
         else:
             out = []
-            for i, (block, (s, Q_S, a, Q_A)) in enumerate(
-                zip(layer.blocks(), layer.decomposed, strict=True)
-            ):
+            weight_a = layer.decomposed[0][2]  # π of a separate bias: its weight's A
+            for i, (s, Q_S, a, Q_A) in enumerate(layer.decomposed):
                 if self.ekfac:
                     lam = layer.scales[i] + damping  # type: ignore[index]
                 elif self.damping_mode == "tikhonov":
                     lam = s[:, :, None] * a[:, None, :] + damping  # type: ignore[index]
-                else:
-                    d_S, d_A = block.damping_split(damping, True, self.min_damping)
+                else:  # π from the decomposed factors' mean eigenvalues (their traces)
+                    d_S, d_A = pi_damping(
+                        weight_a.mean(-1),
+                        s.mean(-1),
+                        damping,
+                        self.min_damping,  # type: ignore[union-attr]
+                    )
                     S_inv = (Q_S / (s + d_S[:, None])[:, None, :]) @ Q_S.transpose(-1, -2)  # type: ignore[operator, union-attr]
                     A_inv = None
-                    if block.A is not None:
+                    if i == 0:
                         A_inv = (Q_A / (a + d_A[:, None])[:, None, :]) @ Q_A.transpose(-1, -2)  # type: ignore[operator, union-attr]
                     out.append(KroneckerBlock(S_inv, A_inv, layer.name))
                     continue

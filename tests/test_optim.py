@@ -1,0 +1,851 @@
+"""``kronfac.optim``: ``KFACPreconditioner`` and ``KFAC`` against dense float64 references.
+
+Every reference is built here, from the layers' inputs and the output gradients that autograd
+leaves on ``out.retain_grad()`` tensors, with ``torch.linalg`` (never from kronfac code), as
+the module docstring of ``kronfac/optim/preconditioner.py`` states it: per step with ``N``
+data points and ``T`` positions per data point,
+
+- ``Â = 1/N Σ_n 1/T Σ_t ã ãᵀ`` (``ã = [a, 1]`` for a joint bias), ``Ŝ = c Σ_{n,t} g gᵀ``
+  with ``c = N`` (mean loss) or ``1/N`` (summed loss);
+- π-damping ``(S + δ_S I)⁻¹ G (A + δ_A I)⁻¹``, Tikhonov ``(S ⊗ A + δI)⁻¹ vec G``, EKFAC
+  ``Q_S [(Q_Sᵀ G Q_A) ⊘ (Λ + δ)] Q_Aᵀ``.
+
+Tolerance: the dense references solve damped systems with condition numbers below ~1e4
+(damping >= 1e-2 against factors of order one), so float64 round-off stays below ~1e-12
+relative; ``TOL = 1e-10`` leaves a margin while any error in a formula (a wrong ``c``, a
+missing bias column, a stale factor, a wrong ``π``) is orders of magnitude larger.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DT, assert_rel_close, gen, init, randn
+from torch import Tensor, nn
+
+from kronfac.errors import UncoveredParameterWarning
+from kronfac.optim import KFAC, KFACPreconditioner
+
+TOL = 1e-10  # float64, damped systems of condition number <~1e4 (module docstring)
+
+
+# -- dense references ---------------------------------------------------------------------------
+class Tap:
+    """Records every call of the model's Linear / Conv2d modules (inputs, retained outputs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.calls: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        self.modules = {
+            name: mod
+            for name, mod in model.named_modules()
+            if isinstance(mod, (nn.Linear, nn.Conv2d))
+        }
+        for name, mod in self.modules.items():
+            mod.register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        def hook(module, args, out):
+            if torch.is_grad_enabled() and out.requires_grad:
+                out.retain_grad()
+                self.calls.setdefault(name, []).append((args[0].detach(), out))
+
+        return hook
+
+    def clear(self) -> None:
+        self.calls = {}
+
+    def positions(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(a [N, T, q], g [N, T, p])``: the inputs and output gradients at every position."""
+        mod, a, g = self.modules[name], [], []
+        for x, out in self.calls[name]:
+            if isinstance(mod, nn.Conv2d):
+                patches = F.unfold(
+                    x,
+                    mod.kernel_size,
+                    dilation=mod.dilation,
+                    padding=mod.padding,
+                    stride=mod.stride,
+                )
+                a.append(patches.transpose(1, 2))  # [N, L, C_in·kh·kw]
+                g.append(out.grad.flatten(2).transpose(1, 2))  # [N, L, C_out]
+            else:
+                a.append(x[:, None])
+                g.append(out.grad[:, None])
+        return torch.cat(a, 1), torch.cat(g, 1)
+
+    def stats(self, name: str, joint: bool, c: float | None = None):
+        """``(Â, Ŝ, G_n)`` of one step; ``c = N`` by default (a mean loss)."""
+        a, g = self.positions(name)
+        N, T = a.shape[:2]
+        if joint:
+            a = torch.cat([a, a.new_ones(N, T, 1)], dim=-1)
+        c = N if c is None else c
+        A = torch.einsum("ntq,ntr->qr", a, a) / (N * T)
+        S = c * torch.einsum("ntp,nto->po", g, g)
+        Gn = torch.einsum("ntp,ntq->npq", g, a)
+        return A, S, Gn
+
+
+def grad_matrix(mod: nn.Module, joint: bool) -> Tensor:
+    """``[∇W | ∇b]`` (joint) or ``∇W`` as ``[p, q]`` (conv weights flattened)."""
+    W = mod.weight.grad.reshape(mod.weight.shape[0], -1)
+    if joint and mod.bias is not None:
+        W = torch.cat([W, mod.bias.grad[:, None]], dim=1)
+    return W.clone()
+
+
+def eye(n: int) -> Tensor:
+    return torch.eye(n, dtype=DT)
+
+
+def pi_split(A: Tensor, S: Tensor, damping: float, min_damping: float = 1e-8):
+    """``(δ_S, δ_A)`` of π-damping."""
+    pi = math.sqrt((A.trace().item() / A.shape[0]) / (S.trace().item() / S.shape[0]))
+    root = math.sqrt(damping)
+    return max(root / pi, min_damping), max(root * pi, min_damping)
+
+
+def dense_pi(A, S, G, damping, min_damping=1e-8):
+    """``(S + δ_S I)⁻¹ G (A + δ_A I)⁻¹``."""
+    d_S, d_A = pi_split(A, S, damping, min_damping)
+    X = torch.linalg.solve(S + d_S * eye(S.shape[0]), G)
+    return torch.linalg.solve(A + d_A * eye(A.shape[0]), X.T).T
+
+
+def dense_tikhonov(A, S, G, damping):
+    """``(S ⊗ A + δI)⁻¹ vec G`` with the row-major ``vec``."""
+    K = torch.kron(S, A) + damping * eye(S.shape[0] * A.shape[0])
+    return torch.linalg.solve(K, G.reshape(-1)).reshape(G.shape)
+
+
+def dense_ekfac(A, S, Gn, G, damping, eps, c):
+    """EKFAC's first step: ``Λ = ε s aᵀ + (1 − ε) c Σ_n (Q_Sᵀ G_n Q_A)²``."""
+    s, Q_S = torch.linalg.eigh(S)
+    a, Q_A = torch.linalg.eigh(A)
+    lam = eps * torch.outer(s, a) + (1 - eps) * c * (Q_S.T @ Gn @ Q_A).square().sum(0)
+    return Q_S @ ((Q_S.T @ G @ Q_A) / (lam + damping)) @ Q_A.T
+
+
+def linear_data(n: int, d_in: int, classes: int, seed: int):
+    g = gen(seed)
+    return randn(n, d_in, g=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def mlp(seed: int = 0, layernorm: bool = False) -> nn.Module:
+    layers = [nn.Linear(6, 8)]
+    if layernorm:
+        layers.append(nn.LayerNorm(8))
+    layers += [nn.Tanh(), nn.Linear(8, 3)]
+    return init(nn.Sequential(*layers), seed)
+
+
+def preconditioned(mod: nn.Module) -> Tensor:
+    """The weight's (and bias's) ``.grad`` as one ``[p, q (+1)]`` matrix."""
+    return grad_matrix(mod, joint=True)
+
+
+# -- 1. one step against the dense formulas -----------------------------------------------------
+ONE_STEP_CASES = {
+    "pi": {},
+    "pi-separate": {"bias": "separate"},
+    "pi-min-damping": {"damping": 1e-4, "min_damping": 0.3},
+    "tikhonov": {"damping_mode": "tikhonov"},
+    "tikhonov-separate": {"damping_mode": "tikhonov", "bias": "separate"},
+    "cholesky": {"inverse_method": "cholesky"},
+    "cholesky-separate": {"inverse_method": "cholesky", "bias": "separate"},
+    "ekfac": {"ekfac": True, "factor_decay": 0.8},
+    "ekfac-separate": {"ekfac": True, "factor_decay": 0.8, "bias": "separate"},
+    "sum": {"reduction": "sum"},
+    "ekfac-sum": {"ekfac": True, "reduction": "sum"},
+    "tikhonov-sum": {"damping_mode": "tikhonov", "reduction": "sum"},
+}
+
+
+@pytest.mark.parametrize("case", list(ONE_STEP_CASES))
+def test_one_step_matches_dense_formula(case):
+    opts = {"damping": 0.1, **ONE_STEP_CASES[case]}
+    N = 8
+    model = init(nn.Sequential(nn.Linear(5, 3)), seed=1)
+    lin = model[0]
+    tap = Tap(model)
+    precond = KFACPreconditioner(model, **opts)
+    X, y = linear_data(N, 5, 3, seed=2)
+    reduction = opts.get("reduction", "mean")
+    F.cross_entropy(model(X), y, reduction=reduction).backward()
+    joint = opts.get("bias", "joint") == "joint"
+    c = N if reduction == "mean" else 1 / N
+    A, S, Gn = tap.stats("0", joint, c)
+    G = grad_matrix(lin, joint)
+    b = lin.bias.grad.clone()
+    torch.testing.assert_close(Gn.sum(0), G, rtol=1e-12, atol=0)  # the tap sees ∇W
+
+    assert precond.step() is True
+    state = precond.state_dict()["layers"]["0"]
+    assert_rel_close(state["A"], A, what="A")
+    assert_rel_close(state["S"], S, what="S")
+
+    damping, mode = opts["damping"], opts.get("damping_mode", "pi")
+    if opts.get("ekfac"):
+        eps = opts.get("factor_decay", 0.95)
+        V = dense_ekfac(A, S, Gn, G, damping, eps, c)
+        if not joint:  # the bias: A = [1], G_n = Σ_t g_nt
+            s, Q_S = torch.linalg.eigh(S)
+            gb = torch.einsum("ntp->np", tap.positions("0")[1])
+            lam = eps * s + (1 - eps) * c * (gb @ Q_S).square().sum(0)
+            vb = Q_S @ ((Q_S.T @ b) / (lam + damping))
+    elif mode == "tikhonov":
+        V = dense_tikhonov(A, S, G, damping)
+        vb = torch.linalg.solve(S + damping * eye(3), b)
+    else:
+        min_damping = opts.get("min_damping", 1e-8)
+        V = dense_pi(A, S, G, damping, min_damping)
+        d_S, _ = pi_split(A, S, damping, min_damping)
+        vb = torch.linalg.solve(S + d_S * eye(3), b)
+        if case == "pi-min-damping":  # the bound is active, and it matters
+            assert pi_split(A, S, damping, 0.0) < (0.3, 0.3)
+            unbounded = dense_pi(A, S, G, damping, 0.0)
+            assert (unbounded - V).abs().max() > 1e-3 * V.abs().max()
+    if joint:
+        assert_rel_close(preconditioned(lin), V, what=case)
+    else:
+        assert_rel_close(lin.weight.grad, V, what=f"{case} weight")
+        assert_rel_close(lin.bias.grad, vb, what=f"{case} bias")
+
+
+# -- 2. running factors and stale decompositions ------------------------------------------------
+@pytest.mark.parametrize("factor_every", [1, 2])
+def test_running_factors_are_the_ema_of_the_batch_factors(factor_every):
+    eps, N = 0.8, 6
+    model = mlp(seed=3)
+    tap = Tap(model)
+    precond = KFACPreconditioner(model, factor_decay=eps, factor_every=factor_every)
+    expected: dict[str, tuple[Tensor, Tensor]] = {}
+    for k in range(5):
+        tap.clear()
+        X, y = linear_data(N, 6, 3, seed=10 + k)
+        F.cross_entropy(model(X), y).backward()
+        before = copy.deepcopy(precond.state_dict()["layers"])
+        assert precond.step() is True
+        state = precond.state_dict()["layers"]
+        for name in ("0", "2"):
+            if k % factor_every:  # no update on this step
+                assert torch.equal(state[name]["A"], before[name]["A"])
+                assert torch.equal(state[name]["S"], before[name]["S"])
+                continue
+            A, S, _ = tap.stats(name, joint=True)
+            if name in expected:
+                A = eps * expected[name][0] + (1 - eps) * A
+                S = eps * expected[name][1] + (1 - eps) * S
+            expected[name] = (A, S)
+            assert_rel_close(state[name]["A"], A, what=f"A {name} step {k}")
+            assert_rel_close(state[name]["S"], S, what=f"S {name} step {k}")
+        model.zero_grad()
+    assert precond.steps == 5
+
+
+@pytest.mark.parametrize(
+    ("inverse_method", "scheduled"),
+    [
+        ("eigen", True),
+        ("eigen", False),
+        ("cholesky", True),
+        ("cholesky", False),
+    ],
+)
+def test_stale_decomposition_between_refreshes(inverse_method, scheduled):
+    """``inverse_every=3``: steps 1, 2, 4, 5 reuse the factors of the refreshes at steps 0, 3.
+
+    The reference is built from the factors saved at the last refresh; the damping is the
+    current one for eigen (the damping enters after the decomposition), the refresh step's for
+    Cholesky (which inverts the damped factors).
+    """
+
+    def damping(k: int) -> float:
+        return 0.05 * (k + 1) if scheduled else 0.05
+
+    model = mlp(seed=4)
+    tap = Tap(model)
+    precond = KFACPreconditioner(
+        model,
+        damping=damping if scheduled else 0.05,
+        factor_decay=0.7,
+        inverse_every=3,
+        inverse_method=inverse_method,
+    )
+    refresh: dict[str, tuple[Tensor, Tensor]] = {}
+    for k in range(6):
+        tap.clear()
+        X, y = linear_data(6, 6, 3, seed=20 + k)
+        F.cross_entropy(model(X), y).backward()
+        G = {name: grad_matrix(tap.modules[name], True) for name in ("0", "2")}
+        assert precond.step() is True
+        state = precond.state_dict()["layers"]
+        r = 3 * (k // 3)
+        if k == r:
+            refresh = {n: (state[n]["A"].clone(), state[n]["S"].clone()) for n in ("0", "2")}
+        for name in ("0", "2"):
+            A, S = refresh[name]
+            d = damping(k) if inverse_method == "eigen" else damping(r)
+            expected = dense_pi(A, S, G[name], d)
+            actual = preconditioned(tap.modules[name])
+            assert_rel_close(actual, expected, what=f"{name} step {k}")
+            if k != r:  # the current factors would give another answer
+                current = dense_pi(state[name]["A"], state[name]["S"], G[name], d)
+                assert (current - actual).abs().max() > 1e-6 * actual.abs().max()
+        model.zero_grad()
+
+
+# -- 3. schedules and KL clipping ---------------------------------------------------------------
+def test_damping_and_lr_schedules_are_called_with_the_step_index():
+    calls: dict[str, list[int]] = {"damping": [], "lr": []}
+
+    def damping(k: int) -> float:
+        calls["damping"].append(k)
+        return 0.02 * (k + 1)
+
+    def lr(k: int) -> float:
+        calls["lr"].append(k)
+        return 0.1
+
+    model = mlp(seed=5)
+    tap = Tap(model)
+    # ε = 0, inverse_every = 1: every step's factors are that step's batch factors
+    precond = KFACPreconditioner(
+        model, damping=damping, lr=lr, kl_clip=1e6, factor_decay=0.0, inverse_every=1
+    )
+    for k in range(3):
+        tap.clear()
+        X, y = linear_data(6, 6, 3, seed=30 + k)
+        F.cross_entropy(model(X), y).backward()
+        G = {name: grad_matrix(tap.modules[name], True) for name in ("0", "2")}
+        assert precond.step() is True
+        for name in ("0", "2"):
+            A, S, _ = tap.stats(name, joint=True)
+            expected = dense_pi(A, S, G[name], 0.02 * (k + 1))
+            assert_rel_close(preconditioned(tap.modules[name]), expected, what=f"step {k}")
+        model.zero_grad()
+    assert calls["damping"] == [0, 1, 2]
+    assert calls["lr"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("clipped", [True, False])
+def test_kl_clipping_scales_by_nu(clipped):
+    """``ν = min(1, √(κ / |Σ η² ⟨v, g⟩|))`` over both layers; κ is set to make ``ν = ½`` or 1."""
+    X, y = linear_data(8, 6, 3, seed=40)
+    lr = 0.3
+    free_model = mlp(seed=6)
+    free = KFACPreconditioner(free_model, damping=0.05, kl_clip=None, lr=lr)
+    F.cross_entropy(free_model(X), y).backward()
+    raw = [p.grad.clone() for p in free_model.parameters()]
+    assert free.step() is True
+    v = [p.grad.clone() for p in free_model.parameters()]
+    vg = lr**2 * sum(float((a * b).sum()) for a, b in zip(v, raw, strict=True))
+    kappa = abs(vg) / 4 if clipped else 4 * abs(vg)
+    nu = min(1.0, math.sqrt(kappa / abs(vg)))
+    assert nu == (0.5 if clipped else 1.0)
+
+    model = mlp(seed=6)
+    precond = KFACPreconditioner(model, damping=0.05, kl_clip=kappa, lr=lambda k: lr)
+    F.cross_entropy(model(X), y).backward()
+    assert precond.step() is True
+    for p, expected in zip(model.parameters(), v, strict=True):
+        assert_rel_close(p.grad, nu * expected, tol=1e-12, what="clipped")
+
+
+# -- 4. gradient accumulation -------------------------------------------------------------------
+@pytest.mark.parametrize("ekfac", [False, True])
+def test_gradient_accumulation_equals_one_batch(ekfac):
+    X, y = linear_data(8, 6, 3, seed=50)
+    results = []
+    for halves in (False, True):
+        model = mlp(seed=7)
+        precond = KFACPreconditioner(model, damping=0.05, ekfac=ekfac, factor_decay=0.9)
+        if halves:
+            for part in (slice(0, 4), slice(4, 8)):
+                (F.cross_entropy(model(X[part]), y[part]) / 2).backward()
+        else:
+            F.cross_entropy(model(X), y).backward()
+        assert precond.step() is True
+        results.append((precond.state_dict()["layers"], [p.grad for p in model.parameters()]))
+    (one, g_one), (two, g_two) = results
+    for name in ("0", "2"):
+        for key in ("A", "S"):
+            assert_rel_close(two[name][key], one[name][key], tol=1e-12, what=f"{key} {name}")
+        if ekfac:
+            assert_rel_close(two[name]["scales"][0], one[name]["scales"][0], tol=1e-12)
+    for a, b in zip(g_two, g_one, strict=True):
+        assert_rel_close(a, b, tol=1e-12, what="preconditioned gradient")
+
+
+# -- 5. GradScaler --------------------------------------------------------------------------------
+def test_grad_scaler_gives_the_unscaled_step():
+    X, y = linear_data(8, 6, 3, seed=60)
+    grads = {}
+    for mode in ("plain", "scaled", "scaled-unknown"):
+        model = mlp(seed=8)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        assert scaler.is_enabled() and scaler.get_scale() == 1024.0  # enabled on CPU
+        opts = {"grad_scaler": scaler} if mode == "scaled" else {}
+        precond = KFACPreconditioner(model, damping=0.05, **opts)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = F.cross_entropy(model(X), y)
+        if mode == "plain":
+            loss.backward()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        assert precond.step() is True
+        grads[mode] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads["scaled"], grads["plain"], strict=True):
+        assert_rel_close(a, b, tol=1e-12, what="with grad_scaler")
+    # without grad_scaler=..., Ŝ carries scale²: the step differs (the option matters)
+    ratios = [
+        float((a - b).abs().max() / b.abs().max())
+        for a, b in zip(grads["scaled-unknown"], grads["plain"], strict=True)
+    ]
+    assert max(ratios) > 1e-3
+
+
+def test_grad_scaler_overflow_skips_the_step_without_a_warning():
+    """With a GradScaler, non-finite statistics are its usual overflow: skipped silently."""
+    model = mlp(seed=8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    precond = KFACPreconditioner(model, damping=0.05, grad_scaler=scaler)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    X, y = linear_data(8, 6, 3, seed=60)
+    X[1, 1] = float("inf")
+    scaler.scale(F.cross_entropy(model(X), y)).backward()
+    scaler.unscale_(opt)
+    grads = [p.grad.clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precond.step() is False
+    assert precond.steps == 0
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+
+
+# -- 6. the KFAC optimizer ------------------------------------------------------------------------
+@pytest.mark.parametrize("kl_clip", [None, 1e-3])
+def test_kfac_steps_are_momentum_sgd_on_the_preconditioned_gradients(kl_clip):
+    """Two steps of ``KFAC`` against a ``KFACPreconditioner`` and a hand-written update.
+
+    The LayerNorm is not covered: it gets the same update with its plain gradient.
+    """
+    lr, mu, wd = 0.1, 0.9, 0.01
+    opts = {"damping": 0.05, "kl_clip": kl_clip, "inverse_every": 1}
+    model = mlp(seed=9, layernorm=True)
+    ref_model = copy.deepcopy(model)
+    opt = KFAC(model, lr, momentum=mu, weight_decay=wd, **opts)
+    precond = KFACPreconditioner(ref_model, lr=lr, **opts)
+    assert precond.modules == ["0", "3"]
+    covered = {id(p) for p in precond.parameters()}
+    assert all(id(p) not in covered for p in ref_model[1].parameters())
+    buffers: list[Tensor | None] = [None] * len(list(ref_model.parameters()))
+    for k in range(2):
+        X, y = linear_data(8, 6, 3, seed=70 + k)
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+        ref_model.zero_grad()
+        F.cross_entropy(ref_model(X), y).backward()
+        raw = [p.grad.clone() for p in ref_model.parameters()]
+        assert precond.step() is True
+        with torch.no_grad():
+            for i, p in enumerate(ref_model.parameters()):
+                if id(p) in covered:
+                    assert not torch.allclose(p.grad, raw[i])  # preconditioned
+                else:
+                    assert torch.equal(p.grad, raw[i])  # plain
+                d = p.grad + wd * p
+                buffers[i] = d.clone() if buffers[i] is None else mu * buffers[i] + d
+                p -= lr * buffers[i]
+        pairs = zip(model.named_parameters(), ref_model.parameters(), buffers, strict=True)
+        for (name, p), q, buf in pairs:
+            assert_rel_close(p, q, tol=1e-12, what=f"{name} after step {k}")
+            assert_rel_close(opt.state[p]["momentum_buffer"], buf, tol=1e-12, what=name)
+    assert opt.preconditioner.steps == 2
+
+
+def test_kfac_lr_schedule_sets_the_step_size():
+    etas = {0: 0.1, 1: 0.05, 2: 0.02}
+    seen: list[int] = []
+
+    def lr(k: int) -> float:
+        seen.append(k)
+        return etas[k]
+
+    model = mlp(seed=10)
+    opt = KFAC(model, lr, momentum=0.0, kl_clip=None, damping=0.05)
+    seen.clear()  # the constructor checks lr(0)
+    for k in range(3):
+        X, y = linear_data(8, 6, 3, seed=80 + k)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+        assert opt.param_groups[0]["lr"] == etas[k]
+        for p, b in zip(model.parameters(), before, strict=True):  # p.grad: the preconditioned v
+            assert_rel_close(p.detach(), b - etas[k] * p.grad, tol=1e-12, what=f"step {k}")
+    assert seen == [0, 1, 2]
+
+
+def test_kfac_reduces_the_training_loss():
+    g = gen(90)
+    X, W = randn(64, 6, g=g), randn(6, 3, g=g)
+    y = (X @ W).argmax(1)
+    model = mlp(seed=11)
+    opt = KFAC(model, 0.1, damping=0.05, inverse_every=5)
+    with torch.no_grad():
+        start = F.cross_entropy(model(X), y).item()
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+    with torch.no_grad():
+        end = F.cross_entropy(model(X), y).item()
+    assert end < 0.5 * start, (start, end)
+
+
+# -- 7. checkpoints -------------------------------------------------------------------------------
+def _train(model, opt, batches, fisher):
+    loss_fn = nn.CrossEntropyLoss()
+    for X, y in batches:
+        opt.zero_grad()
+        out = model(X)
+        if fisher == "mc":
+            opt.preconditioner.mc_backward(out, loss_fn)
+        loss_fn(out, y).backward()
+        opt.step()
+
+
+def _round_trip(state, how):
+    if how == "deepcopy":
+        return copy.deepcopy(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize("ekfac", [False, True])
+def test_checkpoint_resumes_bit_identically(ekfac, fisher, how):
+    g = gen(100)
+    batches = [
+        (torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(40)
+    ]
+    opts = {
+        "momentum": 0.9,
+        "weight_decay": 1e-3,
+        "damping": 1e-2,
+        "inverse_every": 3,
+        "ekfac": ekfac,
+        "fisher": fisher,
+        "seed": 7,
+    }
+
+    def fresh(seed):
+        model = init(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), seed).float()
+        return model, KFAC(model, 0.05, **opts)
+
+    model, opt = fresh(0)
+    _train(model, opt, batches[:20], fisher)
+    model_state = _round_trip(model.state_dict(), how)
+    opt_state = _round_trip(opt.state_dict(), how)
+    _train(model, opt, batches[20:], fisher)
+
+    model2, opt2 = fresh(1)
+    model2.load_state_dict(model_state)
+    opt2.load_state_dict(opt_state)
+    assert opt2.preconditioner.steps == 20
+    _train(model2, opt2, batches[20:], fisher)
+    for (name, p1), p2 in zip(model.named_parameters(), model2.parameters(), strict=True):
+        assert p1.dtype == torch.float32
+        assert torch.equal(p1, p2), name
+
+
+# -- 8. fisher="mc" -------------------------------------------------------------------------------
+def _mc_step(seed=0, fisher="mc", preset_grads=False):
+    model = mlp(seed=12)
+    precond = KFACPreconditioner(model, fisher=fisher, seed=seed, damping=0.05)
+    X, y = linear_data(16, 6, 3, seed=110)
+    loss_fn = nn.CrossEntropyLoss()
+    if preset_grads:
+        for i, p in enumerate(model.parameters()):
+            p.grad = torch.full_like(p, float(i + 1))
+    out = model(X)
+    if fisher == "mc":
+        before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        precond.mc_backward(out, loss_fn)
+        for p, b in zip(model.parameters(), before, strict=True):
+            assert (p.grad is None) if b is None else torch.equal(p.grad, b)
+    if preset_grads:
+        model.zero_grad()
+    loss_fn(out, y).backward()
+    assert precond.step() is True
+    return precond.state_dict()["layers"], [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("preset_grads", [False, True])
+def test_mc_backward_leaves_the_parameter_gradients_alone(preset_grads):
+    _mc_step(preset_grads=preset_grads)  # asserts inside
+
+
+def test_mc_factors_differ_from_empirical_and_are_reproducible():
+    emp, g_emp = _mc_step(fisher="empirical")
+    mc, g_mc = _mc_step(seed=3)
+    mc_again, g_again = _mc_step(seed=3)
+    other, _ = _mc_step(seed=4)
+    for name in ("0", "2"):
+        assert_rel_close(mc[name]["A"], emp[name]["A"], what="A does not depend on the labels")
+        assert (mc[name]["S"] - emp[name]["S"]).abs().max() > 1e-3 * emp[name]["S"].abs().max()
+        assert (other[name]["S"] - mc[name]["S"]).abs().max() > 1e-6 * mc[name]["S"].abs().max()
+        for key in ("A", "S"):
+            assert torch.equal(mc_again[name][key], mc[name][key])
+    for a, b in zip(g_again, g_mc, strict=True):
+        assert torch.equal(a, b)
+    assert not all(torch.allclose(a, b) for a, b in zip(g_mc, g_emp, strict=True))
+
+
+def test_mc_backward_misuse():
+    model = mlp(seed=13)
+    X = linear_data(4, 6, 3, seed=120)[0]
+    empirical = KFACPreconditioner(model)
+    with pytest.raises(RuntimeError, match="fisher='mc'"):
+        empirical.mc_backward(model(X), nn.CrossEntropyLoss())
+    empirical.remove()
+    mc = KFACPreconditioner(model, fisher="mc")
+    with pytest.raises(ValueError, match="reduction"):
+        mc.mc_backward(model(X), nn.CrossEntropyLoss(reduction="sum"))
+    summed = KFACPreconditioner(mlp(seed=13), fisher="mc", reduction="sum")
+    with pytest.raises(ValueError, match="reduction"):
+        summed.mc_backward(model(X), nn.CrossEntropyLoss())
+
+
+# -- 9. bad input ---------------------------------------------------------------------------------
+BAD_OPTIONS = [
+    ({"lr": -0.1}, "lr must be positive"),
+    ({"lr": 0.0}, "lr must be positive"),
+    ({"damping": -1e-3}, "damping must be >= 0"),
+    ({"factor_decay": 1.0}, r"factor_decay must be in \[0, 1\)"),
+    ({"factor_decay": -0.1}, r"factor_decay must be in \[0, 1\)"),
+    ({"inverse_every": 0}, "inverse_every must be a positive integer"),
+    ({"factor_every": 0}, "factor_every must be a positive integer"),
+    ({"damping_mode": "levenberg"}, "Unknown damping_mode 'levenberg'"),
+    ({"fisher": "type-3"}, "Unknown fisher 'type-3'"),
+    ({"inverse_method": "svd"}, "Unknown inverse_method 'svd'"),
+    ({"inverse_method": "cholesky", "ekfac": True}, "cholesky"),
+    ({"inverse_method": "cholesky", "damping_mode": "tikhonov"}, "cholesky"),
+    ({"reduction": "none"}, "Unknown reduction"),
+    ({"kl_clip": 0.0}, "kl_clip must be positive"),
+]
+
+
+@pytest.mark.parametrize(("options", "match"), BAD_OPTIONS)
+def test_bad_options_raise(options, match):
+    with pytest.raises(ValueError, match=match):
+        KFACPreconditioner(mlp(), **options)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((-0.1,), {}, "lr must be positive"),
+        ((0.1,), {"momentum": 1.0}, "momentum"),
+        ((0.1,), {"weight_decay": -1.0}, "weight_decay"),
+        ((0.1,), {"damping": -1.0}, "damping"),
+    ],
+)
+def test_kfac_bad_arguments_raise(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KFAC(mlp(), *args, **kwargs)
+
+
+def test_kfac_lr_passed_twice_is_a_type_error():
+    with pytest.raises(TypeError, match="lr"):
+        KFAC(mlp(), 0.1, **{"lr": 0.2})
+
+
+def test_step_before_any_backward_raises():
+    model = mlp()
+    precond = KFACPreconditioner(model)
+    with torch.no_grad():
+        model(torch.zeros(2, 6, dtype=DT))
+    with pytest.raises(RuntimeError, match="before any recorded backward"):
+        precond.step()
+    model(torch.zeros(2, 6, dtype=DT))  # a forward pass alone records nothing
+    with pytest.raises(RuntimeError, match="before any recorded backward"):
+        precond.step()
+    assert precond.steps == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "kfac_match"),
+    [
+        (nn.Sequential(nn.ReLU()), "no parameter that requires a gradient"),
+        (nn.Sequential(nn.LayerNorm(4)), "No supported layer"),
+    ],
+    ids=["relu", "layernorm"],
+)
+def test_model_without_a_covered_layer_raises(model, kfac_match):
+    with pytest.raises(ValueError, match="No supported layer"):
+        KFACPreconditioner(model)
+    with pytest.raises(ValueError, match=kfac_match):
+        KFAC(model, 0.1)
+
+
+def test_model_with_only_left_out_layers_raises():
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Conv1d(4, 4, 3, groups=2))
+    with (
+        pytest.warns(UncoveredParameterWarning, match="not preconditioned"),
+        pytest.raises(ValueError, match="no layer K-FAC can precondition"),
+    ):
+        KFACPreconditioner(model)
+
+
+def test_load_state_of_another_model_or_options_raises():
+    def trained(model, **options):
+        precond = KFACPreconditioner(model, **options)
+        X = torch.randn(4, model[0].in_features, dtype=DT, generator=gen(130))
+        model(X).square().sum().backward()
+        precond.step()
+        return precond
+
+    state = trained(mlp()).state_dict()
+    other_model = init(
+        nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 3)), 0
+    )
+    with pytest.raises(ValueError, match="covers modules"):
+        KFACPreconditioner(other_model).load_state_dict(state)
+    with pytest.raises(ValueError, match="options"):
+        KFACPreconditioner(mlp(), ekfac=True).load_state_dict(state)
+    with pytest.raises(ValueError, match="options"):
+        KFACPreconditioner(mlp(), bias="separate").load_state_dict(state)
+    opt = KFAC(mlp(), 0.1)
+    with pytest.raises(ValueError, match="'kfac' entry is missing"):
+        opt.load_state_dict(torch.optim.SGD(mlp().parameters(), lr=0.1).state_dict())
+    KFACPreconditioner(mlp()).load_state_dict(state)  # the matching one loads
+
+
+# -- 10. non-finite statistics --------------------------------------------------------------------
+def test_non_finite_statistics_skip_the_preconditioner_step():
+    model = mlp(seed=14)
+    precond = KFACPreconditioner(model, damping=0.05)
+    X, y = linear_data(8, 6, 3, seed=140)
+    F.cross_entropy(model(X), y).backward()
+    assert precond.step() is True
+    state = copy.deepcopy(precond.state_dict())
+    model.zero_grad()
+    X[3, 2] = float("nan")
+    F.cross_entropy(model(X), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="module '0'"):
+        assert precond.step() is False
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+    assert precond.steps == 1
+    after = precond.state_dict()["layers"]
+    for name in ("0", "2"):
+        for key in ("A", "S"):
+            assert torch.equal(after[name][key], state["layers"][name][key])
+
+
+def test_non_finite_statistics_skip_the_kfac_step():
+    model = mlp(seed=15, layernorm=True)
+    opt = KFAC(model, 0.1, damping=0.05)
+    X, y = linear_data(8, 6, 3, seed=150)
+    F.cross_entropy(model(X), y).backward()
+    opt.step()
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    opt.zero_grad()
+    X[0, 0] = float("inf")
+    F.cross_entropy(model(X), y).backward()
+    with pytest.warns(RuntimeWarning, match="module '0'"):
+        opt.step()
+    for p, before, buf in zip(model.parameters(), params, buffers, strict=True):
+        assert torch.equal(p.detach(), before)
+        assert torch.equal(opt.state[p]["momentum_buffer"], buf)
+    assert opt.preconditioner.steps == 1
+
+
+# -- 11. Conv2d -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("ekfac", [False, True])
+def test_conv2d_step_matches_the_unfolded_dense_formula(ekfac):
+    """A conv is a Linear layer over its patches: ``T`` = the number of output locations."""
+    N, damping, eps = 4, 0.05, 0.9
+    model = init(
+        nn.Sequential(
+            nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(27, 4)
+        ),
+        seed=16,
+    )
+    tap = Tap(model)
+    precond = KFACPreconditioner(model, damping=damping, ekfac=ekfac, factor_decay=eps)
+    g = gen(160)
+    X, y = randn(N, 2, 5, 5, g=g), torch.randint(0, 4, (N,), generator=g)
+    F.cross_entropy(model(X), y).backward()
+    assert tap.positions("0")[0].shape == (N, 9, 18)  # 3x3 locations, 2·3·3 patch entries
+    stats = {name: tap.stats(name, joint=True) for name in ("0", "3")}
+    G = {name: grad_matrix(tap.modules[name], True) for name in ("0", "3")}
+    assert precond.step() is True
+    state = precond.state_dict()["layers"]
+    for name, (A, S, Gn) in stats.items():
+        assert_rel_close(state[name]["A"], A, what=f"A {name}")
+        assert_rel_close(state[name]["S"], S, what=f"S {name}")
+        if ekfac:
+            expected = dense_ekfac(A, S, Gn, G[name], damping, eps, N)
+        else:
+            expected = dense_pi(A, S, G[name], damping)
+        assert_rel_close(preconditioned(tap.modules[name]), expected, what=name)
+
+
+# -- 12. a module called twice --------------------------------------------------------------------
+class CalledTwice(nn.Module):
+    """``head(tanh(lin(tanh(lin(x)))))``: ``lin`` is one block with two positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+@pytest.mark.parametrize(
+    ("reduction", "ekfac"),
+    [
+        ("mean", False),
+        ("sum", False),
+        ("mean", True),
+    ],
+)
+def test_module_called_twice_is_one_block_over_two_positions(reduction, ekfac):
+    """Â averages over both calls' inputs, Ŝ sums both calls' output gradients (times c)."""
+    N, damping, eps = 8, 0.05, 0.8
+    model = init(CalledTwice(), seed=17)
+    tap = Tap(model)
+    precond = KFACPreconditioner(
+        model, damping=damping, reduction=reduction, ekfac=ekfac, factor_decay=eps
+    )
+    assert precond.modules == ["lin", "head"]
+    X, y = linear_data(N, 4, 3, seed=170)
+    F.cross_entropy(model(X), y, reduction=reduction).backward()
+    c = N if reduction == "mean" else 1 / N
+    A, S, Gn = tap.stats("lin", joint=True, c=c)
+    assert tap.positions("lin")[0].shape == (N, 2, 4)
+    G = grad_matrix(model.lin, True)
+    assert precond.step() is True
+    state = precond.state_dict()["layers"]["lin"]
+    assert_rel_close(state["A"], A, what="A")
+    assert_rel_close(state["S"], S, what="S")
+    expected = dense_ekfac(A, S, Gn, G, damping, eps, c) if ekfac else dense_pi(A, S, G, damping)
+    assert_rel_close(preconditioned(model.lin), expected, what="step")
