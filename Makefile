@@ -6,7 +6,7 @@ PYTHON ?= python
 # requirement would pull a multi-GB CUDA build.
 install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[dev,hf,demo]"
+	$(PYTHON) -m pip install --quiet -e ".[dev,hf,demo,plot]"
 
 # The libraries tests/test_compat_*.py compare against (never dependencies of kronfac),
 # without their heavy extras.

@@ -1,4 +1,4 @@
-"""The ``kronfac`` command line: ``kronfac demo`` end to end, argument errors, missing extras."""
+"""The ``kronfac`` command line: ``demo`` and ``factors`` end to end, argument errors, extras."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import kronfac
 from kronfac import cli
 
 needs_sklearn = pytest.mark.skipif(
-    importlib.util.find_spec("sklearn") is None, reason="kronfac demo needs scikit-learn"
+    importlib.util.find_spec("sklearn") is None, reason="the digits need scikit-learn"
 )
 
 LINEAR_NAMES = [n for n, m in cli.build_mlp().named_modules() if isinstance(m, nn.Linear)]
@@ -33,9 +33,9 @@ def _table_rows(out: str) -> dict[str, list[str]]:
 
 
 @needs_sklearn
-def test_demo_prints_a_row_per_linear_layer(capsys: pytest.CaptureFixture[str]) -> None:
+def test_factors_prints_a_row_per_linear_layer(capsys: pytest.CaptureFixture[str]) -> None:
     threads = torch.get_num_threads()
-    assert cli.main(["demo", "--epochs", "1"]) == 0
+    assert cli.main(["factors", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert LINEAR_NAMES == ["fc1", "fc2", "fc3"]
     assert "test accuracy" in out
@@ -54,9 +54,9 @@ def test_demo_prints_a_row_per_linear_layer(capsys: pytest.CaptureFixture[str]) 
 
 
 @needs_sklearn
-def test_demo_save_writes_loadable_factors(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_factors_save_writes_loadable_factors(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "f.safetensors"
-    argv = ["demo", "--epochs", "1", "--fisher", "forward-only", "--threads", "1"]
+    argv = ["factors", "--epochs", "1", "--fisher", "forward-only", "--threads", "1"]
     argv += ["--save", str(path)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -65,7 +65,7 @@ def test_demo_save_writes_loadable_factors(tmp_path, capsys: pytest.CaptureFixtu
     assert len(factors) == 3
     assert list(factors) == LINEAR_NAMES
     assert factors.options["fisher"] == "forward-only"
-    assert factors.num_data == 1438
+    assert factors.num_data == 1437
     torch.testing.assert_close(factors["fc3"].S, torch.eye(10))
 
 
@@ -74,11 +74,14 @@ def test_demo_save_writes_loadable_factors(tmp_path, capsys: pytest.CaptureFixtu
     [
         [],
         ["frobnicate"],
-        ["demo", "--fisher", "bogus"],
-        ["demo", "--epochs", "-1"],
-        ["demo", "--epochs", "two"],
+        ["factors", "--fisher", "bogus"],
+        ["factors", "--epochs", "-1"],
+        ["factors", "--epochs", "two"],
+        ["factors", "--threads", "0"],
         ["demo", "--threads", "0"],
-        ["demo", "--save", "/no/such/folder/f.safetensors"],
+        ["demo", "--steps", "0"],
+        ["demo", "--plot", "/no/such/folder/plot.png"],
+        ["factors", "--save", "/no/such/folder/f.safetensors"],
     ],
 )
 def test_bad_arguments_exit_with_status_2(
@@ -90,17 +93,62 @@ def test_bad_arguments_exit_with_status_2(
     assert "usage:" in capsys.readouterr().err
 
 
-def test_demo_without_sklearn_exits_with_status_2(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("argv", [["demo", "--steps", "1"], ["factors", "--epochs", "1"]])
+def test_without_sklearn_exits_with_status_2(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A None entry in sys.modules makes `import` raise ImportError, even for cached modules.
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
-    assert cli.main(["demo", "--epochs", "1"]) == 2
+    assert cli.main(argv) == 2
     captured = capsys.readouterr()
-    assert "kronfac demo needs scikit-learn: pip install 'kronfac[demo]'" in captured.err
+    assert f"kronfac {argv[0]} needs scikit-learn: pip install 'kronfac[demo]'" in captured.err
     assert "Traceback" not in captured.err
     assert captured.out == ""
+
+
+def _method_rows(out: str, task: str) -> dict[str, list[str]]:
+    """Rows of the demo's table for ``task``, keyed by method."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{task}:"))
+    rows = {}
+    for line in lines[start + 3 :]:
+        if not line.strip():
+            break
+        rows[line.split()[0]] = line.split()
+    return rows
+
+
+@needs_sklearn
+def test_demo_compares_four_methods_on_two_tasks(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    threads = torch.get_num_threads()
+    plot = tmp_path / "demo.png"
+    assert cli.main(["demo", "--steps", "8", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    for task in ("autoencoder", "mlp"):
+        rows = _method_rows(out, task)
+        assert list(rows) == ["adam", "sgd", "kfac", "ekfac"]
+        # Adam defines the target: it reaches it at its last step, in 1.00x its own time
+        assert rows["adam"][2] == "8" and rows["adam"][4] == "1.00" and rows["adam"][5] == "1.00"
+        for cells in rows.values():
+            assert float(cells[5]) > 0 and float(cells[6]) > 0  # step-time ratio, final loss
+    assert len(_method_rows(out, "mlp")["kfac"]) == 8  # with a test accuracy
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plot: {plot}" in out
+    else:
+        assert not plot.exists() and "matplotlib not installed" in out
+    assert torch.get_num_threads() == threads
+
+
+@needs_sklearn
+def test_demo_no_plot_writes_nothing(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--steps", "2", "--no-plot"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "plot:" not in capsys.readouterr().out
 
 
 def test_condition_number_is_inf_for_singular_factors() -> None:

@@ -1,10 +1,14 @@
 """The ``kronfac`` command line.
 
 Subcommands:
-    ``kronfac demo``: train a small MLP on scikit-learn's bundled digits, compute its Kronecker
-    factors with :func:`kronfac.compute_factors` and print one row per layer (factor shapes,
-    traces, condition numbers) and the cost of the factor pass relative to one plain
-    forward + backward pass over the same data.
+    ``kronfac demo``: K-FAC and EKFAC (:class:`kronfac.optim.KFAC`) against Adam and SGD on
+    scikit-learn's bundled digits (a deep autoencoder and an MLP classifier): progress bars,
+    a table of the steps and seconds each needs to reach Adam's final training loss, and a PNG
+    plot of the loss against training seconds when matplotlib is installed.
+    ``kronfac factors``: train a small MLP on the digits, compute its Kronecker factors with
+    :func:`kronfac.compute_factors` and print one row per layer (factor shapes, traces,
+    condition numbers) and the cost of the factor pass relative to one plain forward +
+    backward pass over the same data.
 
 This module is the top of the import graph: it may import anything in kronfac, and nothing in
 kronfac imports it.
@@ -17,22 +21,23 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
 
 import kronfac
 from kronfac.factors import FISHER_TYPES
+from kronfac.optim import compare
 
 __all__ = ["build_mlp", "main"]
 
-_SKLEARN_MISSING = "kronfac demo needs scikit-learn: pip install 'kronfac[demo]'"
+_SKLEARN_MISSING = "kronfac {} needs scikit-learn: pip install 'kronfac[demo]'"
 _BATCH_SIZE = 128
 _LR = 1e-2
-_TEST_FRACTION = 0.2
 
 
 def build_mlp() -> nn.Sequential:
@@ -74,33 +79,58 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = sub.add_parser(
         "demo",
-        help="train a small MLP on the digits data and print its Kronecker factors",
+        help="K-FAC and EKFAC against Adam and SGD on the digits data",
         description=(
-            "Train an MLP 64-128-64-10 on scikit-learn's bundled digits (80/20 split), compute "
-            "its Kronecker factors over the training set and print one row per layer."
+            "Train a deep autoencoder 64-256-128-32-128-256-64 and an MLP 64-256-256-10 on "
+            "scikit-learn's bundled digits with Adam for --steps steps, then SGD, K-FAC and "
+            "EKFAC until they reach Adam's final training loss; print the steps and training "
+            "seconds each needed and plot the losses against time."
         ),
     )
     demo.add_argument(
-        "--epochs", type=_int_at_least(0), default=20, help="training epochs (default: 20)"
+        "--steps", type=_int_at_least(1), default=300, help="Adam's steps (default: 300)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument(
+        "--threads", type=_int_at_least(1), default=1, help="torch intra-op threads (default: 1)"
     )
     demo.add_argument(
+        "--plot",
+        type=Path,
+        default=Path("kronfac_demo.png"),
+        metavar="PATH",
+        help="where to write the plot when matplotlib is installed (default: kronfac_demo.png)",
+    )
+    demo.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    factors = sub.add_parser(
+        "factors",
+        help="train a small MLP on the digits data and print its Kronecker factors",
+        description=(
+            "Train an MLP 64-128-64-10 on scikit-learn's bundled digits (1437 / 360), compute "
+            "its Kronecker factors over the training set and print one row per layer."
+        ),
+    )
+    factors.add_argument(
+        "--epochs", type=_int_at_least(0), default=20, help="training epochs (default: 20)"
+    )
+    factors.add_argument(
         "--fisher",
         choices=FISHER_TYPES,
         default="mc",
         help="Fisher type passed to compute_factors (default: mc)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument(
+    factors.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    factors.add_argument(
         "--threads",
         type=_int_at_least(1),
         default=1,
         help=(
-            "torch intra-op threads (default: 1; the demo's layers are too small to gain from "
+            "torch intra-op threads (default: 1; the MLP's layers are too small to gain from "
             "more, and on a busy machine extra threads slow it down many times; this machine "
             f"has {os.cpu_count()} CPUs)"
         ),
     )
-    demo.add_argument(
+    factors.add_argument(
         "--save", type=Path, metavar="PATH", help="write the factors to PATH (safetensors)"
     )
     return parser
@@ -121,9 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
+        plot = None if args.no_plot else args.plot
+        if plot is not None and not plot.parent.is_dir():
+            parser.error(f"--plot: folder {str(plot.parent)!r} does not exist")
+        return _demo(steps=args.steps, seed=args.seed, threads=args.threads, plot=plot)
+    if args.command == "factors":
         if args.save is not None and not args.save.parent.is_dir():
             parser.error(f"--save: folder {str(args.save.parent)!r} does not exist")
-        return _demo(
+        return _factors(
             epochs=args.epochs,
             fisher=args.fisher,
             seed=args.seed,
@@ -135,20 +170,60 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- demo ---------------------------------------------------------------------------------------
 
+# Each method's learning rate in the demo: the best of its grid in benchmarks/optim.py.
+DEMO_LRS = {"adam": 3e-3, "sgd": 0.3, "kfac": 0.3, "ekfac": 0.3}
 
-def _load_digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """The digits as ``(X_train, y_train, X_test, y_test)``, or ``None`` without scikit-learn."""
+
+def _demo(*, steps: int, seed: int, threads: int, plot: Path | None) -> int:
+    """Adam for ``steps`` steps, then SGD, K-FAC, EKFAC to Adam's loss. Returns the status."""
     try:
-        from sklearn.datasets import load_digits
+        tasks = compare.digits_tasks()
     except ImportError:
-        return None
-    X_np, y_np = load_digits(return_X_y=True)
-    X = torch.as_tensor(X_np, dtype=torch.float32) / 16.0
-    y = torch.as_tensor(y_np, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_test = round(_TEST_FRACTION * len(y))
-    test, train = perm[:n_test], perm[n_test:]
-    return X[train], y[train], X[test], y[test]
+        print(_SKLEARN_MISSING.format("demo"), file=sys.stderr)
+        return 2
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        curves, targets = {}, {}
+        for task in tasks:
+            runs = []
+            target = None
+            for method, lr in DEMO_LRS.items():
+                limit = steps if method == "adam" else 3 * steps
+                with tqdm(total=limit, desc=f"{task.name} {method}", file=sys.stderr) as bar:
+                    run = compare.train(
+                        task,
+                        method,
+                        lr,
+                        seed,
+                        limit,
+                        eval_every=max(1, steps // 30),
+                        target=target,
+                        progress=bar.update,
+                    )
+                if method == "adam":
+                    target = run.final_loss
+                runs.append(run)
+            assert target is not None
+            targets[task.name], curves[task.name] = target, runs
+            rows = compare.summarise(runs, target, runs[0].seconds_per_step)
+            print(
+                f"\n{task.name}: to Adam's training loss after {steps} steps ({target:.4g}), "
+                f"{threads} thread(s)"
+            )
+            print(compare.format_table(compare.TABLE_HEADER, rows))
+        if plot is not None:
+            title = f"digits, batch 256, {steps} Adam steps"
+            if compare.plot_runs(curves, targets, plot, title):
+                print(f"\nplot: {plot}")
+            else:
+                print("\n(matplotlib not installed: pip install 'kronfac[plot]' for the plot)")
+    finally:
+        torch.set_num_threads(previous_threads)
+    return 0
+
+
+# -- factors ------------------------------------------------------------------------------------
 
 
 def _train(
@@ -201,20 +276,6 @@ def _format_cond(value: float) -> str:
     return "inf" if value == float("inf") else f"{value:.3e}"
 
 
-def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
-
-
 def _factor_table(factors: kronfac.KroneckerFactors) -> str:
     """One row per module: shapes, traces, condition numbers and the time of their eigvalsh."""
     header = ["module", "A shape", "S shape", "tr(A)", "tr(S)", "cond(A)", "cond(S)", "eigh ms"]
@@ -237,7 +298,7 @@ def _factor_table(factors: kronfac.KroneckerFactors) -> str:
                 f"{eigh_ms:.1f}",
             ]
         )
-    table = _format_table(header, rows)
+    table = compare.format_table(header, rows)
     if any("inf" in r[5:7] for r in rows):
         table += (
             "\ncond = inf: a singular factor (smallest eigenvalue <= 0), from always-zero "
@@ -246,13 +307,19 @@ def _factor_table(factors: kronfac.KroneckerFactors) -> str:
     return table
 
 
-def _demo(*, epochs: int, fisher: str, seed: int, threads: int, save: Path | None) -> int:
-    """Train the demo MLP, compute and report its factors. Returns the exit status."""
-    data = _load_digits(seed)
-    if data is None:
-        print(_SKLEARN_MISSING, file=sys.stderr)
+def _factors(*, epochs: int, fisher: str, seed: int, threads: int, save: Path | None) -> int:
+    """Train the MLP, compute and report its factors. Returns the exit status."""
+    try:
+        mlp_task = next(t for t in compare.digits_tasks() if t.name == "mlp")
+    except ImportError:
+        print(_SKLEARN_MISSING.format("factors"), file=sys.stderr)
         return 2
-    X_train, y_train, X_test, y_test = data
+    X_train, y_train, X_test, y_test = (
+        mlp_task.X_train,
+        mlp_task.y_train,
+        mlp_task.X_test,
+        mlp_task.y_test,
+    )
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -233,40 +233,44 @@ def median_run(runs: Sequence[Run], target: float | None = None) -> Run:
 
 
 def summarise(runs: Iterable[Run], target: float, adam_seconds_per_step: float) -> list[list[str]]:
-    """One row per method (its best learning rate): the cells of :func:`format_table`."""
+    """One row per method at its best learning rate (least median time to ``target``).
+
+    Cells: method, learning rate, median steps and seconds to the target (``-`` unless most
+    seeds reach it), that time over Adam's, the median step time over ``adam_seconds_per_step``,
+    the median final loss and (classifiers) the median test accuracy, as :data:`TABLE_HEADER`.
+    """
     by_method: dict[str, dict[float, list[Run]]] = {}
     for r in runs:
         by_method.setdefault(r.method, {}).setdefault(r.lr, []).append(r)
-    rows = []
-    adam_time = None
+    best: dict[str, tuple[float, list[Run], float]] = {}
     for method, per_lr in by_method.items():
-        best_lr, best = min(
+        lr, group = min(
             per_lr.items(),
-            key=lambda kv: (_median_time(kv[1], target), statistics.median(
-                r.final_loss for r in kv[1])),
-        )  # fmt: skip
-        hits = [h for h in (r.reached(target) for r in best) if h is not None]
-        steps = statistics.median(h[0] for h in hits) if len(hits) * 2 > len(best) else None
-        secs = _median_time(best, target)
-        if method == "adam":
-            adam_time = secs
-        per_step = statistics.median(r.seconds_per_step for r in best)
-        accs = [r.test_accuracy for r in best if r.test_accuracy is not None]
+            key=lambda kv: (
+                _median_time(kv[1], target),
+                statistics.median(r.final_loss for r in kv[1]),
+            ),
+        )
+        best[method] = (lr, group, _median_time(group, target))
+    adam_time = best["adam"][2] if "adam" in best else math.nan
+    rows = []
+    for method, (lr, group, secs) in best.items():
+        hits = [h for h in (r.reached(target) for r in group) if h is not None]
+        reached = math.isfinite(secs)
+        per_step = statistics.median(r.seconds_per_step for r in group)
+        accs = [r.test_accuracy for r in group if r.test_accuracy is not None]
         rows.append(
             [
                 method,
-                f"{best_lr:g}",
-                "-" if steps is None else f"{steps:.0f}",
-                "-" if not math.isfinite(secs) else f"{secs:.2f}",
-                "",
+                f"{lr:g}",
+                f"{statistics.median(h[0] for h in hits):.0f}" if reached else "-",
+                f"{secs:.2f}" if reached else "-",
+                f"{secs / adam_time:.2f}" if reached and math.isfinite(adam_time) else "-",
                 f"{per_step / adam_seconds_per_step:.2f}",
-                f"{statistics.median(r.final_loss for r in best):.4g}",
+                f"{statistics.median(r.final_loss for r in group):.4g}",
                 f"{100 * statistics.median(accs):.1f}" if accs else "",
             ]
         )
-    for row in rows:
-        secs = float(row[3]) if row[3] != "-" else math.inf
-        row[4] = "-" if adam_time is None or not math.isfinite(secs) else f"{secs / adam_time:.2f}"
     return rows
 
 
