@@ -68,10 +68,7 @@ def digits(steps: int, seeds: int, plot: Path | None) -> None:
         ]
     if plot is not None:
         title = f"digits, batch 256, median of {seeds} seeds (best learning rate per method)"
-        if C.plot_runs(curves, targets, plot, title):
-            print(f"\nplot: {plot}")
-        else:
-            print("\n(matplotlib not installed: no plot)")
+        print("\n" + C.plot_runs(curves, targets, plot, title))
 
 
 def w1_step_time(rounds: int) -> None:

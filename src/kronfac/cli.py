@@ -214,10 +214,7 @@ def _demo(*, steps: int, seed: int, threads: int, plot: Path | None) -> int:
             print(compare.format_table(compare.TABLE_HEADER, rows))
         if plot is not None:
             title = f"digits, batch 256, {steps} Adam steps"
-            if compare.plot_runs(curves, targets, plot, title):
-                print(f"\nplot: {plot}")
-            else:
-                print("\n(matplotlib not installed: pip install 'kronfac[plot]' for the plot)")
+            print("\n" + compare.plot_runs(curves, targets, plot, title))
     finally:
         torch.set_num_threads(previous_threads)
     return 0

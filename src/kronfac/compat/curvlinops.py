@@ -247,6 +247,8 @@ class KFACLinearOperator(_Operator):
         RuntimeError: ``check_deterministic`` found differing passes.
     """
 
+    _EKFAC = False
+
     def __init__(
         self,
         model_func: nn.Module,
@@ -289,7 +291,7 @@ class KFACLinearOperator(_Operator):
             _check_deterministic(model_func, data)
         with _trainable_only(model_func, names):
             factors = compute_factors(model_func, loss_func, data, **options)
-            if isinstance(self, EKFACLinearOperator):
+            if self._EKFAC:
                 factors = compute_corrections(model_func, loss_func, data, factors, **options)
                 operator: CurvatureOperator = EKFAC.from_factors(factors, model_func, order=names)
             else:
@@ -332,6 +334,8 @@ class EKFACLinearOperator(KFACLinearOperator):
     Two passes over ``data``: the K-FAC factors, then the second moments of the per-example
     gradients in their eigenbasis (:class:`kronfac.EKFAC`).
     """
+
+    _EKFAC = True
 
     def inverse(
         self,

@@ -92,6 +92,9 @@ class KroneckerBlock(Block):
         return g * p, 1 if self.A is None else self.A.shape[-1]
 
     def matmat(self, V: Tensor) -> Tensor:  # noqa: D102
+        if self.S.shape[0] == 1 and V.shape[-1] == 1 and self._diagonal_A is None:
+            # one group, one vector (an optimizer step): two plain GEMMs, no broadcasting
+            return (self.S[0] @ V[..., 0] @ self.A[0].T).unsqueeze(-1)  # type: ignore[index]
         X = self.S[:, None] @ to_groups(V, self.S.shape[0])  # [g, k, p, q]
         a = self._diagonal_A
         X = X @ self.A[:, None].transpose(-1, -2) if a is None else X * a[:, None, None]  # type: ignore[index]

@@ -308,14 +308,17 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def plot_runs(
     curves: dict[str, list[Run]], targets: dict[str, float], path: Any, title: str = ""
-) -> bool:
-    """Training loss against training seconds, one panel per task; ``False`` without matplotlib.
+) -> str:
+    """Training loss against training seconds, one panel per task (needs matplotlib).
 
     Args:
         curves: Task name → the runs to draw (one line each, labelled by method and lr).
         targets: Task name → the target loss (a dashed line).
         path: Where to write the PNG.
         title: The figure's title.
+
+    Returns:
+        A line to print: where the plot is, or that matplotlib is missing.
     """
     try:
         import matplotlib
@@ -323,7 +326,7 @@ def plot_runs(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return "(matplotlib not installed: pip install 'kronfac[plot]' for the plot)"
     fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False)
     for ax, (task, runs) in zip(axes[0], curves.items(), strict=True):
         for r in runs:
@@ -340,4 +343,4 @@ def plot_runs(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return f"plot: {path}"
