@@ -849,3 +849,39 @@ def test_module_called_twice_is_one_block_over_two_positions(reduction, ekfac):
     assert_rel_close(state["S"], S, what="S")
     expected = dense_ekfac(A, S, Gn, G, damping, eps, c) if ekfac else dense_pi(A, S, G, damping)
     assert_rel_close(preconditioned(model.lin), expected, what="step")
+
+
+def test_failed_refresh_keeps_the_last_good_decomposition(monkeypatch):
+    model = init(nn.Sequential(nn.Linear(4, 3)), seed=3)
+    pre = KFACPreconditioner(model, inverse_every=2, damping=0.1, kl_clip=None)
+    g = gen(5)
+
+    def one_step() -> bool:  # a new batch every step: the running factors move
+        X, y = randn(8, 4, g=g), torch.randint(0, 3, (8,), generator=g)
+        model.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        return pre.step()
+
+    def decomposition() -> list[Tensor]:
+        parts = pre.state_dict()["layers"]["0"]["decomposed"]
+        return [t.clone() for part in parts for t in part if t is not None]
+
+    one_step()  # step 0 decomposes
+    good = decomposition()
+    one_step()  # step 1 moves the running factors on
+
+    from kronfac.errors import NotPSDError
+    from kronfac.linalg import KroneckerBlock
+
+    def fail(self):
+        raise NotPSDError("planted failure")
+
+    monkeypatch.setattr(KroneckerBlock, "eigen", fail)
+    with pytest.warns(RuntimeWarning, match=r"'0'.*planted failure.*last good"):
+        assert one_step()  # step 2 refreshes: the failure keeps the step-0 decomposition
+    kept = decomposition()
+    assert all(torch.equal(a, b) for a, b in zip(kept, good, strict=True))
+    monkeypatch.undo()
+    one_step()  # step 3: no refresh due
+    one_step()  # step 4 refreshes again
+    assert not all(torch.equal(a, b) for a, b in zip(decomposition(), good, strict=True))
