@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- demo ---------------------------------------------------------------------------------------
 
-# Each method's learning rate in the demo: the best of its grid in benchmarks/optim.py.
+# One learning rate per method for both tasks, from the grids of benchmarks/optim.py.
 DEMO_LRS = {"adam": 3e-3, "sgd": 0.3, "kfac": 0.3, "ekfac": 0.3}
 
 
