@@ -170,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- demo ---------------------------------------------------------------------------------------
 
-# One learning rate per method for both tasks, from the grids of benchmarks/optim.py.
-DEMO_LRS = {"adam": 3e-3, "sgd": 0.3, "kfac": 0.3, "ekfac": 0.3}
+# Each method's best learning rate per task in benchmarks/optim.py (BENCHMARKS.md).
+DEMO_LRS = {
+    "autoencoder": {"adam": 3e-3, "sgd": 0.3, "kfac": 0.5, "ekfac": 0.5},
+    "mlp": {"adam": 3e-3, "sgd": 0.3, "kfac": 0.3, "ekfac": 0.1},
+}
 
 
 def _demo(*, steps: int, seed: int, threads: int, plot: Path | None) -> int:
@@ -188,7 +191,7 @@ def _demo(*, steps: int, seed: int, threads: int, plot: Path | None) -> int:
         for task in tasks:
             runs = []
             target = None
-            for method, lr in DEMO_LRS.items():
+            for method, lr in DEMO_LRS[task.name].items():
                 limit = steps if method == "adam" else 3 * steps
                 with tqdm(total=limit, desc=f"{task.name} {method}", file=sys.stderr) as bar:
                     run = compare.train(

@@ -276,7 +276,7 @@ def summarise(runs: Iterable[Run], target: float, adam_seconds_per_step: float) 
 
 TABLE_HEADER = [
     "method",
-    "best lr",
+    "lr",
     "steps to target",
     "s to target",
     "time / Adam's",
