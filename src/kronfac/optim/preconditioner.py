@@ -15,8 +15,10 @@ leaves at the layer outputs, ``c = N`` for a loss averaged over the data points
 ``Ŝ ⊗ Â`` estimates the Fisher of one data point's loss either way. A module called several
 times in one forward pass of ``model`` is one block whose calls are more positions ``t`` of
 the same data points (call ``model`` itself: its forward passes delimit the data points).
-A loss averaged over ``T`` positions too (token-level language modelling) gives an ``Ŝ`` ``T``
-times smaller, which acts as a larger damping. With ``fisher="mc"`` the ``g`` come from labels
+A loss averaged over more than the data points — over ``T`` positions (token-level language
+modelling), or over the ``C`` outputs as torch's mean MSE / BCE does — gives an ``Ŝ`` ``T``
+(``C``) times smaller than :func:`kronfac.compute_factors`' ``S``, which acts as a larger
+damping. With ``fisher="mc"`` the ``g`` come from labels
 sampled from the model (:meth:`KFACPreconditioner.mc_backward`) instead of the training labels.
 
 Running estimates (every ``factor_every`` steps; the first update initialises):
