@@ -216,6 +216,8 @@ class KFACPreconditioner:
             _check_schedule("kl_clip", kl_clip, positive=True)
             if callable(kl_clip):
                 raise ValueError("kl_clip must be a positive number or None.")
+        if callable(min_damping):
+            raise ValueError("min_damping must be a number >= 0.")
         _check_schedule("min_damping", min_damping, positive=False)
         _check_choice("bias", bias, ("joint", "separate"))
         _check_choice("fisher", fisher, _FISHERS)
@@ -242,7 +244,9 @@ class KFACPreconditioner:
         )
         self.grad_scaler = grad_scaler
         self.steps = 0
-        self._generator = torch.Generator().manual_seed(seed)
+        # the MC labels' generator lives on the model outputs' device (made at the first draw)
+        self._seed = seed
+        self._generator: torch.Generator | None = None
         self._layers = self._select(model, modules, bias == "joint")
         self._pending: list[tuple[_Layer, LayerAdapter, Tensor, Tensor, int]] = []
         self._recorded = False
@@ -391,6 +395,8 @@ class KFACPreconditioner:
             return
         likelihood.check(output, None)
         terms = likelihood.to_terms(output.detach())
+        if self._generator is None or self._generator.device != terms.device:
+            self._generator = torch.Generator(device=terms.device).manual_seed(self._seed)
         labels = likelihood.sample(terms, 1, self._generator)
         vectors = likelihood.gradient(terms, labels)  # [1, M, C]
         divisor = likelihood.mean_divisor(terms.shape[0], terms.shape[-1])
@@ -627,7 +633,8 @@ class KFACPreconditioner:
             }
         return {
             "steps": self.steps,
-            "generator": self._generator.get_state(),
+            "generator": None if self._generator is None else self._generator.get_state(),
+            "generator_device": None if self._generator is None else str(self._generator.device),
             "options": self._options(),
             "layers": layers,
         }
@@ -670,7 +677,11 @@ class KFACPreconditioner:
             layer.scales = copy(saved["scales"], layer.weight)
             layer.cache = None
         self.steps = int(state["steps"])
-        self._generator.set_state(state["generator"])
+        self._generator = None
+        if state.get("generator") is not None:
+            device = torch.device(state.get("generator_device") or "cpu")
+            self._generator = torch.Generator(device=device)
+            self._generator.set_state(state["generator"])
 
 
 def _factor_dtype(weight: Tensor) -> torch.dtype:
