@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from kronfac.errors import NonFiniteError, UncoveredParameterWarning
 from kronfac.factors.container import ParamNames
 from kronfac.factors.hooks import Call, record_calls
+from kronfac.factors.options import BIAS_MODES, FISHER_TYPES, KFAC_APPROXES
 from kronfac.layers import LayerAdapter, get_adapter, supported_layers
 from kronfac.likelihoods import Likelihood, get_likelihood
 
@@ -46,15 +47,13 @@ __all__ = [
     "select_modules",
 ]
 
-FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
-KFAC_APPROXES = ("expand", "reduce")
-BIAS_MODES = ("joint", "separate")
 
 # Upper bound on the elements of the output gradients held at once; type-2 with many classes
 # backpropagates its K vectors in chunks that stay below it.
 _MAX_BATCHED_ELEMENTS = 1 << 27
 
 ForwardFn = Callable[[nn.Module, Any], Tensor]
+BatchSizeFn = Callable[[Any], int]
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -237,6 +236,8 @@ class PassSetup:
     select_all: bool = False
     rank: int | None = None
     rank_threshold: int = 512
+    oversample: int | None = None
+    batch_size_fn: BatchSizeFn | None = None
 
     @classmethod
     def create(
@@ -257,6 +258,9 @@ class PassSetup:
         strict: bool = False,
         rank: int | None = None,
         rank_threshold: int = 512,
+        oversample: int | None = None,
+        exclude: Iterable[str] | str | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
     ) -> PassSetup:
         """Validate the options of :func:`kronfac.compute_factors` (see there)."""
         _check_choice("fisher", fisher, FISHER_TYPES)
@@ -282,6 +286,16 @@ class PassSetup:
             raise ValueError(f"rank_threshold must be a positive integer, got {rank_threshold!r}.")
         if rank_threshold < 1:
             raise ValueError(f"rank_threshold must be a positive integer, got {rank_threshold!r}.")
+        if oversample is not None and (
+            isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0
+        ):
+            raise ValueError(
+                f"oversample must be a non-negative integer or None, got {oversample!r}."
+            )
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise TypeError(
+                f"batch_size_fn must be a callable X -> int, got {type(batch_size_fn).__name__}."
+            )
         if not isinstance(loss_fn, nn.Module):
             raise TypeError(
                 f"loss_fn must be a torch.nn loss module, got {type(loss_fn).__name__}."
@@ -329,6 +343,8 @@ class PassSetup:
             modules is None,
             rank,
             rank_threshold,
+            oversample,
+            batch_size_fn,
         )
 
     @property
@@ -342,6 +358,7 @@ class PassSetup:
             "seed": self.seed,
             "rank": self.rank,
             "rank_threshold": self.rank_threshold,
+            "oversample": self.oversample,
             "loss": type(self.likelihood.loss_fn).__name__,
             "reduction": self.likelihood.reduction,
         }

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from kronfac.errors import NonFiniteError
 from kronfac.factors.container import FactorPair, KroneckerFactors
-from kronfac.factors.data_pass import BatchRows, ForwardFn, PassSetup, run_pass
+from kronfac.factors.data_pass import BatchRows, BatchSizeFn, ForwardFn, PassSetup, run_pass
 from kronfac.layers import LayerAdapter
 from kronfac.linalg import LowRankFactor, StreamingLowRank
 
@@ -48,13 +48,16 @@ class FactorSums:
         joint_bias: bool,
         rank: int | None = None,
         threshold: int = 512,
+        oversample: int | None = None,
     ) -> None:
         d_in, d_out, g = adapter.in_features, adapter.out_features, adapter.groups
         lead = (g,) if g > 1 else ()
         low_A = rank is not None and not adapter.diagonal_input and d_in + joint_bias >= threshold
         low_S = rank is not None and d_out >= threshold
-        self.A_stream = StreamingLowRank(d_in + joint_bias, rank, device) if low_A else None  # type: ignore[arg-type]
-        self.S_stream = StreamingLowRank(d_out, rank, device) if low_S else None  # type: ignore[arg-type]
+        self.A_stream = (
+            StreamingLowRank(d_in + joint_bias, rank, device, oversample) if low_A else None  # type: ignore[arg-type]
+        )
+        self.S_stream = StreamingLowRank(d_out, rank, device, oversample) if low_S else None  # type: ignore[arg-type]
         gram_shape = (d_in,) if adapter.diagonal_input else (d_in, d_in)
         if low_A:
             gram_shape = (0, 0)
@@ -210,6 +213,9 @@ def compute_factors(
     strict: bool = False,
     rank: int | None = None,
     rank_threshold: int = 512,
+    oversample: int | None = None,
+    exclude: Iterable[str] | str | None = None,
+    batch_size_fn: BatchSizeFn | None = None,
 ) -> KroneckerFactors:
     r"""Kronecker factors of the Fisher / GGN of ``model`` over ``data``.
 
@@ -261,6 +267,12 @@ def compute_factors(
             full-rank factor, computed streaming (a one-pass Nyström sketch in float64, memory
             ``O(side · (rank + 10))``): exact when the data's rank is at most ``rank + 10``.
         rank_threshold: The side from which a factor is kept low-rank.
+        oversample: Extra columns ``p`` of the low-rank sketch (``rank + p`` in all); ``None``
+            picks the default of :class:`~kronfac.linalg.StreamingLowRank`.
+        exclude: Name substrings of modules to leave out, applied after ``modules``.
+        batch_size_fn: ``batch_size_fn(X) -> N``, the number of data points of a batch's
+            input; default: the first dimension of ``X``, or of a Mapping's ``input_ids``,
+            ``attention_mask`` or first tensor value.
 
     Returns:
         The factors of every covered module.
@@ -290,6 +302,7 @@ def compute_factors(
                         setup.joint_bias(n),
                         setup.rank,
                         setup.rank_threshold,
+                        setup.oversample,
                     ),
                 )
                 for n, a in setup.adapters.items()

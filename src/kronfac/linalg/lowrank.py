@@ -81,9 +81,11 @@ class StreamingLowRank:
         oversample: Extra sketch columns ``p`` (``l = k + p``).
     """
 
-    def __init__(self, side: int, rank: int, device: torch.device, oversample: int = 10) -> None:
+    def __init__(
+        self, side: int, rank: int, device: torch.device, oversample: int | None = None
+    ) -> None:
         self.side, self.rank = side, rank
-        width = min(side, rank + oversample)
+        width = min(side, rank + (10 if oversample is None else oversample))
         g = torch.Generator(device=device).manual_seed(
             0
         )  # fixed: reproducible, global RNG untouched
