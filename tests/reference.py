@@ -4,9 +4,9 @@ Every function here works in the dtype of the model (use float64 models) and ret
 ``[P, P]`` matrices in the parameter layout of kronfac's operators: the parameters named in
 ``param_names`` (``model.named_parameters()`` order), each flattened row-major.
 
-Scale convention (DESIGN.md, "Conventions every number follows"): the curvature of the
-*dataset* loss as ``loss_fn`` defines it. With ``reduction="sum"`` the dataset loss is the sum of
-the per-batch losses. With ``reduction="mean"`` it is the mean over every term of the whole dataset
+Scale convention (docs/conventions.md, "The scale"): the curvature of the *dataset* loss as
+``loss_fn`` defines it. With ``reduction="sum"`` the dataset loss is the sum of the per-batch
+losses. With ``reduction="mean"`` it is the mean over every term of the whole dataset
 (not the mean of per-batch means): the summed loss divided by the number of terms torch averages
 over, i.e. ``N·R`` for cross-entropy (one categorical term per position) and the number of output
 entries ``N·R·C`` for MSE and BCE. We compute everything for the summed loss and divide by that

@@ -657,9 +657,10 @@ def test_check_deterministic_with_dropout() -> None:
         compat.KFACLinearOperator(model, nn.CrossEntropyLoss(), params, data)
     with torch.random.fork_rng():  # dropout draws from the global RNG: keep it untouched
         torch.manual_seed(0)
-        op = compat.KFACLinearOperator(
-            model, nn.CrossEntropyLoss(), params, data, check_deterministic=False
-        )
+        with pytest.warns(UserWarning, match=r"active dropout in '1'"):
+            op = compat.KFACLinearOperator(
+                model, nn.CrossEntropyLoss(), params, data, check_deterministic=False
+            )
         M = dense(op)
     assert M.shape == (39, 39) and torch.isfinite(M).all()
     assert_rel_close(M, M.T, TOL, "symmetric")

@@ -259,7 +259,7 @@ def test_module_never_called():
     with pytest.warns(kronfac.UncoveredParameterWarning, match=r"'spare' were never called"):
         assert list(compute(model=NeverCalled())) == ["used"]
     # selected on purpose, or strict: an error
-    with pytest.raises(ValueError, match=r"Module\(s\) 'spare' were never called.*modules="):
+    with pytest.raises(ValueError, match=r"Module\(s\) 'spare' were never called.*exclude="):
         compute(model=NeverCalled(), modules=["used", "spare"])
     with pytest.raises(ValueError, match=r"'spare' were never called"):
         compute(model=NeverCalled(), strict=True)
@@ -721,7 +721,7 @@ def test_from_factors_of_a_plain_dict(factors):
         kronfac.KFAC.from_factors(dict(factors), make_model())
 
 
-def test_module_shared_across_the_batch_is_a_clear_error():
+def test_module_shared_across_the_batch_is_left_out_or_a_clear_error():
     """A position embedding called on [1, T] (as GPT-2's wpe) has no per-example gradients."""
 
     class Positional(nn.Module):
@@ -734,11 +734,24 @@ def test_module_shared_across_the_batch_is_a_clear_error():
             return self.out(x + self.pos(torch.arange(x.shape[1])[None]))
 
     X, y = torch.randn(2, 4, 3), torch.randn(2, 4, 2)  # T = 4 is a multiple of N = 2
-    with pytest.raises(
-        ValueError, match=r"module 'pos' returned shape \(1, 4, 3\), expected the batch"
-    ):
-        kronfac.compute_factors(Positional(), nn.MSELoss(), [(X, y)])
-    factors = kronfac.compute_factors(Positional(), nn.MSELoss(), [(X, y)], modules=["out"])
+    data, model = [(X, y)], Positional()
+    # every module selected (the default): left out with a warning naming it
+    with pytest.warns(UncoveredParameterWarning, match=r"'pos': \(1, 4, 3\) for N = 2.*exclude"):
+        default = kronfac.compute_factors(model, nn.MSELoss(), data)
+    assert list(default) == ["out"]
+    assert_factors_equal(
+        default, kronfac.compute_factors(model, nn.MSELoss(), data, exclude=["pos"])
+    )
+    # selected on purpose, or strict: an error naming the shape, N, and the fixes
+    for options in ({"modules": ["pos", "out"]}, {"strict": True}):
+        with pytest.raises(
+            ValueError,
+            match=r"module 'pos' returned shape \(1, 4, 3\), whose first dimension is not the "
+            r"batch's N = 2 data points \(read from the first dimension of X \(2, 4, 3\)\)"
+            r".*exclude=\['pos'\].*batch_size_fn",
+        ):
+            kronfac.compute_factors(Positional(), nn.MSELoss(), data, **options)
+    factors = kronfac.compute_factors(Positional(), nn.MSELoss(), data, modules=["out"])
     assert list(factors) == ["out"]
 
 

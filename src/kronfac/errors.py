@@ -7,7 +7,13 @@ built-in one.
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteError", "NotPSDError", "UncoveredParameterWarning"]
+import os
+import sys
+import warnings
+
+__all__ = ["NonFiniteError", "NotPSDError", "UncoveredParameterWarning", "warn"]
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class NonFiniteError(ValueError):
@@ -26,3 +32,15 @@ class NotPSDError(ValueError):
 
     Raised after a float64 retry, with the module's name in the message.
     """
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside kronfac (the user's line).
+
+    Every public entry point reaches its warnings through a different depth of kronfac calls;
+    skipping kronfac's own frames gives each the user's call site.
+    """
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

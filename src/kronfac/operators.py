@@ -1,7 +1,7 @@
 r"""Curvature operators: K-FAC and EKFAC as block-diagonal linear operators.
 
 The flat vectors of an operator list the covered parameters in ``model.named_parameters()``
-order, each flattened row-major (DESIGN.md). Each module contributes one block acting on its
+order, each flattened row-major (docs/conventions.md). Each module adds one block acting on its
 weight read as a ``[d_out, d_in]`` matrix ``V`` — joined by the bias as a last column with
 ``bias="joint"`` — or two blocks (weight, then bias as a ``[d_out, 1]`` matrix) with
 ``bias="separate"``. Blocks come from :mod:`kronfac.linalg`, so products, inverses, traces and
@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kronfac.factors import KroneckerFactors, compute_factors
+from kronfac.factors import KroneckerFactors
+from kronfac.factors.data_pass import check_reiterable
 from kronfac.factors.ekfac import compute_corrections
+from kronfac.factors.engine import factor_pass
 from kronfac.layers import LayerAdapter, get_adapter
 from kronfac.linalg import Block, EigenBlock, KroneckerBlock, LowRankFactor, LowRankKroneckerBlock
 
@@ -297,7 +299,7 @@ class KFAC(CurvatureOperator):
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable[Any], **options: Any):
-        self._setup(compute_factors(model, loss_fn, data, **options), model)
+        self._setup(factor_pass(model, loss_fn, data, **options)[0], model)
 
     @classmethod
     def from_factors(
@@ -391,8 +393,10 @@ class EKFAC(CurvatureOperator):
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable[Any], **options: Any):
-        factors = compute_factors(model, loss_fn, data, **options)
-        self._setup(compute_corrections(model, loss_fn, data, factors, **options), model)
+        check_reiterable(data, "EKFAC")
+        factors, result = factor_pass(model, loss_fn, data, **options)
+        corrected = compute_corrections(model, loss_fn, data, factors, reference=result, **options)
+        self._setup(corrected, model)
 
     @classmethod
     def from_factors(

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from kronfac.factors import compute_factors
+from kronfac.factors.data_pass import check_reiterable
 from kronfac.factors.ekfac import compute_corrections
 from kronfac.layers import get_adapter, supported_layers
 from kronfac.operators import EKFAC, KFAC, CurvatureOperator
@@ -154,11 +155,7 @@ def _check_deterministic(
             return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
         return a == b
 
-    if iter(data) is data:
-        raise TypeError(
-            "data is a one-shot iterator, but it is iterated several times; pass a list or a "
-            "DataLoader."
-        )
+    check_reiterable(data, "check_deterministic")
     with torch.no_grad():
         for b, ((X1, y1), (X2, y2)) in enumerate(zip(data, data, strict=True)):
             if not (same(X1, X2) and same(y1, y2)):
@@ -235,8 +232,10 @@ class KFACLinearOperator(_Operator):
         separate_weight_and_bias: Blocks for the weight and the bias apart (default) or one
             joint block.
         num_data: Number of data points; counted from ``data`` when None.
-        batch_size_fn: Accepted for compatibility; kronfac counts data points from the
-            targets' first dimension.
+        batch_size_fn: ``batch_size_fn(X) -> N``, the number of data points of a batch;
+            default: the first dimension of ``X``, or of a dict's ``input_ids`` /
+            ``attention_mask`` / first tensor. Outputs may be flattened data point by data
+            point (token logits ``[N·T, V]`` with targets ``[N·T]``).
         backend: ``"hooks"`` or ``"make_fx"``; both use kronfac's engine.
 
     Raises:
@@ -284,11 +283,14 @@ class KFACLinearOperator(_Operator):
             "seed": seed,
             "progress": progressbar,
             "forward": _call_model,
+            "batch_size_fn": batch_size_fn,
         }
         names = _resolve_params(model_func, params)
         _check_coverage(model_func, names)
         if check_deterministic:
             _check_deterministic(model_func, data)
+        if self._EKFAC:
+            check_reiterable(data, "EKFACLinearOperator")
         with _trainable_only(model_func, names):
             factors = compute_factors(model_func, loss_func, data, **options)
             if self._EKFAC:

@@ -19,8 +19,7 @@ in expectation), the usual K-FAC treatment of shared layers.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kronfac.errors import NonFiniteError, UncoveredParameterWarning
+from kronfac.errors import NonFiniteError, UncoveredParameterWarning, warn
 from kronfac.factors.container import ParamNames
 from kronfac.factors.hooks import Call, record_calls
 from kronfac.factors.options import BIAS_MODES, FISHER_TYPES, KFAC_APPROXES
@@ -42,7 +41,10 @@ __all__ = [
     "BatchRows",
     "PassResult",
     "PassSetup",
+    "batch_size",
+    "check_reiterable",
     "per_example",
+    "random_modules",
     "run_pass",
     "select_modules",
 ]
@@ -62,7 +64,10 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def select_modules(
-    model: nn.Module, modules: Iterable[str] | str | None, strict: bool = False
+    model: nn.Module,
+    modules: Iterable[str] | str | None,
+    strict: bool = False,
+    exclude: Iterable[str] | str | None = None,
 ) -> tuple[dict[str, LayerAdapter], dict[str, ParamNames], dict[str, list[LayerAdapter]]]:
     """The supported modules of ``model`` whose name contains one of ``modules``.
 
@@ -70,6 +75,8 @@ def select_modules(
         model: The model.
         modules: Name substrings (a single string counts as one); ``None`` selects every module.
         strict: Raise instead of warning about trainable parameters no block covers.
+        exclude: Name substrings of modules (and their submodules) to leave out, applied after
+            ``modules``; their parameters are not reported as uncovered.
 
     Returns:
         ``(adapters, param_names, tied)`` keyed by block name (the first module holding the
@@ -89,11 +96,8 @@ def select_modules(
         UncoveredParameterWarning: For trainable parameters of selected modules that no block
             covers, naming every one (``strict=False``).
     """
-    if isinstance(modules, str):
-        modules = [modules]
-    patterns = None if modules is None else list(modules)
-    if patterns is not None and not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"modules must be a list of name substrings, got {patterns!r}.")
+    patterns = _name_patterns("modules", modules)
+    excluded = _name_patterns("exclude", exclude) or []
 
     def selected(name: str) -> bool:
         return patterns is None or any(p in name for p in patterns)
@@ -105,6 +109,16 @@ def select_modules(
             f"modules={patterns!r} matches no module of the model. "
             f"Module names: {', '.join(n for n in named if n) or '(none)'}."
         )
+    if excluded:
+        unused = [p for p in excluded if not any(p in n for n in named if n)]
+        if unused:
+            raise ValueError(
+                f"exclude={unused!r} matches no module of the model. "
+                f"Module names: {', '.join(n for n in named if n) or '(none)'}."
+            )
+        matched = [n for n in matched if not any(p in n for p in excluded)]
+        if not matched:
+            raise ValueError(f"exclude={excluded!r} leaves out every selected module.")
     param_name = {id(p): n for n, p in model.named_parameters()}  # first (canonical) names
     adapters: dict[str, LayerAdapter] = {}
     names: dict[str, ParamNames] = {}
@@ -154,14 +168,13 @@ def select_modules(
         for p in module.parameters(recurse=False):
             if id(p) in weights:
                 first = weights[id(p)]
-                warnings.warn(
+                warn(
                     f"Modules {first!r} ({type(adapters[first].module).__name__}) and "
                     f"{mod_name!r} ({type(module).__name__}) share a weight "
                     f"({param_name[id(p)]!r}) but no Kronecker block: it is covered through "
                     f"{first!r} only, and the curvature of its use in {mod_name!r} is left "
                     "out. Select the module you mean with `modules=`.",
                     UserWarning,
-                    stacklevel=4,
                 )
     if uncovered and strict:
         raise ValueError(
@@ -170,13 +183,57 @@ def select_modules(
             "`modules=`."
         )
     if uncovered:
-        warnings.warn(
+        warn(
             f"{len(uncovered)} trainable parameter(s) are not covered by any Kronecker block "
             f"and are left out of the curvature: {', '.join(uncovered)}.",
             UncoveredParameterWarning,
-            stacklevel=4,
         )
     return adapters, names, tied
+
+
+def check_reiterable(data: Iterable[Any], what: str) -> None:
+    """Refuse a one-shot iterator (a generator) as the data of a computation of two passes.
+
+    Raises:
+        TypeError: Naming ``what`` and the fix (a list or a DataLoader).
+    """
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"{what} makes two passes over the data, but data is a one-shot iterator "
+            f"({type(data).__name__}): its second pass would be empty. Pass a list of batches "
+            "or a DataLoader."
+        )
+
+
+def random_modules(model: nn.Module) -> list[str]:
+    """Names of the modules that make the forward pass random: active dropout in train mode.
+
+    ``nn.Dropout`` and its variants with ``p > 0``, and modules with a positive ``dropout`` /
+    ``attention_dropout`` rate (``nn.MultiheadAttention``, transformers' attention layers),
+    each only while in training mode.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            rate = module.p
+        else:
+            rates = [getattr(module, k, 0.0) for k in ("dropout", "attention_dropout")]
+            rate = max((r for r in rates if isinstance(r, float)), default=0.0)
+        if rate > 0:
+            names.append(name or "(the model)")
+    return names
+
+
+def _name_patterns(option: str, value: Iterable[str] | str | None) -> list[str] | None:
+    """``modules`` / ``exclude`` as a list of name substrings (a single string counts as one)."""
+    if value is None:
+        return None
+    patterns = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{option} must be a list of name substrings, got {patterns!r}.")
+    return patterns
 
 
 def _tie(
@@ -301,7 +358,7 @@ class PassSetup:
                 f"loss_fn must be a torch.nn loss module, got {type(loss_fn).__name__}."
             )
         likelihood = get_likelihood(loss_fn)
-        adapters, param_names, tied = select_modules(model, modules, strict)
+        adapters, param_names, tied = select_modules(model, modules, strict, exclude)
         if rank is not None:
             grouped = [
                 n
@@ -398,39 +455,54 @@ class BatchRows:
 class PassResult:
     """What a pass counted.
 
-    ``N``, the largest ``R``, ``C``, the loss terms counted, and the selected modules never
-    called (left out, with a warning, when every module was selected).
+    ``N``, the largest ``R``, ``C``, the loss terms counted, the selected modules left out
+    (never called, or not batch-first; with a warning, when every module was selected), and
+    checksums of the first batch's input and model output (sum and absolute sum): two passes
+    of a deterministic model over the same data give the same ones.
     """
 
     num_data: int
     terms_per_example: int
     num_classes: int
     num_terms: int
-    uncalled: tuple[str, ...] = ()
+    left_out: tuple[str, ...] = ()
+    fingerprint: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def same_first_batch(self, other: PassResult) -> bool | None:
+        """Whether ``other`` saw the same first batch give the same model output.
+
+        ``None`` when the first inputs differ (shuffled data: nothing to compare); otherwise
+        the outputs' sums must agree to ``1e-5`` of their absolute sum (GPU round-off).
+        """
+        (x, out, scale), (x2, out2, _) = self.fingerprint, other.fingerprint
+        if x != x2:
+            return None
+        return abs(out - out2) <= 1e-5 * scale
 
     def mean_divisor(self, likelihood: Likelihood) -> int:
         """``D``: the entries torch's mean averages over for the dataset loss (1 for sum)."""
         return likelihood.mean_divisor(self.num_terms, self.num_classes)
 
 
-def _batch_size(y: Any, batch_index: int) -> int:
-    if not isinstance(y, Tensor):
-        raise TypeError(
-            f"Batch {batch_index}: expected targets y to be a torch.Tensor, got {type(y).__name__}."
-        )
-    if y.ndim == 0:
-        raise ValueError(f"Batch {batch_index}: expected batched targets [N, ...], got a scalar.")
-    return y.shape[0]
-
-
 def _run_forward(model: nn.Module, X: Any, forward: ForwardFn | None, batch_index: int) -> Tensor:
-    """The logits of batch ``X``: ``forward(model, X)``, ``model(**X)`` or ``model(X)``."""
-    if forward is not None:
-        output = forward(model, X)
-    elif isinstance(X, Mapping):
-        output = model(**X)
-    else:
-        output = model(X)
+    """The logits of batch ``X``: ``forward(model, X)``, ``model(**X)`` or ``model(X)``.
+
+    Raises:
+        TypeError: If the model does not return a Tensor, or fails on data of another
+            floating dtype than its parameters (both named, with the first such module).
+    """
+    try:
+        if forward is not None:
+            output = forward(model, X)
+        elif isinstance(X, Mapping):
+            output = model(**X)
+        else:
+            output = model(X)
+    except RuntimeError as err:
+        mismatch = _dtype_mismatch(model, X)
+        if mismatch is None:
+            raise
+        raise TypeError(f"Batch {batch_index}: {mismatch} ({err})") from err
     if not isinstance(output, Tensor):
         raise TypeError(
             f"Batch {batch_index}: the model returned {type(output).__name__}, expected the "
@@ -440,11 +512,27 @@ def _run_forward(model: nn.Module, X: Any, forward: ForwardFn | None, batch_inde
     return output
 
 
+def _dtype_mismatch(model: nn.Module, X: Any) -> str | None:
+    """Describe data of another floating dtype than the model's parameters, or ``None``."""
+    tensors = X.values() if isinstance(X, Mapping) else X if isinstance(X, (list, tuple)) else [X]
+    data = {t.dtype for t in tensors if isinstance(t, Tensor) and t.is_floating_point()}
+    for name, module in model.named_modules():
+        params = {p.dtype for p in module.parameters(recurse=False) if p.is_floating_point()}
+        if params and data and not params & data:
+            return (
+                f"the data is {', '.join(map(str, sorted(data, key=str)))} but module "
+                f"{name or '(the model)'!r} has {', '.join(map(str, sorted(params, key=str)))} "
+                "parameters. Cast the data to the model's dtype or the model to the data's"
+            )
+    return None
+
+
 def _backprop_vectors(
     likelihood: Likelihood,
     fisher: str,
     output: Tensor,
     y: Tensor,
+    n: int,
     mc_samples: int,
     generator: torch.Generator | None,
     dtype: torch.dtype,
@@ -467,8 +555,7 @@ def _backprop_vectors(
     terms = likelihood.to_terms(output.detach().to(dtype))
     if fisher == "type-2":
         root = likelihood.hessian_sqrt(terms)  # [M, C, K]
-        n = output.shape[0]
-        R = terms.shape[0] // n
+        R = terms.shape[0] // n  # terms are ordered data point by data point
         if per_term and R > 1:
             M, C, K = root.shape
             if R * K * M * C > _MAX_BATCHED_ELEMENTS:
@@ -499,6 +586,8 @@ def _backprop_vectors(
 def _output_gradients(output: Tensor, calls: list[Call], vectors: Tensor) -> list[Tensor | None]:
     """``[K, *call.output.shape]`` gradients of ``⟨vectors_k, output⟩`` at each call's output."""
     outs = [c.output for c in calls]
+    if not outs:  # no covered module was called in this batch
+        return []
     K = vectors.shape[0]
     if K == 1:
         grads = torch.autograd.grad(output, outs, vectors[0], allow_unused=True)
@@ -540,20 +629,31 @@ def run_pass(
     ``per_term=True`` backpropagates type-2 vectors term by term (see
     :func:`_backprop_vectors`), as per-example gradients need.
 
+    A batch's ``N`` is :func:`batch_size` of its input; the loss's ``M`` terms must split into
+    ``R = M / N`` per data point (outputs ``[N, ...]``, or flattened data point by data point
+    ``[N·R, ...]``), and every covered module's output must have the ``N`` data points first.
+    A module whose output does not (a position embedding shared across the batch) is left out
+    with an :class:`~kronfac.UncoveredParameterWarning` when every module is selected, and is
+    an error when it was selected by name or with ``strict``.
+
     Raises:
-        ValueError: Empty data, a batch that is not a pair, shapes that do not fit the loss,
-            a selected module never called (when ``modules`` was given, or ``strict``), counts
-            that disagree with the setup's ``num_data`` / ``num_per_example_loss_terms``, or an
-            output modified in place.
-        TypeError: Targets of the wrong dtype, or a model output that is not a Tensor.
+        ValueError: Empty data, a batch that is not a pair, shapes that do not fit the loss or
+            the batch's ``N``, a selected module never called or not batch-first (when
+            ``modules`` was given, or ``strict``), no covered module left, counts that disagree
+            with the setup's ``num_data`` / ``num_per_example_loss_terms``, or an output
+            modified in place.
+        TypeError: Targets of the wrong dtype, a model output that is not a Tensor, or a
+            covered module called on inputs of another floating dtype than its weight.
         NonFiniteError: NaN / Inf in a covered module's output (named, with the batch).
     """
-    likelihood, adapters = setup.likelihood, setup.adapters
+    likelihood = setup.likelihood
     backward = setup.fisher != "forward-only"
     generator: torch.Generator | None = None
     total = terms = 0
     R, C = 0, None
-    called = dict.fromkeys(adapters, 0)
+    called = dict.fromkeys(setup.adapters, 0)
+    not_batch_first: dict[str, str] = {}  # module → its output's shape and the batch's N
+    fingerprint: tuple[float, float, float] | None = None
     batches = tqdm(
         data,
         total=len(data) if hasattr(data, "__len__") else None,  # type: ignore[arg-type]
@@ -561,29 +661,26 @@ def run_pass(
         desc=desc,
         unit="batch",
     )
-    with record_calls(adapters, setup.tied) as calls:
+    with record_calls(setup.adapters, setup.tied) as calls:
         for b, batch in enumerate(batches):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError(f"Batch {b}: expected a pair (X, y), got {type(batch).__name__}.")
             X, y = batch
-            n = _batch_size(y, b)
-            if n == 0:
-                raise ValueError(f"Batch {b} holds no data points (targets {tuple(y.shape)}).")
+            n, source = batch_size(X, y, setup.batch_size_fn, b)
             for c in calls.values():
                 c.clear()
             with torch.set_grad_enabled(backward):
                 output = _run_forward(model, X, setup.forward, b)
             likelihood.check(output, y)
-            if output.shape[0] != n:
-                raise ValueError(
-                    f"Batch {b}: model output has batch size {output.shape[0]}, targets {n}."
-                )
-            r_b, c_b = likelihood.terms_per_example(output), likelihood.num_classes(output)
+            r_b = _terms_per_data_point(likelihood, output, y, n, source, b)
+            c_b = likelihood.num_classes(output)
             if C is not None and c_b != C:
                 raise ValueError(
                     f"Batch {b}: loss terms of size {c_b}, earlier batches had size {C}."
                 )
             R, C = max(R, r_b), c_b
+            if b == 0:
+                fingerprint = (_checksum(X), _checksum(output), _checksum(output.abs()))
             padding = _attention_mask(X, n, b)
             term_mask = likelihood.term_mask(y, output)
             if padding is not None and padding.shape[1] == r_b:  # one loss term per token
@@ -591,17 +688,7 @@ def run_pass(
                 term_mask = pad_terms if term_mask is None else term_mask & pad_terms
             terms += n * r_b if term_mask is None else int(term_mask.sum())
             dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
-            for name in adapters:
-                called[name] += len(calls[name])
-                for c in calls[name]:
-                    if c.output.ndim == 0 or c.output.shape[0] != n:
-                        raise ValueError(
-                            f"Batch {b}: module {name!r} returned shape {tuple(c.output.shape)}, "
-                            f"expected the batch dimension ({n}) first. A module whose input is "
-                            "shared across the batch (e.g. GPT-2's position embedding) or that "
-                            "is not batch-first has no per-example gradients; exclude it with "
-                            "`modules=`."
-                        )
+            adapters = _batch_first(setup, calls, n, source, b, not_batch_first, called)
             masks = _position_masks(adapters, calls, padding, n, dtype)
             rows = BatchRows(b, n, dtype, _input_rows(adapters, calls, n, dtype, b, masks), masks)
             if backward:
@@ -618,6 +705,7 @@ def run_pass(
                     setup.fisher,
                     output,
                     y,
+                    n,
                     setup.mc_samples,
                     generator,
                     dtype,
@@ -630,22 +718,8 @@ def run_pass(
             del output, rows
     if total == 0:
         raise ValueError("data is empty: expected at least one batch (X, y) with data points.")
-    assert C is not None
-    uncalled = tuple(name for name, count in called.items() if count == 0)
-    if uncalled and (setup.strict or not setup.select_all):
-        raise ValueError(
-            f"Module(s) {', '.join(map(repr, uncalled))} were never called in the forward pass "
-            "(e.g. nn.MultiheadAttention's out_proj, applied through its weight); exclude them "
-            "with `modules=`."
-        )
-    if uncalled:
-        warnings.warn(
-            f"Module(s) {', '.join(map(repr, uncalled))} were never called in the forward pass "
-            "(e.g. nn.MultiheadAttention's out_proj, applied through its weight): their "
-            "parameters are left out of the curvature.",
-            UncoveredParameterWarning,
-            stacklevel=4,
-        )
+    assert C is not None and fingerprint is not None
+    left_out = _left_out(setup, called, not_batch_first)
     if setup.num_data is not None and setup.num_data != total:
         raise ValueError(f"num_data={setup.num_data} but the data holds {total} data points.")
     given = setup.num_per_example_loss_terms
@@ -656,7 +730,171 @@ def run_pass(
         )
     if terms == 0:
         raise ValueError("Every loss term is masked (ignore_index or attention_mask).")
-    return PassResult(total, R, C, terms, uncalled)
+    return PassResult(total, R, C, terms, left_out, fingerprint)
+
+
+def batch_size(X: Any, y: Any, batch_size_fn: BatchSizeFn | None, b: int = 0) -> tuple[int, str]:
+    """``N``, the number of data points of batch ``(X, y)``, and where it was read.
+
+    ``batch_size_fn(X)`` when given; otherwise the first dimension of ``X``, or of a Mapping's
+    ``input_ids``, ``attention_mask`` or first tensor value; the targets' first dimension when
+    ``X`` holds no tensor.
+
+    Raises:
+        TypeError: Targets that are not a Tensor, or a ``batch_size_fn`` that does not return
+            an integer.
+        ValueError: Scalar targets, or a batch without data points.
+    """
+    if not isinstance(y, Tensor):
+        raise TypeError(
+            f"Batch {b}: expected targets y to be a torch.Tensor, got {type(y).__name__}."
+        )
+    if y.ndim == 0:
+        raise ValueError(f"Batch {b}: expected batched targets [N, ...], got a scalar.")
+    if batch_size_fn is not None:
+        n, source = batch_size_fn(X), "batch_size_fn(X)"
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(
+                f"Batch {b}: batch_size_fn(X) must return an int, got {type(n).__name__}."
+            )
+    elif isinstance(X, Tensor) and X.ndim > 0:
+        n, source = X.shape[0], f"the first dimension of X {tuple(X.shape)}"
+    else:
+        key = None
+        if isinstance(X, Mapping):
+            tensors = [k for k, v in X.items() if isinstance(v, Tensor) and v.ndim > 0]
+            preferred = [k for k in ("input_ids", "attention_mask") if k in tensors]
+            key = (preferred or tensors or [None])[0]
+        if key is None:
+            n, source = y.shape[0], f"the first dimension of the targets {tuple(y.shape)}"
+        else:
+            n, source = X[key].shape[0], f"the first dimension of X[{key!r}] {tuple(X[key].shape)}"
+    if n < 1:
+        raise ValueError(f"Batch {b} holds no data points ({source} is {n}).")
+    return n, source
+
+
+def _terms_per_data_point(
+    likelihood: Likelihood, output: Tensor, y: Tensor, n: int, source: str, b: int
+) -> int:
+    """``R = M / N``: the loss's terms per data point (outputs ``[N, ...]`` or ``[N·R, ...]``).
+
+    Raises:
+        ValueError: If the ``M`` terms do not split into ``N`` data points.
+    """
+    M = likelihood.num_terms(output)
+    if n > M or M % n:
+        raise ValueError(
+            f"Batch {b}: the loss has {M} terms (model output {tuple(output.shape)}, targets "
+            f"{tuple(y.shape)}), which do not split into the N = {n} data points read from "
+            f"{source}. Return the outputs with the data points first (e.g. logits [N, V, T] "
+            "with targets [N, T]) or flattened data point by data point ([N·T, V] with "
+            "targets [N·T]), or pass batch_size_fn=lambda X: ... returning N."
+        )
+    return M // n
+
+
+def _batch_first(
+    setup: PassSetup,
+    calls: Mapping[str, list[Call]],
+    n: int,
+    source: str,
+    b: int,
+    not_batch_first: dict[str, str],
+    called: dict[str, int],
+) -> dict[str, LayerAdapter]:
+    """The modules whose every call of this batch has the ``N`` data points first.
+
+    A module with an output of another leading size (GPT-2's position embedding returns
+    ``[1, T, d]``, shared across the batch) has no per-example gradients: it is recorded in
+    ``not_batch_first`` and left out from then on (an error when it was selected on purpose).
+    ``called`` counts every module's calls.
+
+    Raises:
+        ValueError: For such a module selected by name or with ``strict``, or when no module
+            that was called is left.
+    """
+    for name in setup.adapters:
+        called[name] += len(calls[name])
+        if name in not_batch_first:
+            continue
+        for c in calls[name]:
+            if c.output.ndim == 0 or c.output.shape[0] != n:
+                shape = tuple(c.output.shape)
+                if setup.strict or not setup.select_all:
+                    raise ValueError(
+                        f"Batch {b}: module {name!r} returned shape {shape}, whose first "
+                        f"dimension is not the batch's N = {n} data points (read from "
+                        f"{source}). A module whose output is shared across the batch (e.g. "
+                        "GPT-2's position embedding) has no per-example gradients: leave it "
+                        f"out with exclude=[{name!r}]. If N is wrong, pass batch_size_fn=."
+                    )
+                not_batch_first[name] = f"{name!r}: {shape} for N = {n}"
+                break
+    adapters = {k: a for k, a in setup.adapters.items() if k not in not_batch_first}
+    if not_batch_first and not any(called[k] for k in adapters):
+        raise ValueError(
+            f"Batch {b}: no covered module's output has the batch's N = {n} data points (read "
+            f"from {source}) first: {'; '.join(not_batch_first.values())}. Feed batch-first "
+            "inputs and return the outputs with the data points first (e.g. logits [N, V, T] "
+            "with targets [N, T]), or pass batch_size_fn=lambda X: ... returning N."
+        )
+    return adapters
+
+
+def _left_out(
+    setup: PassSetup, called: Mapping[str, int], not_batch_first: Mapping[str, str]
+) -> tuple[str, ...]:
+    """The selected modules left out of the factors: never called, or not batch-first.
+
+    Raises:
+        ValueError: A module never called that was selected by name or with ``strict``, or
+            no covered module at all.
+
+    Warns:
+        UncoveredParameterWarning: Naming the modules left out when every module was selected.
+    """
+    uncalled = tuple(name for name, count in called.items() if count == 0)
+    why = "(e.g. nn.MultiheadAttention's out_proj, applied through its weight)"
+    if uncalled and (setup.strict or not setup.select_all):
+        raise ValueError(
+            f"Module(s) {', '.join(map(repr, uncalled))} were never called in the forward pass "
+            f"{why}; leave them out with exclude={list(uncalled)!r}."
+        )
+    left_out = (*uncalled, *not_batch_first)
+    if len(left_out) == len(setup.adapters):
+        raise ValueError(
+            "No covered module was called in the forward pass; the selected modules "
+            f"({', '.join(map(repr, setup.adapters))}) must be called as modules."
+        )
+    if uncalled:
+        warn(
+            f"Module(s) {', '.join(map(repr, uncalled))} were never called in the forward pass "
+            f"{why}: their parameters are left out of the curvature. Leave them out with "
+            f"exclude={list(uncalled)!r} to silence this.",
+            UncoveredParameterWarning,
+        )
+    if not_batch_first:
+        warn(
+            f"Module(s) {', '.join(map(repr, not_batch_first))} returned outputs without the "
+            f"batch's data points first ({'; '.join(not_batch_first.values())}), e.g. a "
+            "position embedding shared across the batch: they have no per-example gradients "
+            "and their parameters are left out of the curvature. Leave them out with "
+            f"exclude={list(not_batch_first)!r} to silence this.",
+            UncoveredParameterWarning,
+        )
+    return left_out
+
+
+def _checksum(x: Any) -> float:
+    """``Σ`` of every tensor in ``x`` (a Tensor, Mapping or sequence), in float64."""
+    if isinstance(x, Tensor):
+        return float(x.detach().sum(dtype=torch.float64)) if x.numel() else 0.0
+    if isinstance(x, Mapping):
+        return sum(_checksum(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_checksum(v) for v in x)
+    return 0.0
 
 
 def _attention_mask(X: Any, n: int, b: int) -> Tensor | None:

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kronfac.errors import warn
 from kronfac.factors.container import EigenCorrection, KroneckerFactors
-from kronfac.factors.data_pass import BatchRows, PassSetup, run_pass
+from kronfac.factors.data_pass import BatchRows, PassResult, PassSetup, random_modules, run_pass
 from kronfac.factors.engine import check_finite
 from kronfac.linalg import LowRankFactor, eigh
 
@@ -102,6 +103,8 @@ def compute_corrections(
     loss_fn: nn.Module,
     data: Iterable[tuple[Any, Tensor]],
     factors: KroneckerFactors,
+    *,
+    reference: PassResult | None = None,
     **options: Any,
 ) -> KroneckerFactors:
     """EKFAC's eigenbases and corrected eigenvalues of ``factors`` (module docstring).
@@ -111,6 +114,8 @@ def compute_corrections(
         loss_fn: Its loss.
         data: The data (the same as for the factors, for the usual EKFAC).
         factors: K-FAC factors from :func:`kronfac.compute_factors` with the same options.
+        reference: The factors' pass; when given, a model output on the same first batch that
+            differs between the two passes is warned about.
         **options: The options of :func:`kronfac.compute_factors` (MC sampling starts again
             from ``seed``, so it draws the labels the factors were computed with).
 
@@ -120,6 +125,10 @@ def compute_corrections(
     Raises:
         ValueError: For ``fisher="forward-only"`` (no output gradients to correct with), or
             options / modules that disagree with ``factors``.
+
+    Warns:
+        UserWarning: When ``reference`` saw another output on the same first batch, i.e. the
+            model is random without a dropout module (which the factors' pass names).
     """
     setup = PassSetup.create(model, loss_fn, **options)
     if setup.fisher == "forward-only":
@@ -192,6 +201,14 @@ def compute_corrections(
         )
 
     result = run_pass(setup, model, data, consume, desc="kronfac EKFAC correction", per_term=True)
+    differs = reference is not None and reference.same_first_batch(result) is False
+    if differs and not random_modules(model):  # (dropout modules: named by the factors' pass)
+        warn(
+            "The model's output on the first batch differs between EKFAC's two passes: the "
+            "forward pass is random (functional dropout in train mode?), so the corrections do "
+            "not match the factors' eigenbases. Call model.eval() first.",
+            UserWarning,
+        )
     divisor = result.mean_divisor(setup.likelihood)
     corrections = {}
     for name, (Q_A, Q_S) in bases.items():

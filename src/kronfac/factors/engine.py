@@ -22,13 +22,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kronfac.errors import NonFiniteError
+from kronfac.errors import NonFiniteError, warn
 from kronfac.factors.container import FactorPair, KroneckerFactors
-from kronfac.factors.data_pass import BatchRows, BatchSizeFn, ForwardFn, PassSetup, run_pass
+from kronfac.factors.data_pass import (
+    BatchRows,
+    BatchSizeFn,
+    ForwardFn,
+    PassResult,
+    PassSetup,
+    random_modules,
+    run_pass,
+)
 from kronfac.layers import LayerAdapter
 from kronfac.linalg import LowRankFactor, StreamingLowRank
 
-__all__ = ["FactorSums", "add_gram_", "check_finite", "compute_factors"]
+__all__ = ["FactorSums", "add_gram_", "check_finite", "compute_factors", "factor_pass"]
 
 
 class FactorSums:
@@ -221,7 +229,7 @@ def compute_factors(
 
     Each covered module's block of the curvature of the dataset loss (as ``loss_fn`` defines
     it) is approximated as ``S ⊗ A`` in the row-major flattening of its weight ``[d_out, d_in]``
-    (DESIGN.md), with
+    (docs/conventions.md), with
 
     .. math::
 
@@ -286,7 +294,28 @@ def compute_factors(
         NonFiniteError: NaN / Inf in a module's factors (the module and batch are named).
     """
     options = {k: v for k, v in locals().items() if k not in ("model", "loss_fn", "data")}
+    return factor_pass(model, loss_fn, data, **options)[0]
+
+
+def factor_pass(
+    model: nn.Module, loss_fn: nn.Module, data: Iterable[tuple[Any, Tensor]], **options: Any
+) -> tuple[KroneckerFactors, PassResult]:
+    """:func:`compute_factors` (same arguments), with what its pass counted.
+
+    Warns:
+        UserWarning: Once, when the forward pass is random (active dropout in train mode,
+            naming the modules), or when ``rank`` applies to no factor.
+    """
     setup = PassSetup.create(model, loss_fn, **options)
+    random = random_modules(model)
+    if random:
+        warn(
+            f"The model is in train mode with active dropout in "
+            f"{', '.join(map(repr, random))}: every batch's factors are those of another "
+            "random sub-network. Call model.eval() before computing curvature.",
+            UserWarning,
+        )
+    _warn_unused_rank(setup)
     accs: dict[str, FactorSums] = {}
 
     def consume(rows: BatchRows) -> None:
@@ -381,16 +410,34 @@ def compute_factors(
     divisor = result.mean_divisor(setup.likelihood)
     factors = {}
     for name, acc in accs.items():
-        if name in result.uncalled:
+        if name in result.left_out:
             continue
         A = acc.input_factor(setup.joint_bias(name), result.num_data)
         side = setup.adapters[name].out_features
         S = acc.output_factor(divisor, side, identity=setup.fisher == "forward-only")
         factors[name] = FactorPair(A, S)
-    return KroneckerFactors(
+    factors = KroneckerFactors(
         factors,
         param_names={n: setup.param_names[n] for n in factors},
         options=setup.options,
         num_data=result.num_data,
         num_per_example_loss_terms=result.terms_per_example,
     )
+    return factors, result
+
+
+def _warn_unused_rank(setup: PassSetup) -> None:
+    """Warn when ``rank`` is given but every factor's side is below ``rank_threshold``."""
+    if setup.rank is None:
+        return
+    sides = {
+        max(a.in_features + setup.joint_bias(n) if not a.diagonal_input else 0, a.out_features)
+        for n, a in setup.adapters.items()
+    }
+    if max(sides) < setup.rank_threshold:
+        warn(
+            f"rank={setup.rank} applies to no factor: every side is below rank_threshold="
+            f"{setup.rank_threshold} (the largest is {max(sides)}), so every factor is full "
+            "rank. Lower rank_threshold to make them low-rank.",
+            UserWarning,
+        )

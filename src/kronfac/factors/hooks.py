@@ -8,11 +8,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from kronfac.layers import LayerAdapter
 
-__all__ = ["Call", "record_calls"]
+__all__ = ["Call", "check_input_dtype", "record_calls"]
 
 
 @dataclass
@@ -54,11 +55,37 @@ def record_calls(
 
         return hook
 
+    def make_check(name: str, adapter: LayerAdapter) -> Any:
+        def check(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            check_input_dtype(name, adapter.layer_input(args, kwargs), adapter.weight)
+
+        return check
+
     try:
         for name, adapter in adapters.items():
             for a in [adapter, *(tied or {}).get(name, [])]:
+                handles.append(
+                    a.module.register_forward_pre_hook(make_check(name, a), with_kwargs=True)
+                )
                 handles.append(a.module.register_forward_hook(make_hook(name, a), with_kwargs=True))
         yield calls
     finally:
         for handle in handles:
             handle.remove()
+
+
+def check_input_dtype(name: str, x: Any, weight: Tensor) -> None:
+    """Refuse a floating input of another dtype than the module's weight (outside autocast).
+
+    Raises:
+        TypeError: Naming the module and both dtypes (torch would fail inside the module).
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dtype == weight.dtype:
+        return
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    raise TypeError(
+        f"Module {name!r} has {weight.dtype} weights but was called on a {x.dtype} input. "
+        f"Cast the data to the model's dtype (X.to({weight.dtype})) or the model to the "
+        f"data's (model.to({x.dtype}))."
+    )

@@ -12,7 +12,7 @@ provides
 - ``mean_divisor(num_data, num_terms)``: the number of entries torch averages over with
   ``reduction="mean"``.
 
-This module is the one place where the reduction scale of DESIGN.md lives.
+This module is the one place where the reduction scale of docs/conventions.md lives.
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ class Likelihood(ABC):
     def targets_to_terms(self, target: Tensor, output: Tensor) -> Tensor:
         """Flatten targets to match :meth:`to_terms`: ``[M]`` (class indices) or ``[M, C]``."""
 
-    def terms_per_example(self, output: Tensor) -> int:
-        """``R``, the number of loss terms per data point of a batch output ``[N, ...]``."""
-        return self.to_terms(output).shape[0] // output.shape[0]
+    def num_terms(self, output: Tensor) -> int:
+        """``M``, the number of loss terms of a batch output (``N·R``), without a copy."""
+        return output.numel() // self.num_classes(output)
 
     @property
     @abstractmethod

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kronfac.errors import UncoveredParameterWarning
+from kronfac.errors import UncoveredParameterWarning, warn
 from kronfac.factors.data_pass import per_example, select_modules
 from kronfac.factors.ekfac import rotated_second_moment, with_ones
 from kronfac.factors.engine import FactorSums
@@ -284,11 +284,10 @@ class KFACPreconditioner:
                 name, adapter, tied.get(name, []), weight, bias, joint and bias is not None, slots
             )
         if left_out:
-            warnings.warn(
+            warn(
                 f"Modules {left_out} (grouped convolutions, embeddings) are not preconditioned; "
                 "their parameters keep their plain gradients.",
                 UncoveredParameterWarning,
-                stacklevel=3,
             )
         if not layers:
             raise ValueError("The model has no layer K-FAC can precondition.")
@@ -480,11 +479,10 @@ class KFACPreconditioner:
             diagonals = torch.cat([A.diagonal(), S.diagonal()])
             if not bool(torch.isfinite(diagonals).all()):
                 if self.grad_scaler is None:
-                    warnings.warn(
+                    warn(
                         f"Non-finite values (NaN or Inf) in the K-FAC statistics of module "
                         f"{name!r} at step {self.steps}: step skipped, gradients unchanged.",
                         RuntimeWarning,
-                        stacklevel=3,
                     )
                 return False
             fresh[name] = (A, S)
@@ -513,11 +511,10 @@ class KFACPreconditioner:
                         s, Q_S, a, Q_A = block.eigen()
                         parts.append((s, Q_S, a, Q_A))
             except (ValueError, RuntimeError) as err:  # NotPSDError, LinAlgError
-                warnings.warn(
+                warn(
                     f"Decomposing the factors of module {name!r} failed at step {self.steps} "
                     f"({err}); keeping the last good decomposition.",
                     RuntimeWarning,
-                    stacklevel=3,
                 )
                 continue
             layer.decomposed, layer.cache = parts, None
