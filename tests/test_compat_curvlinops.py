@@ -323,6 +323,31 @@ def test_kfac_sequences(
     assert_same_matrix(ours, ref, f"sequence {loss}/{fisher}/{approx}")
 
 
+class FlatSeqNet(SeqNet):
+    """:class:`SeqNet` with its outputs flattened data point by data point: ``[N·T, 3]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).reshape(-1, 3)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize(
+    ("loss", "fisher"),
+    [("ce", "type-2"), ("ce", "mc"), ("ce", "empirical"), ("mse", "type-2"), ("mse", "mc")],
+)
+def test_kfac_flattened_sequence_outputs(loss: str, fisher: str, approx: str) -> None:
+    """The usual LM loss, ``loss(logits.reshape(-1, V), labels.reshape(-1))``."""
+    _, data = seq_case(loss)
+    model = init(FlatSeqNet(False), 3)
+    flat = [(X, y.reshape(-1, *y.shape[2:])) for X, y in data]
+    ours, ref = build(
+        "KFACLinearOperator", model, LOSSES[loss](), dict(model.named_parameters()), flat,
+        fisher_type=fisher, kfac_approx=approx,
+    )  # fmt: skip
+    assert_same_matrix(ours, ref, f"flattened {loss}/{fisher}/{approx}")
+    assert ours.factors.num_per_example_loss_terms == T_SEQ
+
+
 # -- 5. convolutions ---------------------------------------------------------------------------
 @pytest.mark.parametrize("separate", [True, False], ids=["separate", "joint"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
@@ -589,6 +614,30 @@ def test_dict_inputs_are_passed_as_one_argument() -> None:
     expected = dense(ref)
     ours = compat.KFACLinearOperator(model, nn.CrossEntropyLoss(), params, dict_data, **size)
     assert_rel_close(dense(ours), expected, TOL, "dict inputs")
+
+
+class FlatDictNet(nn.Module):
+    """A dict ``{"pos": [1, T], "x": [N, T, 4]}``: only ``batch_size_fn`` knows ``N``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = FlatSeqNet(False)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.seq(batch["x"] + batch["pos"][..., None])
+
+
+def test_batch_size_fn_is_passed_through() -> None:
+    model = init(FlatDictNet(), 1)
+    _, data = seq_case("ce")
+    pos = torch.arange(T_SEQ, dtype=DT)[None]
+    dict_data = [({"pos": pos, "x": X}, y.reshape(-1)) for X, y in data]
+    params = dict(model.named_parameters())
+    size = {"batch_size_fn": lambda X: X["x"].shape[0]}
+    ours, ref = build("KFACLinearOperator", model, nn.CrossEntropyLoss(), params, dict_data, **size)
+    assert_same_matrix(ours, ref, "batch_size_fn")
+    with pytest.raises(ValueError, match=r"N = 1 data points \(read from the first dimension "):
+        compat.KFACLinearOperator(model, nn.CrossEntropyLoss(), params, dict_data)
 
 
 # -- 10. errors --------------------------------------------------------------------------------

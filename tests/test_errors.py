@@ -761,3 +761,115 @@ def test_to_dense_of_a_large_operator_is_a_clear_error():
     K = kronfac.KFAC(model, nn.CrossEntropyLoss(), data)
     with pytest.raises(ValueError, match=r"to_dense of a 60200 x 60200 operator needs \d+ GiB"):
         K.to_dense()
+
+
+# -- two passes, randomness, dtypes, options that do nothing ----------------------------------
+
+
+def test_ekfac_refuses_a_one_shot_generator():
+    data = (batch for batch in make_data())
+    with pytest.raises(TypeError, match=r"EKFAC makes two passes.*one-shot.*list.*DataLoader"):
+        kronfac.EKFAC(make_model(), nn.CrossEntropyLoss(), data)
+    # one pass is fine with a generator
+    kronfac.compute_factors(make_model(), nn.CrossEntropyLoss(), (b for b in make_data()))
+
+
+def _user_warnings(record, pattern):
+    return [w for w in record if w.category is UserWarning and pattern in str(w.message)]
+
+
+def test_dropout_in_train_mode_warns_once_naming_the_modules():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.2), nn.ReLU(), nn.Linear(4, 2))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        kronfac.EKFAC(model, nn.CrossEntropyLoss(), make_data())
+    found = _user_warnings(record, "active dropout")
+    assert len(found) == 1 and "'1'" in str(found[0].message)
+    assert found[0].filename == __file__  # attributed to the user's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.eval()  # no dropout: no warning
+        kronfac.EKFAC(model, nn.CrossEntropyLoss(), make_data())
+        model[1].p = 0.0
+        model.train()  # train mode with p = 0: nothing random
+        kronfac.EKFAC(model, nn.CrossEntropyLoss(), make_data())
+
+
+class FunctionalDropout(nn.Module):
+    """Randomness that no module advertises: ``F.dropout`` in the forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc2(F.dropout(torch.relu(self.fc1(x)), 0.5, training=True))
+
+
+def test_randomness_between_ekfac_passes_warns():
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        kronfac.EKFAC(FunctionalDropout(), nn.CrossEntropyLoss(), make_data())
+    assert len(_user_warnings(record, "differs between EKFAC's two passes")) == 1
+    # shuffled data (another first batch) has nothing to compare: no warning
+    model = make_model()
+    data = make_data()
+
+    class Shuffled:
+        def __init__(self):
+            self.calls = 0
+
+        def __iter__(self):
+            self.calls += 1
+            return iter(data if self.calls == 1 else data[::-1])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kronfac.EKFAC(model, nn.CrossEntropyLoss(), Shuffled())
+
+
+@pytest.mark.parametrize(
+    ("model_dtype", "data_dtype"), [(torch.float64, torch.float32), (torch.float32, torch.float64)]
+)
+def test_model_and_data_of_different_dtypes(model_dtype, data_dtype):
+    X, y = torch.randn(4, 3, dtype=data_dtype), torch.randint(0, 2, (4,))
+    model = make_model().to(model_dtype)
+    with pytest.raises(
+        TypeError,
+        match=rf"Module '0' has {model_dtype} weights but was called on a {data_dtype} input",
+    ):
+        kronfac.compute_factors(model, nn.CrossEntropyLoss(), [(X, y)])
+    # the first module is not a covered one: torch fails inside it, kronfac names both dtypes
+    normed = nn.Sequential(nn.LayerNorm(3), make_model()).to(model_dtype)
+    with pytest.raises(
+        TypeError,
+        match=rf"Batch 0: the data is {data_dtype} but module '0' has {model_dtype} parameters",
+    ):
+        kronfac.compute_factors(normed, nn.CrossEntropyLoss(), [(X, y)], modules=["1."])
+
+
+def test_rank_that_applies_to_no_factor_warns_once():
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        kronfac.EKFAC(make_model(), nn.CrossEntropyLoss(), make_data(), rank=2)
+    found = _user_warnings(record, "rank=2 applies to no factor")
+    assert len(found) == 1 and "rank_threshold=512 (the largest is 5)" in str(found[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compute(rank=2, rank_threshold=5)  # A of the last layer: side 4 + 1
+
+
+def test_bad_exclude():
+    with pytest.raises(ValueError, match=r"exclude=\['nope'\] matches no module"):
+        compute(exclude=["nope"])
+    with pytest.raises(ValueError, match=r"exclude=\['0', '2'\] leaves out every selected"):
+        compute(modules=["0", "2"], exclude=["0", "2"])
+    with pytest.raises(
+        ValueError, match=r"No supported layer .* selected modules \(\(the model\), 1\)"
+    ):
+        compute(exclude=["0", "2"])
+    with pytest.raises(TypeError, match=r"exclude must be a list of name substrings"):
+        compute(exclude=[0])
+    assert list(compute(exclude="0")) == ["2"]

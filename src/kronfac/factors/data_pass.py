@@ -179,8 +179,8 @@ def select_modules(
     if uncovered and strict:
         raise ValueError(
             f"strict=True: {len(uncovered)} trainable parameter(s) are not covered by any "
-            f"Kronecker block: {', '.join(uncovered)}. Freeze them, or leave them out with "
-            "`modules=`."
+            f"Kronecker block: {', '.join(uncovered)}. Freeze them, or leave their modules out "
+            "with `exclude=`."
         )
     if uncovered:
         warn(

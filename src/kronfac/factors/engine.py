@@ -194,6 +194,8 @@ def check_finite(sums: Mapping[str, list[Tensor]], b: int, what: str) -> None:
     Pass the diagonals of ``Σ a aᵀ`` / ``Σ g gᵀ``-like sums: a NaN or Inf in any row ``a`` reaches
     the diagonal through ``a_j²``, so the check costs ``O(d)``, not ``O(d²)``.
     """
+    if not sums:
+        return
     flags = torch.isfinite(torch.stack([sum(t.sum() for t in ts) for ts in sums.values()]))
     if bool(flags.all()):
         return
@@ -319,6 +321,8 @@ def factor_pass(
     accs: dict[str, FactorSums] = {}
 
     def consume(rows: BatchRows) -> None:
+        if not rows.inputs:  # no covered module was called in this batch
+            return
         if not accs:
             device = next(iter(rows.inputs.values())).device
             accs.update(

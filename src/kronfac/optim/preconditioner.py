@@ -160,6 +160,7 @@ class KFACPreconditioner:
         ekfac: Precondition in EKFAC's eigenbasis with running eigenvalue scales.
         scale_every: With ``ekfac``, update the scales every this many steps.
         modules: Name substrings selecting the covered modules; ``None``: every supported one.
+        exclude: Name substrings of modules to leave out, applied after ``modules``.
         bias: ``"joint"`` (the bias as a last column of the weight) or ``"separate"``.
         fisher: ``"empirical"`` (the training gradients) or ``"mc"`` (sampled labels).
         damping_mode: ``"pi"`` (π-adjusted factored damping) or ``"tikhonov"``; EKFAC always
@@ -188,6 +189,7 @@ class KFACPreconditioner:
         ekfac: bool = False,
         scale_every: int = 1,
         modules: Iterable[str] | str | None = None,
+        exclude: Iterable[str] | str | None = None,
         bias: str = "joint",
         fisher: str = "empirical",
         damping_mode: str = "pi",
@@ -247,7 +249,7 @@ class KFACPreconditioner:
         # the MC labels' generator lives on the model outputs' device (made at the first draw)
         self._seed = seed
         self._generator: torch.Generator | None = None
-        self._layers = self._select(model, modules, bias == "joint")
+        self._layers = self._select(model, modules, exclude, bias == "joint")
         self._pending: list[tuple[_Layer, LayerAdapter, Tensor, Tensor, int]] = []
         self._recorded = False
         self._forward = 0  # counts the model's forward passes (calls of one are positions)
@@ -260,11 +262,14 @@ class KFACPreconditioner:
     # -- setup ------------------------------------------------------------------------------
     @staticmethod
     def _select(
-        model: nn.Module, modules: Iterable[str] | str | None, joint: bool
+        model: nn.Module,
+        modules: Iterable[str] | str | None,
+        exclude: Iterable[str] | str | None,
+        joint: bool,
     ) -> dict[str, _Layer]:
         with warnings.catch_warnings():  # uncovered parameters get the plain update
             warnings.simplefilter("ignore", UncoveredParameterWarning)
-            adapters, names, tied = select_modules(model, modules)
+            adapters, names, tied = select_modules(model, modules, exclude=exclude)
         params = dict(model.named_parameters())
         layers, left_out = {}, []
         for name, adapter in adapters.items():
