@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -198,11 +199,13 @@ def test_to_device(factors):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", ["joint", "separate"])
 def test_round_trip(tmp_path, dtype, bias):
+    """Half-precision factors are written as float32 (exactly): files hold float32 / float64."""
     factors = compute(bias=bias).to(dtype)
     path = tmp_path / "factors.safetensors"
     factors.save(path)
     loaded = KroneckerFactors.load(path)
-    assert_same(loaded, factors)
+    half = dtype in (torch.bfloat16, torch.float16)
+    assert_same(loaded, factors.to(torch.float32) if half else factors)
     assert loaded.options["bias"] == bias
     assert os.listdir(tmp_path) == ["factors.safetensors"]
 
@@ -299,8 +302,8 @@ def _valid_bytes(factors, tmp_path):
     return data
 
 
-def missing(path, factors, tmp_path):
-    pass
+def a_directory(path, factors, tmp_path):
+    path.mkdir()
 
 
 def truncated(path, factors, tmp_path):
@@ -407,14 +410,16 @@ def wrong_version(path, factors, tmp_path):
 NOT_SAFETENSORS = "not a readable safetensors file"
 BAD_METADATA = "missing or malformed kronfac metadata"
 DISAGREE = "disagree with the metadata"
-NOT_SQUARE = r"must be a square floating-point matrix( \(or a diagonal vector\))?"
+NOT_SQUARE = (
+    r"must be a square matrix \[d, d\] or \[groups, d, d\]( \(or a diagonal vector \[d\]\))?"
+)
 FORMAT = r"expected format 'kronfac\.factors' version 1, got"
 
 
 @pytest.mark.parametrize(
     ("make_file", "match"),
     [
-        (missing, NOT_SAFETENSORS),
+        (a_directory, NOT_SAFETENSORS),
         (truncated, NOT_SAFETENSORS),
         (truncated_header, NOT_SAFETENSORS),
         (empty_file, NOT_SAFETENSORS),
@@ -488,6 +493,364 @@ def test_load_malformed_metadata_values(tmp_path, factors, make_file):
     make_file(path, factors, tmp_path)
     with pytest.raises(FactorFileError):
         KroneckerFactors.load(path)
+
+
+# -- every kind of file kronfac writes, and what load refuses in them -----------------------
+
+T = 5  # positions of the zoo's sequences
+
+
+class Zoo(nn.Module):
+    """An embedding (diagonal ``A``), a grouped Conv1d (``[g, d, d]``), a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.conv = nn.Conv1d(4, 4, 3, groups=2, padding=1)
+        self.head = nn.Linear(4 * T, 8)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(self.emb(x).transpose(1, 2))).flatten(1))
+
+
+def zoo_ekfac(dtype: torch.dtype) -> KroneckerFactors:
+    """EKFAC factors holding every kind of tensor a file has: ``head`` is low-rank on both sides
+    (``U`` / eigenvalues / shift, complements) and every bias is a separate block."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randint(0, 7, (N, T), generator=g), torch.randint(0, 8, (N,), generator=g))
+        for _ in range(2)
+    ]
+    model = Zoo().to(dtype)
+    options = {"fisher": "type-2", "bias": "separate", "rank": 2, "rank_threshold": 8}
+    return kronfac.EKFAC(model, nn.CrossEntropyLoss(), data, **options).factors
+
+
+ZOO_TENSORS = [
+    *("emb/A", "emb/S", "emb/Q_S", "emb/eigenvalues"),
+    *("conv/A", "conv/S", "conv/Q_A", "conv/Q_S", "conv/eigenvalues", "conv/bias_eigenvalues"),
+    *("head/A.U", "head/A.eigenvalues", "head/A.shift"),
+    *("head/S.U", "head/S.eigenvalues", "head/S.shift"),
+    *("head/Q_A", "head/Q_S", "head/eigenvalues", "head/bias_eigenvalues"),
+    *("head/complement", "head/bias_complement"),
+]
+
+
+@pytest.fixture(scope="module")
+def zoo() -> KroneckerFactors:
+    return zoo_ekfac(torch.float32)
+
+
+def without_corrections(factors: KroneckerFactors) -> KroneckerFactors:
+    return KroneckerFactors(
+        dict(factors),
+        param_names=factors.param_names,
+        options=factors.options,
+        num_data=factors.num_data,
+        num_per_example_loss_terms=factors.num_per_example_loss_terms,
+    )
+
+
+def leaves(factors: KroneckerFactors) -> list:
+    """Every tensor (and low-rank shift) of the factors and corrections, in order."""
+
+    def flat(x) -> list:
+        return [y for v in x for y in flat(v)] if isinstance(x, tuple) else [x]
+
+    corrections = factors.corrections or {}
+    return [y for m in factors for y in flat((factors[m], corrections.get(m)))]
+
+
+def test_zoo_file_holds_every_kind_of_tensor(tmp_path, zoo):
+    tensors, doc = _valid_parts(zoo, tmp_path)
+    assert sorted(tensors) == sorted(ZOO_TENSORS)
+    assert tensors["emb/A"].ndim == 1 and tensors["conv/A"].shape == (2, 6, 6)
+    assert doc["lowrank"] == {"emb": [], "conv": [], "head": ["A", "S"]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ekfac", [True, False], ids=["ekfac", "kfac"])
+def test_every_kind_of_file_round_trips(tmp_path, dtype, ekfac):
+    """Embedding diagonal, grouped conv, low-rank, corrections, separate bias, both dtypes."""
+    factors = zoo_ekfac(dtype)
+    factors = factors if ekfac else without_corrections(factors)
+    factors.save(tmp_path / "a.safetensors")
+    loaded = KroneckerFactors.load(tmp_path / "a.safetensors")
+    assert (loaded.corrections is None) == (not ekfac)
+    assert isinstance(loaded["head"].A, kronfac.LowRankFactor)
+    expected, actual = leaves(factors), leaves(loaded)
+    assert len(actual) == len(expected)
+    for a, b in zip(actual, expected, strict=True):
+        assert type(a) is type(b)
+        if isinstance(b, torch.Tensor):
+            assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+        else:
+            assert a == b
+    assert loaded.options == factors.options and loaded.param_names == factors.param_names
+    loaded.save(tmp_path / "b.safetensors")  # and writes the very same file again
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    path = tmp_path / "missing.safetensors"
+    with pytest.raises(FileNotFoundError) as info:
+        KroneckerFactors.load(path)
+    assert not isinstance(info.value, FactorFileError)
+    assert info.value.filename == str(path)
+
+
+def _rewritten(tmp_path, factors, *, tensors=None, options=None, drop=()) -> Path:
+    """A file of ``factors``, rewritten with some tensors replaced (``{name: f(t)}``), some
+    options changed and option keys in ``drop`` removed."""
+    parts, doc = _valid_parts(factors, tmp_path)
+    for name, edit in (tensors or {}).items():
+        parts[name] = edit(parts[name])
+    doc["options"].update(options or {})
+    for key in drop:
+        del doc["options"][key]
+    path = tmp_path / "edited.safetensors"
+    _write(path, parts, doc)
+    return path
+
+
+def _refused(path: Path, match: str) -> None:
+    with pytest.raises(FactorFileError, match=match) as info:
+        KroneckerFactors.load(path)
+    assert str(path) in str(info.value)
+
+
+def _set_last(value: float):
+    def edit(t):
+        t = t.clone()
+        t.view(-1)[-1] = value
+        return t
+
+    return edit
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("name", ZOO_TENSORS)
+def test_non_finite_tensor_is_refused(tmp_path, zoo, name, value):
+    path = _rewritten(tmp_path, zoo, tensors={name: _set_last(value)})
+    _refused(path, rf"tensor {name} holds NaN or Inf")
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        ("emb/A", torch.float16),
+        ("conv/S", torch.bfloat16),
+        ("head/A.U", torch.int32),
+        ("head/S.shift", torch.int64),
+        ("conv/Q_A", torch.bool),
+        ("emb/eigenvalues", torch.complex64),
+    ],
+)
+def test_dtype_kronfac_never_writes_is_refused(tmp_path, zoo, name, dtype):
+    path = _rewritten(tmp_path, zoo, tensors={name: lambda t: t.to(dtype)})
+    _refused(path, rf"tensor {name} has dtype {dtype}: kronfac writes float32 or float64 only")
+
+
+@pytest.mark.parametrize(
+    ("name", "other"), [("conv/Q_A", "conv/A"), ("head/S.shift", "head/A.U"), ("emb/A", "emb/S")]
+)
+def test_mixed_dtypes_in_one_module_are_refused(tmp_path, zoo, name, other):
+    """Both tensors are named (the first of the module's tensors is the reference)."""
+    path = _rewritten(tmp_path, zoo, tensors={name: torch.Tensor.double})
+    pair = (
+        rf"(tensor {name} has dtype torch.float64, {other} torch.float32"
+        rf"|tensor {other} has dtype torch.float32, {name} torch.float64)"
+    )
+    _refused(path, rf"{pair}: the tensors of one module share one dtype")
+
+
+def _skew(relative: float, group: int | None = None):
+    """Add ``relative`` of the largest entry to one off-diagonal entry (of one group)."""
+
+    def edit(t):
+        t = t.clone()
+        M = t if group is None else t[group]
+        M[0, 1] += relative * t.abs().max()
+        return t
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("dtype", "name", "group", "refused", "kept"),
+    [
+        (torch.float32, "0/A", None, 1e-3, 1e-5),
+        (torch.float32, "2/S", None, 1e-3, 1e-5),
+        (torch.float64, "0/S", None, 1e-7, 1e-11),
+        (torch.float32, "conv/A", 1, 1e-3, 1e-5),
+        (torch.float64, "conv/S", 0, 1e-7, 1e-11),
+    ],
+)
+def test_asymmetric_factor_is_refused_round_off_is_not(
+    tmp_path, factors, zoo, dtype, name, group, refused, kept
+):
+    """Tolerance √ε of the largest entry (float32 3.5e-4, float64 1.5e-8): round-off of the
+    GEMMs (a few ε) loads, a matrix that is not symmetric does not."""
+    source = zoo if name.startswith("conv") else factors
+    source = source.to(dtype)
+    path = _rewritten(tmp_path, source, tensors={name: _skew(refused, group)})
+    _refused(path, rf"factor {name} is not symmetric: .* of its largest entry")
+    path = _rewritten(tmp_path, source, tensors={name: _skew(kept, group)})
+    loaded = KroneckerFactors.load(path)
+    A = loaded[name.split("/")[0]][0 if name.endswith("A") else 1]
+    assert not torch.equal(A, A.mT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_factors_asymmetric_by_round_off_load(tmp_path, dtype):
+    """What the tolerance rests on: the GEMMs' two triangles may differ by a few ε (here up to
+    ~2ε of the largest entry, e.g. S of the 96 → 10 layer in float32), far below √ε."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 10)).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (
+            torch.randn(256, 64, generator=g, dtype=dtype) + 1,
+            torch.randint(0, 10, (256,), generator=g),
+        )
+        for _ in range(3)
+    ]
+    factors = kronfac.compute_factors(model, nn.CrossEntropyLoss(), data, fisher="type-2")
+    for F in (t for pair in factors.values() for t in pair):
+        eps = torch.finfo(F.dtype).eps
+        assert (F - F.mT).abs().max() <= 16 * eps * F.abs().max()
+    factors.save(tmp_path / "f.safetensors")
+    assert_same(KroneckerFactors.load(tmp_path / "f.safetensors"), factors)
+
+
+def _negate(index: tuple = ()):
+    def edit(t):
+        t = t.clone()
+        t[index] = -1.0 - t[index].abs()
+        return t
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("name", "index", "what"),
+    [
+        ("emb/A", (0,), "entries"),
+        ("emb/S", (1, 1), "diagonal entries"),
+        ("conv/A", (1, 2, 2), "diagonal entries"),
+        ("head/A.eigenvalues", (0,), "entries"),
+        ("head/S.shift", (), "entries"),
+        ("emb/eigenvalues", (0, 0), "entries"),
+        ("conv/bias_eigenvalues", (1, 0), "entries"),
+        ("head/complement", (), "entries"),
+        ("head/bias_complement", (), "entries"),
+    ],
+)
+def test_negative_entries_are_refused(tmp_path, zoo, name, index, what):
+    """Diagonal A, the diagonals of dense factors, eigenvalues, shifts and complements."""
+    path = _rewritten(tmp_path, zoo, tensors={name: _negate(index)})
+    _refused(path, rf"tensor {name}: {what} must be non-negative, the smallest is -")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("fisher", "bogus"),
+        ("approx", "expanded"),
+        ("bias", "both"),
+        ("reduction", "none"),
+        ("loss", "L1Loss"),
+        ("loss", None),
+        ("mc_samples", 0),
+        ("mc_samples", "1"),
+        ("mc_samples", True),
+        ("seed", 1.5),
+        ("seed", None),
+        ("rank", 0),
+        ("rank", "2"),
+        ("rank_threshold", 0),
+        ("rank_threshold", None),
+        ("oversample", -1),
+        ("oversample", 2.0),
+    ],
+)
+def test_option_value_kronfac_never_records_is_refused(tmp_path, factors, key, value):
+    path = _rewritten(tmp_path, factors, options={key: value})
+    _refused(path, rf"metadata option '{key}' must be .*, got {re.escape(repr(value))}")
+
+
+def test_mc_samples_without_mc_fisher_is_refused(tmp_path, factors):
+    path = _rewritten(tmp_path, factors, options={"mc_samples": 4})
+    _refused(path, r"option 'mc_samples' must be 1 unless fisher='mc', got 4")
+
+
+def test_unknown_or_missing_option_key_is_refused(tmp_path, factors):
+    _refused(_rewritten(tmp_path, factors, options={"lr": 0.1}), r"unknown option\(s\) 'lr'")
+    for key in ("fisher", "loss"):
+        _refused(_rewritten(tmp_path, factors, drop=[key]), rf"option\(s\) '{key}' missing")
+
+
+@pytest.mark.parametrize(
+    ("options", "drop"),
+    [
+        ({}, ["oversample"]),  # written before oversample existed
+        ({}, ["rank", "rank_threshold", "oversample"]),  # ... before low-rank factors
+        ({"oversample": 0, "seed": -3}, []),
+        ({"fisher": "mc", "mc_samples": 3, "rank": 4, "oversample": 10}, []),
+        ({"fisher": "forward-only", "reduction": "sum", "loss": "MSELoss"}, []),
+    ],
+)
+def test_files_with_other_recorded_options_load(tmp_path, factors, options, drop):
+    path = _rewritten(tmp_path, factors, options=options, drop=drop)
+    loaded = KroneckerFactors.load(path)
+    assert all(key not in loaded.options for key in drop)
+    assert loaded.options.items() >= options.items()
+
+
+def test_old_low_rank_ekfac_file_loads(tmp_path, zoo):
+    loaded = KroneckerFactors.load(_rewritten(tmp_path, zoo, drop=["oversample"]))
+    assert "oversample" not in loaded.options and loaded.corrections is not None
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda f: f.to(torch.float64).to(torch.float32), None),
+        (lambda f: _replace(f, "0", A=f["0"].A.clone().fill_(float("nan"))), "0/A holds NaN"),
+        (lambda f: _replace(f, "2", S=f["2"].S.triu()), "factor 2/S is not symmetric"),
+        (lambda f: _replace(f, "4", S=f["4"].S.double()), "tensor 4/S has dtype torch.float64"),
+        (lambda f: _with_options(f, fisher="bogus"), "option 'fisher' must be one of"),
+        (lambda f: _with_options(f, lr=0.1), r"unknown option\(s\) 'lr'"),
+    ],
+    ids=["valid", "nan", "asymmetric", "mixed-dtypes", "bad-option", "unknown-option"],
+)
+def test_save_refuses_what_load_would_refuse(tmp_path, factors, edit, match):
+    path = tmp_path / "f.safetensors"
+    if match is None:
+        edit(factors).save(path)
+        assert_same(KroneckerFactors.load(path), factors)
+        return
+    with pytest.raises(FactorFileError, match=rf"{re.escape(str(path))}: not written, .*{match}"):
+        edit(factors).save(path)
+    assert os.listdir(tmp_path) == []
+
+
+def _replace(factors: KroneckerFactors, module: str, **sides) -> KroneckerFactors:
+    pairs = {m: factors[m]._replace(**sides) if m == module else factors[m] for m in factors}
+    return KroneckerFactors(
+        pairs,
+        param_names=factors.param_names,
+        options=factors.options,
+        num_data=factors.num_data,
+        num_per_example_loss_terms=factors.num_per_example_loss_terms,
+    )
+
+
+def _with_options(factors: KroneckerFactors, **options) -> KroneckerFactors:
+    copy = factors.to("cpu")
+    copy.options.update(options)
+    return copy
 
 
 # -- save never leaves a half-written file --------------------------------------------------

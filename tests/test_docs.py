@@ -190,3 +190,34 @@ def test_linalg_free_of_torch_nn() -> None:
     linalg = sorted((ROOT / "src" / "kronfac" / "linalg").glob("*.py"))
     assert linalg
     assert not [p.name for p in linalg if imports_torch_nn(p)]
+
+
+def _python_blocks(section: str) -> list[str]:
+    """The ```python blocks of the README section titled ``section``."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"## {section}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], re.DOTALL)
+
+
+def test_readme_language_model_examples_run_as_written(capsys: pytest.CaptureFixture) -> None:
+    """GPT-2 with the defaults and Llama with padding, exactly as the README shows them."""
+    pytest.importorskip("transformers")
+    import warnings
+
+    import kronfac
+
+    blocks = _python_blocks("Language models")
+    assert len(blocks) == 2
+    namespace: dict = {}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        exec(blocks[0], namespace)  # GPT-2, every module selected
+        left_out = [str(w.message) for w in record if issubclass(w.category, UserWarning)]
+        assert any("'transformer.wpe'" in m for m in left_out)
+        assert len(namespace["factors"]) == 9
+        exec(blocks[1], namespace)  # Llama with padding, low-rank factors
+    K = namespace["K"]
+    assert isinstance(K.factors["model.layers.0.mlp.up_proj"].S, kronfac.LowRankFactor)
+    assert "model.layers.0.mlp.up_proj" in K.factors and "lm_head" not in K.factors
+    assert "transformer.wte" in capsys.readouterr().out

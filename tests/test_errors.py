@@ -110,6 +110,8 @@ def test_loss_fn_not_a_module(loss_fn):
         ({"fisher": None}, ValueError, "Invalid fisher None"),
         ({"approx": "kron"}, ValueError, r"Invalid approx 'kron'\. Supported: expand, reduce"),
         ({"bias": "none"}, ValueError, r"Invalid bias 'none'\. Supported: joint, separate"),
+        ({"seed": 1.5}, ValueError, r"seed must be an integer, got 1\.5"),
+        ({"seed": True}, ValueError, r"seed must be an integer, got True"),
         ({"mc_samples": 0}, ValueError, "mc_samples must be an integer >= 1, got 0"),
         ({"mc_samples": -2}, ValueError, "mc_samples must be an integer >= 1"),
         ({"mc_samples": 2.0}, ValueError, r"mc_samples must be an integer >= 1, got 2\.0"),

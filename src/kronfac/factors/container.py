@@ -1,14 +1,18 @@
 """``KroneckerFactors``: the result of :func:`kronfac.compute_factors` and its file format.
 
-Files are safetensors: two tensors per module (``"<module>/A"``, ``"<module>/S"``) and a JSON
-document in the header metadata with the options, ``num_data``, the number of loss terms per
-data point and the parameter names of every block. Nothing is ever unpickled, a file is written
-to a temporary name and moved into place (never half-written), and a file that is truncated, not
-safetensors, or inconsistent raises :class:`FactorFileError`.
+Files are safetensors: two tensors per module (``"<module>/A"``, ``"<module>/S"``; low-rank
+factors and EKFAC's corrections add more) and a JSON document in the header metadata with the
+options, ``num_data``, the number of loss terms per data point and the parameter names of every
+block. Nothing is ever unpickled, a file is written to a temporary name and moved into place
+(never half-written), and loading checks everything a file holds: one that is truncated, not
+safetensors, inconsistent, or holds what kronfac never writes (NaN / Inf, asymmetric factors,
+half-precision tensors, unknown options) raises :class:`FactorFileError` naming the offending
+tensor or metadata key. ``save`` makes the same checks before writing.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -19,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from kronfac.factors.options import check_recorded_options
 from kronfac.linalg import LowRankFactor
 
 __all__ = ["EigenCorrection", "FactorFileError", "FactorPair", "KroneckerFactors", "ParamNames"]
@@ -96,7 +101,8 @@ class KroneckerFactors(Mapping[str, FactorPair]):
 
     Attributes:
         options: The options the factors were computed with (``fisher``, ``mc_samples``,
-            ``approx``, ``bias``, ``seed``, ``loss``, ``reduction``).
+            ``approx``, ``bias``, ``seed``, ``rank``, ``rank_threshold``, ``oversample``,
+            ``loss``, ``reduction``).
         num_data: ``N``, the number of data points.
         num_per_example_loss_terms: ``R``, the number of loss terms per data point.
         param_names: Module name → :class:`ParamNames` of the parameters its block covers.
@@ -195,35 +201,53 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         }
         return {"kronfac": json.dumps(doc)}
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the factors and their metadata to a safetensors file at ``path``.
+    def _file_tensors(self) -> dict[str, Tensor]:
+        """The file's tensors: contiguous, on the CPU, half precision widened to float32."""
 
-        The file is written to a temporary name in the same folder and renamed into place, so
-        ``path`` is never left half-written.
-        """
-        from safetensors.torch import save_file
+        def stored(t: Tensor) -> Tensor:
+            t = t.detach().cpu()
+            return (t.float() if t.dtype in _HALF_DTYPES else t).contiguous()
 
         tensors = {}
         for name, pair in self.items():
             for side, t in zip("AS", pair, strict=True):
                 if isinstance(t, LowRankFactor):
-                    tensors[f"{name}/{side}.U"] = t.U.detach().cpu().contiguous()
-                    tensors[f"{name}/{side}.eigenvalues"] = (
-                        t.eigenvalues.detach().cpu().contiguous()
-                    )
-                    shift = torch.tensor(float(t.shift), dtype=t.U.dtype)
-                    tensors[f"{name}/{side}.shift"] = shift
+                    U = stored(t.U)
+                    tensors[f"{name}/{side}.U"] = U
+                    tensors[f"{name}/{side}.eigenvalues"] = stored(t.eigenvalues)
+                    tensors[f"{name}/{side}.shift"] = torch.tensor(float(t.shift), dtype=U.dtype)
                 else:
-                    tensors[f"{name}/{side}"] = t.detach().cpu().contiguous()
+                    tensors[f"{name}/{side}"] = stored(t)
         for name, corr in (self.corrections or {}).items():
             for field, t in corr._asdict().items():
                 if t is not None:
-                    tensors[f"{name}/{field}"] = t.detach().cpu().contiguous()
+                    tensors[f"{name}/{field}"] = stored(t)
+        return tensors
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the factors and their metadata to a safetensors file at ``path``.
+
+        The file is written to a temporary name in the same folder and renamed into place, so
+        ``path`` is never left half-written. Tensors are stored in float32 or float64: half
+        precision ones (``factors.to(torch.bfloat16)``) are written as float32, exactly.
+
+        Raises:
+            FactorFileError: If :meth:`load` would refuse the file (NaN / Inf, a factor that is
+                not symmetric, options ``compute_factors`` never records, ...); nothing is
+                written then.
+        """
+        from safetensors.torch import save_file
+
         path = Path(path)
+        tensors, metadata = self._file_tensors(), self._metadata()
+        try:
+            _parse(tensors, metadata)
+        except FactorFileError as e:
+            raise FactorFileError(f"{path}: not written, {e}") from e.__cause__
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata=self._metadata())
+            save_file(tensors, tmp, metadata=metadata)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; honour the umask like open()
@@ -238,151 +262,288 @@ class KroneckerFactors(Mapping[str, FactorPair]):
     ) -> KroneckerFactors:
         """Read factors written by :meth:`save`.
 
-        Raises:
-            FactorFileError: If the file is missing, truncated, not safetensors, not a kronfac
-                factor file, or its tensors disagree with its metadata.
-        """
-        from safetensors import SafetensorError, safe_open
+        Only a file :meth:`save` could have written loads. Refused are:
 
+        - a file that is not safetensors, truncated, or unreadable, and a directory;
+        - metadata that is not a kronfac document of this format version, or malformed;
+        - options ``compute_factors`` never records: a missing or unknown key, a value it does
+          not accept (``fisher="bogus"``, ``mc_samples=0``, a loss without a registered
+          likelihood, ...; see :func:`~kronfac.factors.options.check_recorded_options`).
+          ``rank``, ``rank_threshold`` and ``oversample`` may be missing (older files);
+        - tensors other than the metadata implies, or of the wrong shapes;
+        - tensors that are not float32 or float64 (float16, bfloat16, integer, bool, complex),
+          and a module whose tensors do not share one dtype;
+        - NaN or Inf in any tensor;
+        - a dense factor ``A`` / ``S`` (each group of a ``[g, d, d]`` one) that is not
+          symmetric to ``√ε`` of its largest entry (``ε`` of its dtype: GEMM round-off leaves
+          a few ``ε``), or with a negative diagonal entry;
+        - negative entries of a diagonal ``A``, of a low-rank factor's eigenvalues or shift,
+          or of EKFAC's corrected eigenvalues and complements.
+
+        Raises:
+            FileNotFoundError: If there is no file at ``path``.
+            FactorFileError: If the file is refused; the message names the offending tensor
+                (``"<module>/A"``) or metadata key.
+        """
         path = Path(path)
+        tensors, metadata = _read(path, device)
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise FactorFileError(f"{path}: not a readable safetensors file ({e}).") from e
-        try:
-            doc = json.loads(meta["kronfac"])
-            if not isinstance(doc, dict):
-                raise TypeError("the metadata is not a JSON object")
-            if doc.get("format") != _FORMAT or doc.get("version") != _FORMAT_VERSION:
-                raise FactorFileError(
-                    f"{path}: expected format {_FORMAT!r} version {_FORMAT_VERSION!r}, "
-                    f"got {doc.get('format')!r} version {doc.get('version')!r}."
-                )
-            options, num_data = doc["options"], doc["num_data"]
-            terms, raw_modules = doc["num_per_example_loss_terms"], doc["modules"]
-            if not isinstance(options, dict) or not isinstance(raw_modules, dict):
-                raise TypeError("options and modules must be JSON objects")
-            for key, value in (("num_data", num_data), ("num_per_example_loss_terms", terms)):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise TypeError(f"{key} must be a positive integer, got {value!r}")
-            modules = {}
-            for name, names in raw_modules.items():
-                if (
-                    not isinstance(names, list)
-                    or len(names) != 2
-                    or not isinstance(names[0], str)
-                    or not (names[1] is None or isinstance(names[1], str))
-                ):
-                    raise TypeError(f"module {name!r}: expected [weight name, bias name or null]")
-                modules[name] = ParamNames(*names)
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise FactorFileError(f"{path}: missing or malformed kronfac metadata ({e}).") from e
-        has_corrections = doc.get("corrections", False)
-        if not isinstance(has_corrections, bool):
-            raise FactorFileError(f"{path}: metadata 'corrections' must be true or false.")
-        lowrank = doc.get("lowrank", {})
-        if not isinstance(lowrank, dict) or not all(
-            isinstance(v, list) and set(v) <= {"A", "S"} for v in lowrank.values()
-        ):
-            raise FactorFileError(f"{path}: metadata 'lowrank' must map modules to ['A', 'S'].")
-        base = {
-            f"{m}/{side}{suffix}"
-            for m in modules
-            for side in "AS"
-            for suffix in (
-                (".U", ".eigenvalues", ".shift") if side in lowrank.get(m, []) else ("",)
-            )
-        }
-        fields: dict[str, list[str]] = {m: [] for m in modules}
-        if has_corrections:
-            for m, names in modules.items():
-                A = tensors.get(f"{m}/A")
-                diagonal_A = A is not None and A.ndim == 1
-                fields[m] += ["Q_S", "eigenvalues"] if diagonal_A else ["Q_A", "Q_S", "eigenvalues"]
-                separate_bias = options.get("bias") == "separate" and names.bias is not None
-                if separate_bias:
-                    fields[m].append("bias_eigenvalues")
-                if lowrank.get(m):
-                    fields[m].append("complement")
-                    if separate_bias and "S" in lowrank[m]:
-                        fields[m].append("bias_complement")
-        expected = base | {f"{m}/{f}" for m, fs in fields.items() for f in fs}
-        if set(tensors) != expected:
-            raise FactorFileError(
-                f"{path}: tensors {sorted(set(tensors) ^ expected)} disagree with the metadata."
-            )
-        factors, corrections = {}, {}
-        for m in modules:
-            pair = []
-            for side in "AS":
-                if side not in lowrank.get(m, []):
-                    pair.append(tensors[f"{m}/{side}"])
-                    continue
-                U, lam = tensors[f"{m}/{side}.U"], tensors[f"{m}/{side}.eigenvalues"]
-                shift = tensors[f"{m}/{side}.shift"]
-                if U.ndim != 2 or lam.shape != (U.shape[1],) or shift.ndim != 0:
-                    raise FactorFileError(
-                        f"{path}: low-rank factor {m}/{side} must be U [side, k], eigenvalues "
-                        f"[k] and a scalar shift, got {tuple(U.shape)}, {tuple(lam.shape)}, "
-                        f"{tuple(shift.shape)}."
-                    )
-                pair.append(LowRankFactor(U, lam, float(shift)))
-            A, S = pair
-            for side, t in (("A", A), ("S", S)):
-                if isinstance(t, LowRankFactor):
-                    continue
-                square = t.ndim in (2, 3) and t.shape[-1] == t.shape[-2]  # [g, d, d]: groups
-                diagonal = side == "A" and t.ndim == 1
-                if not (square or diagonal) or not t.is_floating_point():
-                    raise FactorFileError(
-                        f"{path}: factor {m}/{side} must be a square floating-point matrix"
-                        f"{' (or a diagonal vector)' if side == 'A' else ''}, "
-                        f"got shape {tuple(t.shape)} and dtype {t.dtype}."
-                    )
-            if (
-                not isinstance(A, LowRankFactor)
-                and A.ndim == 3
-                and (isinstance(S, LowRankFactor) or S.ndim != 3 or S.shape[0] != A.shape[0])
-            ):
-                raise FactorFileError(
-                    f"{path}: grouped factors of {m} disagree: "
-                    f"A{tuple(A.shape)}, S{tuple(S.shape)}."
-                )
-            factors[m] = FactorPair(A, S)
-            if has_corrections:
-                if isinstance(A, LowRankFactor) or isinstance(S, LowRankFactor):
-                    lead = ()
-                    p = S.side if isinstance(S, LowRankFactor) else S.shape[-1]
-                    q = A.side if isinstance(A, LowRankFactor) else A.shape[-1]
-                else:
-                    lead, p, q = tuple(S.shape[:-2]), S.shape[-1], A.shape[-1]
-                kS = S.U.shape[1] if isinstance(S, LowRankFactor) else p
-                kA = A.U.shape[1] if isinstance(A, LowRankFactor) else q
-                shapes = {
-                    "Q_A": (*lead, q, kA),
-                    "Q_S": (*lead, p, kS),
-                    "eigenvalues": (*lead, kS, kA),
-                    "bias_eigenvalues": (*lead, kS),
-                    "complement": (),
-                    "bias_complement": (),
-                }
-                for f in fields[m]:
-                    t = tensors[f"{m}/{f}"]
-                    if tuple(t.shape) != shapes[f] or not t.is_floating_point():
-                        raise FactorFileError(
-                            f"{path}: {m}/{f} must be a floating-point tensor of shape "
-                            f"{shapes[f]}, got {tuple(t.shape)} and dtype {t.dtype}."
-                        )
-                corrections[m] = EigenCorrection(
-                    *(tensors.get(f"{m}/{f}") for f in EigenCorrection._fields)
-                )
-        return cls(
-            factors,
-            param_names=modules,
-            options=options,
-            num_data=num_data,
-            num_per_example_loss_terms=terms,
-            corrections=corrections if has_corrections else None,
+            return cls(**_parse(tensors, metadata))
+        except FactorFileError as e:
+            raise FactorFileError(f"{path}: {e}") from e.__cause__
+
+
+# -- reading and checking a factor file ---------------------------------------------------------
+
+_FILE_DTYPES = (torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_LOWRANK_PARTS = ("U", "eigenvalues", "shift")
+
+_Factor = Tensor | LowRankFactor
+
+
+class _Header(NamedTuple):
+    """A factor file's checked metadata."""
+
+    options: dict[str, Any]
+    num_data: int
+    num_per_example_loss_terms: int
+    modules: dict[str, ParamNames]
+    corrections: bool
+    lowrank: dict[str, list[str]]
+
+
+def _read(path: Path, device: str | torch.device) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and header metadata of the safetensors file at ``path``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
+    except FileNotFoundError as e:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path)) from e
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise FactorFileError(f"{path}: not a readable safetensors file ({e}).") from e
+
+
+def _parse(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str, Any]:
+    """Check a file's tensors and metadata; the keyword arguments of :class:`KroneckerFactors`.
+
+    Raises:
+        FactorFileError: For everything :meth:`KroneckerFactors.load` refuses (without the
+            path, which the caller adds).
+    """
+    header = _parse_header(metadata)
+    names = _tensor_names(header, tensors)
+    expected = {n for module_names in names.values() for n in module_names}
+    if set(tensors) != expected:
+        raise FactorFileError(
+            f"tensors {sorted(set(tensors) ^ expected)} disagree with the metadata."
         )
+    factors, corrections = {}, {}
+    for m, module_names in names.items():
+        _check_module_tensors({n: tensors[n] for n in module_names})
+        low = header.lowrank.get(m, [])
+        A, S = (_factor(m, side, tensors, side in low) for side in "AS")
+        if _lead(A) != _lead(S):
+            raise FactorFileError(f"grouped factors of {m} disagree: A{_shape(A)}, S{_shape(S)}.")
+        factors[m] = FactorPair(A, S)
+        if header.corrections:
+            corrections[m] = _correction(m, A, S, tensors)
+    return {
+        "factors": factors,
+        "param_names": header.modules,
+        "options": header.options,
+        "num_data": header.num_data,
+        "num_per_example_loss_terms": header.num_per_example_loss_terms,
+        "corrections": corrections if header.corrections else None,
+    }
+
+
+def _parse_header(metadata: Mapping[str, str]) -> _Header:
+    """The checked kronfac metadata document (format, counts, modules, options)."""
+    try:
+        doc = json.loads(metadata["kronfac"])
+        if not isinstance(doc, dict):
+            raise TypeError("the metadata is not a JSON object")
+        if doc.get("format") != _FORMAT or doc.get("version") != _FORMAT_VERSION:
+            raise FactorFileError(
+                f"expected format {_FORMAT!r} version {_FORMAT_VERSION!r}, "
+                f"got {doc.get('format')!r} version {doc.get('version')!r}."
+            )
+        options, num_data = doc["options"], doc["num_data"]
+        terms, raw_modules = doc["num_per_example_loss_terms"], doc["modules"]
+        if not isinstance(options, dict) or not isinstance(raw_modules, dict):
+            raise TypeError("options and modules must be JSON objects")
+        for key, value in (("num_data", num_data), ("num_per_example_loss_terms", terms)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TypeError(f"{key} must be a positive integer, got {value!r}")
+        modules = {}
+        for name, names in raw_modules.items():
+            if (
+                not isinstance(names, list)
+                or len(names) != 2
+                or not isinstance(names[0], str)
+                or not (names[1] is None or isinstance(names[1], str))
+            ):
+                raise TypeError(f"module {name!r}: expected [weight name, bias name or null]")
+            modules[name] = ParamNames(*names)
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise FactorFileError(f"missing or malformed kronfac metadata ({e}).") from e
+    try:
+        check_recorded_options(options)
+    except ValueError as e:
+        raise FactorFileError(f"metadata {e}.") from None
+    corrections = doc.get("corrections", False)
+    if not isinstance(corrections, bool):
+        raise FactorFileError("metadata 'corrections' must be true or false.")
+    lowrank = doc.get("lowrank", {})
+    if not isinstance(lowrank, dict) or not all(
+        isinstance(v, list) and set(v) <= {"A", "S"} for v in lowrank.values()
+    ):
+        raise FactorFileError("metadata 'lowrank' must map modules to ['A', 'S'].")
+    return _Header(options, num_data, terms, modules, corrections, lowrank)
+
+
+def _tensor_names(header: _Header, tensors: Mapping[str, Tensor]) -> dict[str, list[str]]:
+    """Module → the names of its tensors in a file with ``header``.
+
+    A diagonal ``A`` (embeddings) has no EKFAC ``Q_A``: ``A``'s shape in ``tensors`` decides.
+    """
+    names = {}
+    for m, params in header.modules.items():
+        low = header.lowrank.get(m, [])
+        module_names = [
+            f"{m}/{side}{suffix}"
+            for side in "AS"
+            for suffix in ([f".{p}" for p in _LOWRANK_PARTS] if side in low else [""])
+        ]
+        if header.corrections:
+            A = tensors.get(f"{m}/A")
+            fields = ["Q_S", "eigenvalues"]
+            if A is None or A.ndim != 1:
+                fields.insert(0, "Q_A")
+            separate_bias = header.options["bias"] == "separate" and params.bias is not None
+            if separate_bias:
+                fields.append("bias_eigenvalues")
+            if low:
+                fields.append("complement")
+                if separate_bias and "S" in low:
+                    fields.append("bias_complement")
+            module_names += [f"{m}/{f}" for f in fields]
+        names[m] = module_names
+    return names
+
+
+def _check_module_tensors(tensors: Mapping[str, Tensor]) -> None:
+    """One module's tensors: float32 or float64, all of one dtype, and finite."""
+    first, reference = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        if t.dtype not in _FILE_DTYPES:
+            raise FactorFileError(
+                f"tensor {name} has dtype {t.dtype}: kronfac writes float32 or float64 only."
+            )
+        if t.dtype != reference.dtype:
+            raise FactorFileError(
+                f"tensor {name} has dtype {t.dtype}, {first} {reference.dtype}: the tensors "
+                "of one module share one dtype."
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise FactorFileError(f"tensor {name} holds NaN or Inf.")
+
+
+def _check_nonnegative(name: str, t: Tensor, what: str = "entries") -> None:
+    if bool((t < 0).any()):
+        raise FactorFileError(
+            f"tensor {name}: {what} must be non-negative, the smallest is {float(t.min()):.3g}."
+        )
+
+
+def _check_symmetric(name: str, F: Tensor) -> None:
+    """A dense factor (each group): symmetric to ``√ε`` of its largest entry, diagonal >= 0.
+
+    The factors are Gram matrices from GEMMs, whose two triangles may differ by round-off (a
+    few ``ε`` of the largest entry); a matrix that is not a Gram matrix differs by ``O(1)``.
+    """
+    if F.numel() == 0:
+        return
+    tol = torch.finfo(F.dtype).eps ** 0.5
+    asym = (F - F.mT).abs_().amax(dim=(-2, -1))
+    low, high = torch.aminmax(F.flatten(-2), dim=-1)
+    scale = torch.maximum(high, -low)
+    if bool((asym > tol * scale).any()):
+        rel = float((asym / scale.clamp(min=torch.finfo(F.dtype).tiny)).max())
+        raise FactorFileError(
+            f"factor {name} is not symmetric: max |F - Fᵀ| is {rel:.2g} of its largest entry "
+            f"(tolerance {tol:.1g} for {F.dtype})."
+        )
+    _check_nonnegative(name, F.diagonal(dim1=-2, dim2=-1), "diagonal entries")
+
+
+def _factor(module: str, side: str, tensors: Mapping[str, Tensor], lowrank: bool) -> _Factor:
+    """``A`` or ``S`` of ``module``: dense (grouped), diagonal (``A`` only) or low-rank."""
+    name = f"{module}/{side}"
+    if lowrank:
+        U, lam, shift = (tensors[f"{name}.{part}"] for part in _LOWRANK_PARTS)
+        if U.ndim != 2 or lam.shape != (U.shape[1],) or shift.ndim != 0:
+            raise FactorFileError(
+                f"low-rank factor {name} must be U [side, k], eigenvalues [k] and a scalar "
+                f"shift, got {tuple(U.shape)}, {tuple(lam.shape)}, {tuple(shift.shape)}."
+            )
+        _check_nonnegative(f"{name}.eigenvalues", lam)
+        _check_nonnegative(f"{name}.shift", shift)
+        return LowRankFactor(U, lam, float(shift))
+    F = tensors[name]
+    if side == "A" and F.ndim == 1:
+        _check_nonnegative(name, F)
+    elif F.ndim in (2, 3) and F.shape[-1] == F.shape[-2]:
+        _check_symmetric(name, F)
+    else:
+        raise FactorFileError(
+            f"factor {name} must be a square matrix [d, d] or [groups, d, d]"
+            f"{' (or a diagonal vector [d])' if side == 'A' else ''}, "
+            f"got shape {tuple(F.shape)}."
+        )
+    return F
+
+
+def _lead(F: _Factor) -> tuple[int, ...]:
+    """The group dimension of a grouped factor, ``()`` otherwise."""
+    return () if isinstance(F, LowRankFactor) else tuple(F.shape[:-2])
+
+
+def _shape(F: _Factor) -> tuple[int, ...]:
+    return (F.side, F.side) if isinstance(F, LowRankFactor) else tuple(F.shape)
+
+
+def _correction(
+    module: str, A: _Factor, S: _Factor, tensors: Mapping[str, Tensor]
+) -> EigenCorrection:
+    """EKFAC's eigenbases, corrected eigenvalues and complements of ``module``, checked."""
+
+    def side_and_rank(F: _Factor) -> tuple[int, int]:
+        if isinstance(F, LowRankFactor):
+            return F.side, F.U.shape[1]
+        return F.shape[-1], F.shape[-1]
+
+    lead = _lead(S)
+    (p, kS), (q, kA) = side_and_rank(S), side_and_rank(A)
+    shapes = {
+        "Q_A": (*lead, q, kA),
+        "Q_S": (*lead, p, kS),
+        "eigenvalues": (*lead, kS, kA),
+        "bias_eigenvalues": (*lead, kS),
+        "complement": (),
+        "bias_complement": (),
+    }
+    fields = {f: tensors.get(f"{module}/{f}") for f in EigenCorrection._fields}
+    for f, t in fields.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shapes[f]:
+            raise FactorFileError(
+                f"{module}/{f} must have shape {shapes[f]}, got {tuple(t.shape)}."
+            )
+        if f not in ("Q_A", "Q_S"):
+            _check_nonnegative(f"{module}/{f}", t)
+    return EigenCorrection(**fields)

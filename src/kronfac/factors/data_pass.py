@@ -339,6 +339,8 @@ class PassSetup:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
         if isinstance(rank_threshold, bool) or not isinstance(rank_threshold, int):
             raise ValueError(f"rank_threshold must be a positive integer, got {rank_threshold!r}.")
         if rank_threshold < 1:
