@@ -9,14 +9,17 @@ Workloads (issue 2):
   sequences of 128 tokens in batches of 8, token-level cross-entropy, factors on the decoder
   layers' Linear modules;
 - GPT2 (issue 4): ``GPT2LMHeadModel`` (4 layers, 256 wide, 4 heads, vocab 1000), 32 x 128
-  tokens in batches of 8, token-level cross-entropy, factors on the blocks' Conv1D modules.
+  tokens in batches of 8, token-level cross-entropy, factors on the blocks' Conv1D modules;
+- W3flat (issue 11): W3 wrapped as curvlinops-style code writes it, a module whose output is
+  the flattened token logits ``[N·T, V]`` (``logits.reshape(-1, V)``) with targets ``[N·T]``.
 
 Every configuration runs in one process, interleaved with BASE, median of ``--repeats`` runs
 after a warm-up, torch threads = cores. Prints a Markdown table of ratios to BASE.
 
     python benchmarks/factors.py [--repeats 5] [--workloads W1 W3] [--peers]
 
-``--peers`` also times curvlinops' ``KFACLinearOperator`` on W1 and W2 when it is installed.
+``--peers`` also times curvlinops' ``KFACLinearOperator`` on W1, W2 and W3flat when it is
+installed.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def lm_logits(model: nn.Module, X: dict) -> torch.Tensor:
     return model(**X).logits.transpose(1, 2)
 
 
-def w3() -> tuple[nn.Module, nn.Module, list, dict, str]:
+def w3_llama() -> tuple[nn.Module, torch.Tensor]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -86,14 +89,36 @@ def w3() -> tuple[nn.Module, nn.Module, list, dict, str]:
         num_hidden_layers=4,
         num_attention_heads=4,
     )
-    model = LlamaForCausalLM(config)
-    ids = torch.randint(0, 1000, (32, 129))
+    return LlamaForCausalLM(config), torch.randint(0, 1000, (32, 129))
+
+
+def w3() -> tuple[nn.Module, nn.Module, list, dict, str]:
+    model, ids = w3_llama()
     data = [({"input_ids": ids[i : i + 8, :-1]}, ids[i : i + 8, 1:]) for i in range(0, 32, 8)]
     opts = {"modules": ["layers."], "forward": lm_logits}
     return model, nn.CrossEntropyLoss(), data, opts, "W3 Llama 4x256, 32x128 tok"
 
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "GPT2": gpt2}
+class FlatLogits(nn.Module):
+    """A causal LM as curvlinops-style code wraps it: token ids in, ``[N·T, V]`` logits out."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logits = self.lm(input_ids=input_ids).logits
+        return logits.reshape(-1, logits.shape[-1])
+
+
+def w3flat() -> tuple[nn.Module, nn.Module, list, dict, str]:
+    lm, ids = w3_llama()
+    data = [(ids[i : i + 8, :-1], ids[i : i + 8, 1:].reshape(-1)) for i in range(0, 32, 8)]
+    opts = {"modules": ["layers."]}
+    return FlatLogits(lm), nn.CrossEntropyLoss(), data, opts, "W3 flattened logits [N·T, V]"
+
+
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "GPT2": gpt2, "W3flat": w3flat}
 
 
 def base_pass(model: nn.Module, loss_fn: nn.Module, data: list, forward=None) -> None:
@@ -103,10 +128,20 @@ def base_pass(model: nn.Module, loss_fn: nn.Module, data: list, forward=None) ->
         loss_fn(model(X) if forward is None else forward(model, X), y).backward()
 
 
-def curvlinops_pass(model: nn.Module, loss_fn: nn.Module, data: list, fisher: str) -> None:
+def curvlinops_pass(
+    model: nn.Module, loss_fn: nn.Module, data: list, fisher: str, modules: list | None = None
+) -> None:
     from curvlinops import KFACLinearOperator
 
-    params = [p for p in model.parameters() if p.requires_grad]  # 3.0.1 takes a list
+    if modules is None:
+        params = [p for p in model.parameters() if p.requires_grad]  # 3.0.1 takes a list
+    else:  # the Linear layers kronfac's `modules=` selects
+        params = [
+            p
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and any(s in name for s in modules)
+            for p in m.parameters()
+        ]
     op = KFACLinearOperator(
         model,
         loss_fn,
@@ -136,15 +171,16 @@ def run_workload(key: str, repeats: int, peers: bool) -> None:
         fns[f"kronfac {fisher}"] = lambda f=fisher: warnings_off(
             kronfac.compute_factors, model, loss_fn, data, fisher=f, **opts
         )
-    if peers and key in ("W1", "W2"):
+    if peers and key in ("W1", "W2", "W3flat"):
         try:
             import curvlinops  # noqa: F401
         except ImportError:
             print("(curvlinops not installed: peers skipped)", file=sys.stderr)
         else:
-            for fisher in ("mc", "type-2"):
+            peer_fishers = ("mc", "empirical") if key == "W3flat" else ("mc", "type-2")
+            for fisher in peer_fishers:
                 fns[f"curvlinops {fisher}"] = lambda f=fisher: curvlinops_pass(
-                    model, loss_fn, data, f
+                    model, loss_fn, data, f, opts.get("modules")
                 )
     medians = interleaved(fns, repeats)
     base = medians["BASE (forward+backward)"]
