@@ -5,13 +5,20 @@ weights) with peft LoRA adapters (r = 8 on q_proj and v_proj), 16 sequences of 1
 batches of 8, token-level cross-entropy, fisher "mc":
 
 - time of ``compute_factors`` on the LoRA adapters and on the base Linear layers, full rank and
-  ``rank=16`` (threshold 512), as ratios to BASE (forward + backward), interleaved in one
-  process, median of ``--repeats`` runs after a warm-up;
+  ``rank=16`` (threshold 512, the default sketch width), as ratios to BASE (forward +
+  backward), interleaved in one process, median of ``--repeats`` runs after a warm-up;
+  ``--oversample P`` adds each rank-16 configuration with ``oversample=P`` (sketch width
+  ``16 + P``) to the same interleaved runs, e.g. ``--oversample 10`` for the former default;
 - peak memory of each configuration, each in a fresh child process: the peak resident set
   (``VmHWM``, reset through ``/proc/self/clear_refs`` after building the model) over the
   model's own footprint (activations and gradients included). Linux only.
 
-    python benchmarks/lowrank.py [--repeats 3]
+``--accuracy`` instead prints the truncation table of :mod:`kronfac.linalg.lowrank`: the
+rank-``k`` Frobenius error of the streamed sketch over the optimal one, with ``p = 10`` and the
+default width, on inputs whose covariance has the spectrum ``ρ^i`` (no model).
+
+    python benchmarks/lowrank.py [--repeats 3] [--oversample P ...]
+    python benchmarks/lowrank.py --accuracy
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import itertools
 import json
 import os
 import subprocess
@@ -30,6 +38,7 @@ from _common import interleaved, machine, setup_threads
 from torch import nn
 
 import kronfac
+from kronfac.linalg import StreamingLowRank
 
 CONFIGS = {
     "LoRA adapters, full rank": {"modules": ["lora_"]},
@@ -37,6 +46,54 @@ CONFIGS = {
     "base Linear layers, full rank": {"modules": ["base_layer", "o_proj", "mlp."]},
     "base Linear layers, rank 16": {"modules": ["base_layer", "o_proj", "mlp."], "rank": 16},
 }
+
+
+def configs(oversample: list[int]) -> dict[str, dict]:
+    """:data:`CONFIGS`, each rank-16 configuration followed by its ``oversample=P`` copies."""
+    out = {}
+    for name, options in CONFIGS.items():
+        out[name] = options
+        if "rank" in options:
+            for p in oversample:
+                out[f"{name}, oversample {p}"] = {**options, "oversample": p}
+    return out
+
+
+SPECTRA = (0.8, 0.9, 0.95, 0.99)
+RANKS = (1, 4, 8, 16, 32, 64)
+
+
+def accuracy(draws: int = 5) -> None:
+    """Print ``‖C − Ĉ_k‖_F / ‖C − C_k‖_F`` with ``p = 10`` and the default, the largest over
+    ``draws`` draws of ``C = XᵀX``, ``X = Z diag(√λ) Qᵀ`` (``λ_i = ρ^i``, ``d = 600``,
+    ``N = 1024`` rows streamed in batches of 128, ``Z`` Gaussian, ``Q`` random orthogonal).
+    ``C_k`` keeps the top ``k`` eigen-pairs of ``C``: the optimal rank-``k`` error (Eckart–Young).
+    """
+    d, n, batch = 600, 1024, 128
+    cpu = torch.device("cpu")
+    worst: dict[tuple[int, int | None, float], float] = {}
+    widths: dict[tuple[int, int | None], int] = {}
+    for rho, draw in itertools.product(SPECTRA, range(draws)):
+        g = torch.Generator().manual_seed(draw)
+        Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+        scales = (rho ** torch.arange(d, dtype=torch.float64)).sqrt()
+        X = (torch.randn(n, d, generator=g, dtype=torch.float64) * scales) @ Q.T
+        C = X.T @ X
+        evals = torch.linalg.eigvalsh(C)  # ascending
+        for k, p in itertools.product(RANKS, (10, None)):
+            sketch = StreamingLowRank(d, k, cpu, p)
+            for rows in X.split(batch):
+                sketch.update(rows)
+            approx = sketch.result(1.0, torch.float64).to_dense()
+            ratio = float(torch.linalg.matrix_norm(C - approx) / evals[:-k].norm())
+            worst[k, p, rho] = max(worst.get((k, p, rho), 0.0), ratio)
+            widths[k, p] = sketch.width
+    print(f"d = {d}, N = {n}, largest ratio over {draws} draws; p = 10 / default\n")
+    print("| k | width | " + " | ".join(f"{rho}^i" for rho in SPECTRA) + " |")
+    print("|---" * (2 + len(SPECTRA)) + "|")
+    for k in RANKS:
+        cells = [f"{worst[k, 10, rho]:.3f} / {worst[k, None, rho]:.3f}" for rho in SPECTRA]
+        print(f"| {k} | {widths[k, 10]} / {widths[k, None]} | " + " | ".join(cells) + " |")
 
 
 def build() -> tuple[nn.Module, list]:
@@ -102,7 +159,7 @@ def peak_mib() -> float:
     return _status_mib("VmHWM")
 
 
-def child(name: str) -> None:
+def child(name: str, options: dict) -> None:
     """Measure one configuration's peak memory increase in this (fresh) process."""
     setup_threads()
     model, data = build()
@@ -111,28 +168,44 @@ def child(name: str) -> None:
     if name == "BASE":
         base_pass(model, data)
     else:
-        factors(model, data, CONFIGS[name])
+        factors(model, data, options)
     print(json.dumps({"name": name, "increase_mib": peak_mib() - before}))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--oversample",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="P",
+        help="also time the rank-16 configurations with oversample=P",
+    )
+    parser.add_argument(
+        "--accuracy", action="store_true", help="print the truncation table instead (no model)"
+    )
     parser.add_argument("--child")
     args = parser.parse_args(argv)
+    if args.accuracy:
+        accuracy()
+        return 0
+    table = configs(args.oversample)
     if args.child:
-        child(args.child)
+        child(args.child, table.get(args.child, {}))
         return 0
     setup_threads()
     model, data = build()
     fns = {"BASE (forward+backward)": lambda: base_pass(model, data)}
-    for name, options in CONFIGS.items():
+    for name, options in table.items():
         fns[name] = lambda o=options: factors(model, data, o)
     medians = interleaved(fns, args.repeats)
     memory = {}
-    for name in ["BASE", *CONFIGS]:
+    oversample = [str(p) for p in args.oversample]
+    for name in ["BASE", *table]:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", name],
+            [sys.executable, __file__, "--child", name, "--oversample", *oversample],
             capture_output=True,
             text=True,
             check=True,

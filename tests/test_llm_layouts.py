@@ -271,9 +271,12 @@ def lm_flat(model, X):
 def test_gpt2_with_the_defaults(gpt2):
     """Every module selected: wpe (shared across the batch) is left out, with a warning."""
     loss, data = nn.CrossEntropyLoss(), lm_batches()
-    with pytest.warns(UncoveredParameterWarning) as record:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         factors = kronfac.compute_factors(gpt2, loss, data, forward=lm_nvt)
+    assert {w.category for w in record} == {UncoveredParameterWarning, UserWarning}
     text = " ".join(str(w.message) for w in record)
+    assert "share a weight ('transformer.wte.weight')" in text  # lm_head's use is left out
     assert "'transformer.wpe': (1, 8, 16) for N = 2" in text and "exclude=" in text
     conv1d = [n for n, m in gpt2.named_modules() if type(m).__name__ == "Conv1D"]
     assert len(conv1d) == 8 and set(factors) == {"transformer.wte", *conv1d}
@@ -298,10 +301,9 @@ def test_gpt2_with_the_defaults(gpt2):
 def test_llama_with_padding_flattened_equals_nvt():
     model, loss = tiny_llama(VOCAB), nn.CrossEntropyLoss()
     data = lm_batches(padded=True)
-    reference = kronfac.compute_factors(model, loss, data, forward=lm_nvt, fisher="type-2")
-    factors = kronfac.compute_factors(
-        model, loss, flattened(data), forward=lm_flat, fisher="type-2"
-    )
+    options = {"fisher": "type-2", "exclude": ["norm"]}  # RMSNorms: no Kronecker block
+    reference = kronfac.compute_factors(model, loss, data, forward=lm_nvt, **options)
+    factors = kronfac.compute_factors(model, loss, flattened(data), forward=lm_flat, **options)
     assert_factors_equal(factors, reference, tol=1e-9)
 
 

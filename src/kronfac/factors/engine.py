@@ -274,11 +274,14 @@ def compute_factors(
             selected modules are left out (LayerNorm, raw ``nn.Parameter``, ...).
         rank: Keep every factor whose side is at least ``rank_threshold`` as a rank-``rank``
             :class:`~kronfac.LowRankFactor` ``U diag(λ) Uᵀ`` with the same scale as the
-            full-rank factor, computed streaming (a one-pass Nyström sketch in float64, memory
-            ``O(side · (rank + 10))``): exact when the data's rank is at most ``rank + 10``.
+            full-rank factor, computed streaming (a one-pass Nyström sketch in float64 with
+            ``l = min(side, 4·rank + 10)`` columns by default, memory ``O(side · l)``): exact
+            when the data's rank is at most ``l``.
         rank_threshold: The side from which a factor is kept low-rank.
-        oversample: Extra columns ``p`` of the low-rank sketch (``rank + p`` in all); ``None``
-            picks the default of :class:`~kronfac.linalg.StreamingLowRank`.
+        oversample: Extra columns ``p`` of the low-rank sketch (``min(side, rank + p)`` in
+            all); ``None``: ``p = 3·rank + 10``, the default of
+            :class:`~kronfac.linalg.StreamingLowRank` (within 1.07x the optimal rank-``rank``
+            Frobenius error on the spectra measured there).
         exclude: Name substrings of modules to leave out, applied after ``modules``.
         batch_size_fn: ``batch_size_fn(X) -> N``, the number of data points of a batch's
             input; default: the first dimension of ``X``, or of a Mapping's ``input_ids``,

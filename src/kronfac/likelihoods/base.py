@@ -9,7 +9,7 @@ provides
 - ``hessian_sqrt(f)``: ``B`` with ``B Bᵀ = ∇²_f ℓ`` per term (type-2);
 - ``sample(f, n, generator)``: ``n`` labels per term from the predictive distribution (MC),
   for which ``E[∇ℓ ∇ℓᵀ] = ∇²_f ℓ``;
-- ``mean_divisor(num_data, num_terms)``: the number of entries torch averages over with
+- ``mean_divisor(num_terms, num_classes)``: the number of entries torch averages over with
   ``reduction="mean"``.
 
 This module is the one place where the reduction scale of docs/conventions.md lives.
