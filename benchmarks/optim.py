@@ -1,6 +1,6 @@
 """K-FAC / EKFAC against Adam and SGD: time to a training loss, and the cost of a step.
 
-1. Digits (scikit-learn's ``load_digits``, 1437 training images; ``kronfac.optim.compare``):
+1. Digits (scikit-learn's ``load_digits``, 1437 training images; ``kronfac.demo``):
    a deep autoencoder 64-256-128-32-128-256-64 (tanh, sigmoid output, BCE) and an MLP
    classifier 64-256-256-10. Phase 1 trains Adam for ``--steps`` steps with each learning rate
    of its grid and ``--seeds`` seeds; the target is the median final training loss of the best
@@ -29,8 +29,8 @@ from _common import machine
 from torch import nn
 from tqdm import tqdm
 
+from kronfac import demo as C
 from kronfac.optim import KFAC
-from kronfac.optim import compare as C
 
 
 def digits(steps: int, seeds: int, plot: Path | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 
 import pytest
@@ -155,3 +156,15 @@ def test_condition_number_is_inf_for_singular_factors() -> None:
     assert cli._condition_number(torch.tensor([0.0, 1.0, 4.0], dtype=torch.float64)) == float("inf")
     assert cli._condition_number(torch.tensor([-1e-12, 1.0], dtype=torch.float64)) == float("inf")
     assert cli._condition_number(torch.tensor([0.5, 2.0], dtype=torch.float64)) == 4.0
+
+
+def test_library_imports_leave_out_the_demo() -> None:
+    """The demo code (and scikit-learn, matplotlib) stays out of the library's imports."""
+    code = (
+        "import sys, kronfac, kronfac.optim, kronfac.compat\n"
+        "print(sorted(m for m in ('kronfac.cli', 'kronfac.demo', 'sklearn', 'matplotlib')"
+        " if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
+    assert importlib.util.find_spec("kronfac.optim.compare") is None

@@ -175,3 +175,16 @@ def test_weight_shared_by_embedding_and_linear_warns_naming_both():
     assert list(f) == ["head"] and f.param_names["head"].weight == "emb.weight"
     K = kronfac.KFAC.from_factors(f, Tied())
     assert K.param_names == ["emb.weight"]
+
+
+def test_ekfac_with_low_rank_output_factor():
+    """S of the embedding low-rank (partial basis): the trace is the total second moment."""
+    model = PerToken(padding_idx=1)
+    loss, batches = nn.MSELoss(), data()
+    kw = {"fisher": "empirical", "modules": ["emb"]}
+    full = kronfac.EKFAC(model, loss, batches, **kw)
+    low = kronfac.EKFAC(model, loss, batches, rank=2, rank_threshold=D, **kw)
+    assert isinstance(low.factors["emb"].S, kronfac.LowRankFactor)
+    torch.testing.assert_close(low.trace(), full.trace(), rtol=1e-10, atol=0)
+    exact = kronfac.EKFAC(model, loss, batches, rank=D, rank_threshold=D, **kw)  # complete basis
+    torch.testing.assert_close(exact.to_dense(), full.to_dense(), rtol=1e-10, atol=1e-14)

@@ -10,8 +10,9 @@ Subcommands:
     condition numbers) and the cost of the factor pass relative to one plain forward +
     backward pass over the same data.
 
-This module is the top of the import graph: it may import anything in kronfac, and nothing in
-kronfac imports it.
+The digits tasks, training loops, tables and plot they share with ``benchmarks/optim.py`` are in
+:mod:`kronfac.demo`. This module is the top of the import graph: it may import anything in
+kronfac, and nothing in kronfac imports it.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import kronfac
+from kronfac import demo
 from kronfac.factors import FISHER_TYPES
-from kronfac.optim import compare
 
 __all__ = ["build_mlp", "main"]
 
@@ -77,7 +78,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kronfac {kronfac.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    demo = sub.add_parser(
+    demo_parser = sub.add_parser(
         "demo",
         help="K-FAC and EKFAC against Adam and SGD on the digits data",
         description=(
@@ -87,21 +88,21 @@ def _build_parser() -> argparse.ArgumentParser:
             "the steps and training seconds each needed and plot the losses against time."
         ),
     )
-    demo.add_argument(
+    demo_parser.add_argument(
         "--steps", type=_int_at_least(1), default=300, help="Adam's steps (default: 300)"
     )
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument(
+    demo_parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo_parser.add_argument(
         "--threads", type=_int_at_least(1), default=1, help="torch intra-op threads (default: 1)"
     )
-    demo.add_argument(
+    demo_parser.add_argument(
         "--plot",
         type=Path,
         default=Path("kronfac_demo.png"),
         metavar="PATH",
         help="where to write the plot when matplotlib is installed (default: kronfac_demo.png)",
     )
-    demo.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    demo_parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
     factors = sub.add_parser(
         "factors",
         help="train a small MLP on the digits data and print its Kronecker factors",
@@ -180,7 +181,7 @@ DEMO_LRS = {
 def _demo(*, steps: int, seed: int, threads: int, plot: Path | None) -> int:
     """Adam for ``steps`` steps, then SGD, K-FAC, EKFAC to Adam's loss. Returns the status."""
     try:
-        tasks = compare.digits_tasks()
+        tasks = demo.digits_tasks()
     except ImportError:
         print(_SKLEARN_MISSING.format("demo"), file=sys.stderr)
         return 2
@@ -194,7 +195,7 @@ def _demo(*, steps: int, seed: int, threads: int, plot: Path | None) -> int:
             for method, lr in DEMO_LRS[task.name].items():
                 limit = steps if method == "adam" else 3 * steps
                 with tqdm(total=limit, desc=f"{task.name} {method}", file=sys.stderr) as bar:
-                    run = compare.train(
+                    run = demo.train(
                         task,
                         method,
                         lr,
@@ -209,15 +210,15 @@ def _demo(*, steps: int, seed: int, threads: int, plot: Path | None) -> int:
                 runs.append(run)
             assert target is not None
             targets[task.name], curves[task.name] = target, runs
-            rows = compare.summarise(runs, target, runs[0].seconds_per_step)
+            rows = demo.summarise(runs, target, runs[0].seconds_per_step)
             print(
                 f"\n{task.name}: to Adam's training loss after {steps} steps ({target:.4g}), "
                 f"{threads} thread(s)"
             )
-            print(compare.format_table(compare.TABLE_HEADER, rows))
+            print(demo.format_table(demo.TABLE_HEADER, rows))
         if plot is not None:
             title = f"digits, batch 256, {steps} Adam steps"
-            print("\n" + compare.plot_runs(curves, targets, plot, title))
+            print("\n" + demo.plot_runs(curves, targets, plot, title))
     finally:
         torch.set_num_threads(previous_threads)
     return 0
@@ -298,7 +299,7 @@ def _factor_table(factors: kronfac.KroneckerFactors) -> str:
                 f"{eigh_ms:.1f}",
             ]
         )
-    table = compare.format_table(header, rows)
+    table = demo.format_table(header, rows)
     if any("inf" in r[5:7] for r in rows):
         table += (
             "\ncond = inf: a singular factor (smallest eigenvalue <= 0), from always-zero "
@@ -310,7 +311,7 @@ def _factor_table(factors: kronfac.KroneckerFactors) -> str:
 def _factors(*, epochs: int, fisher: str, seed: int, threads: int, save: Path | None) -> int:
     """Train the MLP, compute and report its factors. Returns the exit status."""
     try:
-        mlp_task = next(t for t in compare.digits_tasks() if t.name == "mlp")
+        mlp_task = next(t for t in demo.digits_tasks() if t.name == "mlp")
     except ImportError:
         print(_SKLEARN_MISSING.format("factors"), file=sys.stderr)
         return 2

@@ -7,13 +7,15 @@ from kronfac.factors.container import (
     KroneckerFactors,
     ParamNames,
 )
-from kronfac.factors.data_pass import FISHER_TYPES, select_modules
 from kronfac.factors.engine import compute_factors
+from kronfac.factors.options import FISHER_TYPES, FactorOptions
+from kronfac.factors.selection import select_modules
 
 __all__ = [
     "FISHER_TYPES",
     "EigenCorrection",
     "FactorFileError",
+    "FactorOptions",
     "FactorPair",
     "KroneckerFactors",
     "ParamNames",

@@ -30,165 +30,31 @@ from tqdm.auto import tqdm
 from kronfac.errors import NonFiniteError, UncoveredParameterWarning, warn
 from kronfac.factors.container import ParamNames
 from kronfac.factors.hooks import Call, record_calls
-from kronfac.factors.options import BIAS_MODES, FISHER_TYPES, KFAC_APPROXES
-from kronfac.layers import LayerAdapter, get_adapter, supported_layers
+from kronfac.factors.options import (
+    BatchSizeFn,
+    FactorOptions,
+    ForwardFn,
+)
+from kronfac.factors.selection import select_modules
+from kronfac.layers import LayerAdapter
 from kronfac.likelihoods import Likelihood, get_likelihood
 
 __all__ = [
-    "BIAS_MODES",
-    "FISHER_TYPES",
-    "KFAC_APPROXES",
     "BatchRows",
     "PassResult",
     "PassSetup",
+    "PassTally",
     "batch_size",
     "check_reiterable",
     "per_example",
     "random_modules",
     "run_pass",
-    "select_modules",
 ]
 
 
 # Upper bound on the elements of the output gradients held at once; type-2 with many classes
 # backpropagates its K vectors in chunks that stay below it.
 _MAX_BATCHED_ELEMENTS = 1 << 27
-
-ForwardFn = Callable[[nn.Module, Any], Tensor]
-BatchSizeFn = Callable[[Any], int]
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"Invalid {name} {value!r}. Supported: {', '.join(choices)}.")
-
-
-def select_modules(
-    model: nn.Module,
-    modules: Iterable[str] | str | None,
-    strict: bool = False,
-    exclude: Iterable[str] | str | None = None,
-) -> tuple[dict[str, LayerAdapter], dict[str, ParamNames], dict[str, list[LayerAdapter]]]:
-    """The supported modules of ``model`` whose name contains one of ``modules``.
-
-    Args:
-        model: The model.
-        modules: Name substrings (a single string counts as one); ``None`` selects every module.
-        strict: Raise instead of warning about trainable parameters no block covers.
-        exclude: Name substrings of modules (and their submodules) to leave out, applied after
-            ``modules``; their parameters are not reported as uncovered.
-
-    Returns:
-        ``(adapters, param_names, tied)`` keyed by block name (the first module holding the
-        block's weight), in ``named_modules()`` order, for the selected supported modules with
-        a trainable weight; ``tied`` lists further modules sharing a block's weight (and bias),
-        whose calls count as more positions of that block.
-
-    Raises:
-        ValueError: If ``modules`` matches no module, or no selected module is supported.
-        NotImplementedError: If modules share a bias but not the weight, or a weight but not
-            the bias.
-
-        ValueError: With ``strict=True``, if a trainable parameter of a selected module is not
-            covered.
-
-    Warns:
-        UncoveredParameterWarning: For trainable parameters of selected modules that no block
-            covers, naming every one (``strict=False``).
-    """
-    patterns = _name_patterns("modules", modules)
-    excluded = _name_patterns("exclude", exclude) or []
-
-    def selected(name: str) -> bool:
-        return patterns is None or any(p in name for p in patterns)
-
-    named = dict(model.named_modules())
-    matched = [n for n in named if n and selected(n)] if patterns is not None else list(named)
-    if not matched:
-        raise ValueError(
-            f"modules={patterns!r} matches no module of the model. "
-            f"Module names: {', '.join(n for n in named if n) or '(none)'}."
-        )
-    if excluded:
-        unused = [p for p in excluded if not any(p in n for n in named if n)]
-        if unused:
-            raise ValueError(
-                f"exclude={unused!r} matches no module of the model. "
-                f"Module names: {', '.join(n for n in named if n) or '(none)'}."
-            )
-        matched = [n for n in matched if not any(p in n for p in excluded)]
-        if not matched:
-            raise ValueError(f"exclude={excluded!r} leaves out every selected module.")
-    param_name = {id(p): n for n, p in model.named_parameters()}  # first (canonical) names
-    adapters: dict[str, LayerAdapter] = {}
-    names: dict[str, ParamNames] = {}
-    tied: dict[str, list[LayerAdapter]] = {}
-    owner: dict[int, str] = {}
-    for name in matched:
-        adapter = get_adapter(named[name])
-        if adapter is None or not adapter.weight.requires_grad:
-            continue
-        bias = adapter.bias if adapter.bias is not None and adapter.bias.requires_grad else None
-        first = owner.get(id(adapter.weight))
-        if first is not None:
-            _tie(adapters[first], adapter, first, name, tied)
-            continue
-        if bias is not None and id(bias) in owner:
-            raise NotImplementedError(
-                f"Modules {owner[id(bias)]!r} and {name!r} share the bias "
-                f"{param_name[id(bias)]!r} but not the weight; no Kronecker block covers that."
-            )
-        for p in (adapter.weight, bias):
-            if p is not None:
-                owner[id(p)] = name
-        adapters[name] = adapter
-        names[name] = ParamNames(
-            param_name[id(adapter.weight)], None if bias is None else param_name[id(bias)]
-        )
-    if not adapters:
-        raise ValueError(
-            "No supported layer with trainable weights among the selected modules "
-            f"({', '.join(n or '(the model)' for n in matched[:10])}"
-            f"{', ...' if len(matched) > 10 else ''}). "
-            f"Supported layers: {', '.join(supported_layers())}."
-        )
-    # Parameters directly owned by selected modules (not their children) that no block covers.
-    uncovered = []
-    for name in matched:
-        for pname, p in named[name].named_parameters(recurse=False):
-            if p.requires_grad and id(p) not in owner:
-                uncovered.append(f"{name}.{pname}" if name else pname)
-    # A covered weight also held by a module outside its block (a different kind of layer, or
-    # an unselected one): that use is not in the block.
-    block_modules = {id(a.module) for n in adapters for a in [adapters[n], *tied.get(n, [])]}
-    weights = {id(a.weight): n for n, a in adapters.items()}
-    for mod_name, module in model.named_modules():
-        if id(module) in block_modules:
-            continue
-        for p in module.parameters(recurse=False):
-            if id(p) in weights:
-                first = weights[id(p)]
-                warn(
-                    f"Modules {first!r} ({type(adapters[first].module).__name__}) and "
-                    f"{mod_name!r} ({type(module).__name__}) share a weight "
-                    f"({param_name[id(p)]!r}) but no Kronecker block: it is covered through "
-                    f"{first!r} only, and the curvature of its use in {mod_name!r} is left "
-                    "out. Select the module you mean with `modules=`.",
-                    UserWarning,
-                )
-    if uncovered and strict:
-        raise ValueError(
-            f"strict=True: {len(uncovered)} trainable parameter(s) are not covered by any "
-            f"Kronecker block: {', '.join(uncovered)}. Freeze them, or leave their modules out "
-            "with `exclude=`."
-        )
-    if uncovered:
-        warn(
-            f"{len(uncovered)} trainable parameter(s) are not covered by any Kronecker block "
-            f"and are left out of the curvature: {', '.join(uncovered)}.",
-            UncoveredParameterWarning,
-        )
-    return adapters, names, tied
 
 
 def check_reiterable(data: Iterable[Any], what: str) -> None:
@@ -226,49 +92,6 @@ def random_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def _name_patterns(option: str, value: Iterable[str] | str | None) -> list[str] | None:
-    """``modules`` / ``exclude`` as a list of name substrings (a single string counts as one)."""
-    if value is None:
-        return None
-    patterns = [value] if isinstance(value, str) else list(value)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{option} must be a list of name substrings, got {patterns!r}.")
-    return patterns
-
-
-def _tie(
-    first: LayerAdapter,
-    other: LayerAdapter,
-    first_name: str,
-    name: str,
-    tied: dict[str, list[LayerAdapter]],
-) -> None:
-    """Let module ``name``, which holds the weight of block ``first_name``, join that block.
-
-    Modules of the same kind and orientation sharing the weight (and the bias, if any) are one
-    block whose every call counts as more positions (K-FAC-expand, Eschenhagen et al., 2023).
-    A weight shared by modules of different kinds has no single Kronecker block: it is covered
-    through the first selected module only (:func:`select_modules` warns, naming both).
-    """
-    same_bias = first.bias is other.bias or (
-        (first.bias is None or not first.bias.requires_grad)
-        and (other.bias is None or not other.bias.requires_grad)
-    )
-    same_kind = type(first) is type(other) and (
-        first.in_features,
-        first.out_features,
-        first.groups,
-    ) == (other.in_features, other.out_features, other.groups)
-    if not same_kind:  # covered through the first module; select_modules warns
-        return
-    if not same_bias:
-        raise NotImplementedError(
-            f"Modules {first_name!r} and {name!r} share a weight but not their bias; no single "
-            "Kronecker block covers them."
-        )
-    tied.setdefault(first_name, []).append(other)
-
-
 @dataclass
 class PassSetup:
     """Validated options of a pass, the likelihood and the covered modules.
@@ -276,155 +99,74 @@ class PassSetup:
     Build it with :meth:`create`, which checks every option and raises on bad input.
     """
 
+    options: FactorOptions
     likelihood: Likelihood
     adapters: dict[str, LayerAdapter]
     param_names: dict[str, ParamNames]
     tied: dict[str, list[LayerAdapter]]
-    fisher: str
-    mc_samples: int
-    approx: str
-    bias: str
-    forward: ForwardFn | None
-    num_data: int | None
-    num_per_example_loss_terms: int | None
-    seed: int
-    progress: bool
-    strict: bool = False
-    select_all: bool = False
-    rank: int | None = None
-    rank_threshold: int = 512
-    oversample: int | None = None
-    batch_size_fn: BatchSizeFn | None = None
 
     @classmethod
     def create(
         cls,
         model: nn.Module,
         loss_fn: nn.Module,
-        *,
-        fisher: str = "mc",
-        mc_samples: int = 1,
-        approx: str = "expand",
-        modules: Iterable[str] | str | None = None,
-        bias: str = "joint",
-        forward: ForwardFn | None = None,
-        num_data: int | None = None,
-        num_per_example_loss_terms: int | None = None,
-        seed: int = 2147483647,
-        progress: bool = False,
-        strict: bool = False,
-        rank: int | None = None,
-        rank_threshold: int = 512,
-        oversample: int | None = None,
-        exclude: Iterable[str] | str | None = None,
-        batch_size_fn: BatchSizeFn | None = None,
+        options: FactorOptions | Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> PassSetup:
-        """Validate the options of :func:`kronfac.compute_factors` (see there)."""
-        _check_choice("fisher", fisher, FISHER_TYPES)
-        _check_choice("approx", approx, KFAC_APPROXES)
-        _check_choice("bias", bias, BIAS_MODES)
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}.")
-        if fisher != "mc" and mc_samples != 1:
-            raise ValueError(
-                f"mc_samples={mc_samples} requires fisher='mc', got fisher={fisher!r}."
-            )
-        counts = {
-            "num_data": num_data,
-            "num_per_example_loss_terms": num_per_example_loss_terms,
-            "rank": rank,
-        }
-        for name, value in counts.items():
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}.")
-        if isinstance(rank_threshold, bool) or not isinstance(rank_threshold, int):
-            raise ValueError(f"rank_threshold must be a positive integer, got {rank_threshold!r}.")
-        if rank_threshold < 1:
-            raise ValueError(f"rank_threshold must be a positive integer, got {rank_threshold!r}.")
-        if oversample is not None and (
-            isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0
-        ):
-            raise ValueError(
-                f"oversample must be a non-negative integer or None, got {oversample!r}."
-            )
-        if batch_size_fn is not None and not callable(batch_size_fn):
-            raise TypeError(
-                f"batch_size_fn must be a callable X -> int, got {type(batch_size_fn).__name__}."
-            )
+        """Validate the options (:class:`FactorOptions`), the loss and the module selection.
+
+        Raises:
+            TypeError: A ``loss_fn`` that is not a loss module, or an unknown option.
+            ValueError: Bad option values or module selections (see :func:`select_modules`).
+            NotImplementedError: An unsupported loss, or options a selected layer does not
+                support (low-rank grouped convolutions, ``approx="reduce"`` for embeddings).
+        """
+        options = FactorOptions.of(options, **kwargs)
         if not isinstance(loss_fn, nn.Module):
             raise TypeError(
                 f"loss_fn must be a torch.nn loss module, got {type(loss_fn).__name__}."
             )
         likelihood = get_likelihood(loss_fn)
-        adapters, param_names, tied = select_modules(model, modules, strict, exclude)
-        if rank is not None:
+        adapters, param_names, tied = select_modules(
+            model, options.modules, options.strict, options.exclude
+        )
+        setup = cls(options, likelihood, adapters, param_names, tied)
+        setup._check_layers()
+        return setup
+
+    def _check_layers(self) -> None:
+        """Refuse options that a selected layer does not support."""
+        options = self.options
+        if options.rank is not None:
             grouped = [
                 n
-                for n, a in adapters.items()
+                for n, a in self.adapters.items()
                 if a.groups > 1
-                and max(
-                    a.in_features + (bias == "joint" and param_names[n].bias is not None),
-                    a.out_features,
-                )
-                >= rank_threshold
+                and max(a.in_features + self.joint_bias(n), a.out_features)
+                >= options.rank_threshold
             ]
             if grouped:
                 raise NotImplementedError(
                     f"Low-rank factors of grouped convolutions are not supported: "
-                    f"{', '.join(grouped)}. Raise rank_threshold or exclude them with `modules=`."
+                    f"{', '.join(grouped)}. Raise rank_threshold or leave them out with "
+                    "`exclude=`."
                 )
-        diagonal = [n for n, a in adapters.items() if a.diagonal_input]
-        if approx == "reduce" and diagonal:
+        diagonal = [n for n, a in self.adapters.items() if a.diagonal_input]
+        if options.approx == "reduce" and diagonal:
             raise NotImplementedError(
                 f"approx='reduce' is not supported for {', '.join(diagonal)}: averaging one-hot "
-                "inputs makes their input factor dense. Use approx='expand' or exclude them "
-                "with `modules=`."
+                "inputs makes their input factor dense. Use approx='expand' or leave them out "
+                "with `exclude=`."
             )
-        return cls(
-            likelihood,
-            adapters,
-            param_names,
-            tied,
-            fisher,
-            mc_samples,
-            approx,
-            bias,
-            forward,
-            num_data,
-            num_per_example_loss_terms,
-            seed,
-            progress,
-            strict,
-            modules is None,
-            rank,
-            rank_threshold,
-            oversample,
-            batch_size_fn,
-        )
 
     @property
-    def options(self) -> dict[str, Any]:
+    def recorded(self) -> dict[str, Any]:
         """The options recorded with the factors."""
-        return {
-            "fisher": self.fisher,
-            "mc_samples": self.mc_samples,
-            "approx": self.approx,
-            "bias": self.bias,
-            "seed": self.seed,
-            "rank": self.rank,
-            "rank_threshold": self.rank_threshold,
-            "oversample": self.oversample,
-            "loss": type(self.likelihood.loss_fn).__name__,
-            "reduction": self.likelihood.reduction,
-        }
+        return self.options.recorded(self.likelihood.loss_fn, self.likelihood.reduction)
 
     def joint_bias(self, name: str) -> bool:
         """Whether module ``name``'s bias joins its weight's block as a last column."""
-        return self.bias == "joint" and self.param_names[name].bias is not None
+        return self.options.bias == "joint" and self.param_names[name].bias is not None
 
 
 @dataclass
@@ -648,18 +390,12 @@ def run_pass(
             covered module called on inputs of another floating dtype than its weight.
         NonFiniteError: NaN / Inf in a covered module's output (named, with the batch).
     """
-    likelihood = setup.likelihood
-    backward = setup.fisher != "forward-only"
-    generator: torch.Generator | None = None
-    total = terms = 0
-    R, C = 0, None
-    called = dict.fromkeys(setup.adapters, 0)
-    not_batch_first: dict[str, str] = {}  # module → its output's shape and the batch's N
-    fingerprint: tuple[float, float, float] | None = None
+    backward = setup.options.fisher != "forward-only"
+    tally = PassTally(setup)
     batches = tqdm(
         data,
         total=len(data) if hasattr(data, "__len__") else None,  # type: ignore[arg-type]
-        disable=not setup.progress,
+        disable=not setup.options.progress,
         desc=desc,
         unit="batch",
     )
@@ -668,71 +404,154 @@ def run_pass(
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError(f"Batch {b}: expected a pair (X, y), got {type(batch).__name__}.")
             X, y = batch
-            n, source = batch_size(X, y, setup.batch_size_fn, b)
             for c in calls.values():
                 c.clear()
+            n, source = batch_size(X, y, setup.options.batch_size_fn, b)
             with torch.set_grad_enabled(backward):
-                output = _run_forward(model, X, setup.forward, b)
-            likelihood.check(output, y)
-            r_b = _terms_per_data_point(likelihood, output, y, n, source, b)
-            c_b = likelihood.num_classes(output)
-            if C is not None and c_b != C:
-                raise ValueError(
-                    f"Batch {b}: loss terms of size {c_b}, earlier batches had size {C}."
-                )
-            R, C = max(R, r_b), c_b
-            if b == 0:
-                fingerprint = (_checksum(X), _checksum(output), _checksum(output.abs()))
-            padding = _attention_mask(X, n, b)
-            term_mask = likelihood.term_mask(y, output)
-            if padding is not None and padding.shape[1] == r_b:  # one loss term per token
-                pad_terms = padding.reshape(-1).to(output.device)
-                term_mask = pad_terms if term_mask is None else term_mask & pad_terms
-            terms += n * r_b if term_mask is None else int(term_mask.sum())
-            dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
-            adapters = _batch_first(setup, calls, n, source, b, not_batch_first, called)
-            masks = _position_masks(adapters, calls, padding, n, dtype)
-            rows = BatchRows(b, n, dtype, _input_rows(adapters, calls, n, dtype, b, masks), masks)
+                output = _run_forward(model, X, setup.options.forward, b)
+            read = tally.read(b, X, y, output, n, source)
+            rows = tally.rows(read, calls)
             if backward:
-                _check_finite_output(output, adapters, calls, b)
-                if not output.requires_grad:
-                    raise ValueError(
-                        f"Batch {b}: the model output does not require grad; the covered "
-                        "modules' outputs must be part of the autograd graph."
-                    )
-                if setup.fisher == "mc" and generator is None:
-                    generator = torch.Generator(device=output.device).manual_seed(setup.seed)
-                vectors = _backprop_vectors(
-                    likelihood,
-                    setup.fisher,
-                    output,
-                    y,
-                    n,
-                    setup.mc_samples,
-                    generator,
-                    dtype,
-                    per_term,
-                    term_mask,
-                )
-                rows.grads = _grad_rows(adapters, calls, output, vectors, n, dtype, b, masks)
+                rows.grads = tally.gradients(read, rows, calls, per_term)
             consume(rows)
-            total += n
-            del output, rows
-    if total == 0:
-        raise ValueError("data is empty: expected at least one batch (X, y) with data points.")
-    assert C is not None and fingerprint is not None
-    left_out = _left_out(setup, called, not_batch_first)
-    if setup.num_data is not None and setup.num_data != total:
-        raise ValueError(f"num_data={setup.num_data} but the data holds {total} data points.")
-    given = setup.num_per_example_loss_terms
-    if given is not None and given != R:
-        raise ValueError(
-            f"num_per_example_loss_terms={given} but the model output has {R} loss terms "
-            "per data point."
+            del output, read, rows
+    return tally.result()
+
+
+@dataclass
+class _Batch:
+    """One batch as :class:`PassTally` read it: its output, targets and term layout."""
+
+    index: int
+    n: int
+    source: str  # where n was read, for error messages
+    output: Tensor
+    y: Tensor
+    terms_per_point: int
+    term_mask: Tensor | None  # [n·R] terms the loss counts (None: all)
+    padding: Tensor | None  # [n, T] attention mask (None: no padding)
+    dtype: torch.dtype  # the accumulation dtype
+
+
+class PassTally:
+    """Reads batches into :class:`BatchRows` and counts across them what a pass counts.
+
+    ``N``, the loss terms and their size, the modules called and those left out because their
+    output is not batch-first, the MC generator, and the first batch's checksums. Fed by
+    :func:`run_pass`; :meth:`result` checks the counts against the options at the end.
+
+    Args:
+        setup: The pass's options and modules.
+    """
+
+    def __init__(self, setup: PassSetup) -> None:
+        self.setup = setup
+        self.total = self.terms = self.R = 0
+        self.C: int | None = None
+        self.called = dict.fromkeys(setup.adapters, 0)
+        self.not_batch_first: dict[str, str] = {}  # module → its output's shape and the N
+        self.fingerprint: tuple[float, float, float] | None = None
+        self.generator: torch.Generator | None = None
+
+    def read(self, b: int, X: Any, y: Tensor, output: Tensor, n: int, source: str) -> _Batch:
+        """Check the model output against the loss and count its terms.
+
+        Raises:
+            ValueError: Shapes that do not fit the loss or the batch's ``N``, or terms of a
+                size other than the earlier batches'.
+        """
+        likelihood = self.setup.likelihood
+        likelihood.check(output, y)
+        R = _terms_per_data_point(likelihood, output, y, n, source, b)
+        C = likelihood.num_classes(output)
+        if self.C is not None and C != self.C:
+            raise ValueError(
+                f"Batch {b}: loss terms of size {C}, earlier batches had size {self.C}."
+            )
+        self.R, self.C = max(self.R, R), C
+        if b == 0:
+            self.fingerprint = (_checksum(X), _checksum(output), _checksum(output.abs()))
+        padding = _attention_mask(X, n, b)
+        term_mask = likelihood.term_mask(y, output)
+        if padding is not None and padding.shape[1] == R:  # one loss term per token
+            pad_terms = padding.reshape(-1).to(output.device)
+            term_mask = pad_terms if term_mask is None else term_mask & pad_terms
+        self.terms += n * R if term_mask is None else int(term_mask.sum())
+        self.total += n
+        dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
+        return _Batch(b, n, source, output, y, R, term_mask, padding, dtype)
+
+    def rows(self, batch: _Batch, calls: Mapping[str, list[Call]]) -> BatchRows:
+        """The batch's inputs and position masks of every batch-first covered module."""
+        adapters = _batch_first(
+            self.setup, calls, batch.n, batch.source, batch.index, self.not_batch_first, self.called
         )
-    if terms == 0:
-        raise ValueError("Every loss term is masked (ignore_index or attention_mask).")
-    return PassResult(total, R, C, terms, left_out, fingerprint)
+        masks = _position_masks(adapters, calls, batch.padding, batch.n, batch.dtype)
+        inputs = _input_rows(adapters, calls, batch.n, batch.dtype, batch.index, masks)
+        return BatchRows(batch.index, batch.n, batch.dtype, inputs, masks)
+
+    def gradients(
+        self, batch: _Batch, rows: BatchRows, calls: Mapping[str, list[Call]], per_term: bool
+    ) -> dict[str, Tensor]:
+        """Backpropagate the Fisher type's vectors to the modules of ``rows``.
+
+        Raises:
+            ValueError: A model output outside the autograd graph, or per-term vectors that
+                would not fit in memory.
+            NonFiniteError: NaN / Inf in a covered module's output.
+        """
+        options, output = self.setup.options, batch.output
+        adapters = {k: self.setup.adapters[k] for k in rows.masks}
+        _check_finite_output(output, adapters, calls, batch.index)
+        if not output.requires_grad:
+            raise ValueError(
+                f"Batch {batch.index}: the model output does not require grad; the covered "
+                "modules' outputs must be part of the autograd graph."
+            )
+        if options.fisher == "mc" and self.generator is None:
+            self.generator = torch.Generator(device=output.device).manual_seed(options.seed)
+        vectors = _backprop_vectors(
+            self.setup.likelihood,
+            options.fisher,
+            output,
+            batch.y,
+            batch.n,
+            options.mc_samples,
+            self.generator,
+            batch.dtype,
+            per_term,
+            batch.term_mask,
+        )
+        return _grad_rows(
+            adapters, calls, output, vectors, batch.n, batch.dtype, batch.index, rows.masks
+        )
+
+    def result(self) -> PassResult:
+        """What the pass counted, checked against the options.
+
+        Raises:
+            ValueError: Empty data, counts that disagree with ``num_data`` /
+                ``num_per_example_loss_terms``, every loss term masked, or selected modules
+                never called (see :func:`_left_out`).
+        """
+        if self.total == 0:
+            raise ValueError("data is empty: expected at least one batch (X, y) with data points.")
+        assert self.C is not None and self.fingerprint is not None
+        left_out = _left_out(self.setup, self.called, self.not_batch_first)
+        options = self.setup.options
+        if options.num_data is not None and options.num_data != self.total:
+            raise ValueError(
+                f"num_data={options.num_data} but the data holds {self.total} data points."
+            )
+        given = options.num_per_example_loss_terms
+        if given is not None and given != self.R:
+            raise ValueError(
+                f"num_per_example_loss_terms={given} but the model output has {self.R} loss "
+                "terms per data point."
+            )
+        if self.terms == 0:
+            raise ValueError("Every loss term is masked (ignore_index or attention_mask).")
+        return PassResult(self.total, self.R, self.C, self.terms, left_out, self.fingerprint)
 
 
 def batch_size(X: Any, y: Any, batch_size_fn: BatchSizeFn | None, b: int = 0) -> tuple[int, str]:
@@ -823,7 +642,7 @@ def _batch_first(
         for c in calls[name]:
             if c.output.ndim == 0 or c.output.shape[0] != n:
                 shape = tuple(c.output.shape)
-                if setup.strict or not setup.select_all:
+                if setup.options.strict or not setup.options.select_all:
                     raise ValueError(
                         f"Batch {b}: module {name!r} returned shape {shape}, whose first "
                         f"dimension is not the batch's N = {n} data points (read from "
@@ -858,7 +677,7 @@ def _left_out(
     """
     uncalled = tuple(name for name, count in called.items() if count == 0)
     why = "(e.g. nn.MultiheadAttention's out_proj, applied through its weight)"
-    if uncalled and (setup.strict or not setup.select_all):
+    if uncalled and (setup.options.strict or not setup.options.select_all):
         raise ValueError(
             f"Module(s) {', '.join(map(repr, uncalled))} were never called in the forward pass "
             f"{why}; leave them out with exclude={list(uncalled)!r}."

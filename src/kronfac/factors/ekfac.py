@@ -30,6 +30,7 @@ The Gram form is used when ``T²(p + q) < p·q``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -105,6 +106,7 @@ def compute_corrections(
     factors: KroneckerFactors,
     *,
     reference: PassResult | None = None,
+    setup: PassSetup | None = None,
     **options: Any,
 ) -> KroneckerFactors:
     """EKFAC's eigenbases and corrected eigenvalues of ``factors`` (module docstring).
@@ -116,6 +118,7 @@ def compute_corrections(
         factors: K-FAC factors from :func:`kronfac.compute_factors` with the same options.
         reference: The factors' pass; when given, a model output on the same first batch that
             differs between the two passes is warned about.
+        setup: The factors' validated setup, instead of ``options`` (validated once).
         **options: The options of :func:`kronfac.compute_factors` (MC sampling starts again
             from ``seed``, so it draws the labels the factors were computed with).
 
@@ -130,77 +133,28 @@ def compute_corrections(
         UserWarning: When ``reference`` saw another output on the same first batch, i.e. the
             model is random without a dropout module (which the factors' pass names).
     """
-    setup = PassSetup.create(model, loss_fn, **options)
-    if setup.fisher == "forward-only":
+    if setup is None:
+        setup = PassSetup.create(model, loss_fn, **options)
+    elif options:
+        raise TypeError("Pass the options or their setup, not both.")
+    if setup.options.fisher == "forward-only":
         raise ValueError("EKFAC needs output gradients: fisher='forward-only' has none.")
     for key in ("fisher", "mc_samples", "approx", "bias", "seed"):
-        if factors.options.get(key) != setup.options[key]:
+        if factors.options.get(key) != setup.recorded[key]:
             raise ValueError(
                 f"The factors were computed with {key}={factors.options.get(key)!r}, the "
-                f"correction was asked with {key}={setup.options[key]!r}."
+                f"correction was asked with {key}={setup.recorded[key]!r}."
             )
     if not set(factors) <= set(setup.adapters):
         raise ValueError(
             f"The factors cover {sorted(factors)}, the options select {sorted(setup.adapters)}."
         )
     # modules the factors left out (never called) are left out here too
-    setup.adapters = {n: a for n, a in setup.adapters.items() if n in factors}
-    bases: dict[str, tuple[Tensor | None, Tensor]] = {}
-    partial: set[str] = set()  # modules with a low-rank factor: partial eigenbases
-    for name, (A, S) in factors.items():
-        bases[name] = (_basis(A, name), _basis(S, name))  # type: ignore[assignment]
-        if isinstance(A, LowRankFactor) or isinstance(S, LowRankFactor):
-            partial.add(name)
-    totals: dict[str, Tensor] = {}  # Σ ‖G‖² of modules with partial bases
-    sums: dict[str, Tensor] = {}
-    bias_sums: dict[str, Tensor] = {}
-    separate = {n for n in factors if setup.bias == "separate" and factors.param_names[n].bias}
-
-    def consume(rows: BatchRows) -> None:
-        for name, g in rows.grads.items():
-            Q_A, Q_S = bases[name]
-            x = rows.inputs[name]
-            joint, mask = setup.joint_bias(name), rows.masks[name]
-            if Q_S.ndim == 3:  # groups: [K, n, T, g, p] rotated per group
-                gt = torch.einsum(
-                    "kntgi,gij->kntgj", g.reshape(*g.shape[:-1], Q_S.shape[0], -1), Q_S
-                )
-            else:
-                gt = g @ Q_S  # [K, n, T, p]
-            adapter = setup.adapters[name]
-            if Q_A is None:
-                pad = getattr(adapter, "padding_idx", None)
-                contribution = _token_second_moment(gt, x, adapter.in_features, pad)
-            elif adapter.groups == 1:
-                contribution = rotated_second_moment(gt, with_ones(x, joint, mask) @ Q_A)
-            else:  # one block per group: slices of the inputs and of the output gradients
-                xs = x.reshape(*x.shape[:-1], adapter.groups, -1)
-                contribution = torch.stack(
-                    [
-                        rotated_second_moment(
-                            gt[..., j, :],
-                            with_ones(xs[..., j, :], joint, mask) @ Q_A[j],
-                        )
-                        for j in range(adapter.groups)
-                    ]
-                )
-            sums[name] = contribution if name not in sums else sums[name] + contribution
-            if name in partial:  # the whole second moment, for the complement's eigenvalue
-                xa = with_ones(x, joint, mask)
-                total = rotated_second_moment(g, xa).sum()
-                if name in separate:
-                    total = torch.stack([total, g.sum(2).square().sum()])
-                totals[name] = total if name not in totals else totals[name] + total
-            if name in separate:
-                b = gt.sum(2).square().sum((0, 1))  # [p] or [g, p]
-                bias_sums[name] = b if name not in bias_sums else bias_sums[name] + b
-        check_finite(
-            {n: [s.sum(), *([bias_sums[n]] if n in bias_sums else [])] for n, s in sums.items()},
-            rows.index,
-            "per-example gradients",
-        )
-
-    result = run_pass(setup, model, data, consume, desc="kronfac EKFAC correction", per_term=True)
+    setup = dataclasses.replace(
+        setup, adapters={n: a for n, a in setup.adapters.items() if n in factors}
+    )
+    sums = CorrectionSums(setup, factors)
+    result = run_pass(setup, model, data, sums.add, desc="kronfac EKFAC correction", per_term=True)
     differs = reference is not None and reference.same_first_batch(result) is False
     if differs and not random_modules(model):  # (dropout modules: named by the factors' pass)
         warn(
@@ -209,24 +163,113 @@ def compute_corrections(
             "not match the factors' eigenbases. Call model.eval() first.",
             UserWarning,
         )
-    divisor = result.mean_divisor(setup.likelihood)
-    corrections = {}
-    for name, (Q_A, Q_S) in bases.items():
-        lam = sums.get(name)
-        if lam is None:  # the module's output never reached the loss
-            lam = Q_S.new_zeros(*Q_S.shape[:-1], factors[name].A.shape[-1])
-        bias = bias_sums.get(name) if name in separate else None
-        if name in separate and bias is None:
-            bias = Q_S.new_zeros(Q_S.shape[:-1])
-        lam = lam.to(Q_S.dtype) / divisor
-        bias = None if bias is None else bias.to(Q_S.dtype) / divisor
-        complement = bias_complement = None
-        if name in partial:
-            p, q = Q_S.shape[0], factors[name].A.shape[-1] if Q_A is None else Q_A.shape[0]
-            total = totals.get(name, Q_S.new_zeros(2)).to(Q_S.dtype) / divisor
-            rest = p * q - lam.numel()
-            complement = ((total.reshape(-1)[0] - lam.sum()) / max(rest, 1)).clamp(min=0)
-            if name in separate and Q_S.shape[1] < p:
-                bias_complement = ((total[1] - bias.sum()) / (p - Q_S.shape[1])).clamp(min=0)  # type: ignore[union-attr]
-        corrections[name] = EigenCorrection(Q_A, Q_S, lam, bias, complement, bias_complement)
-    return factors.with_corrections(corrections)
+    return factors.with_corrections(sums.corrections(result.mean_divisor(setup.likelihood)))
+
+
+class CorrectionSums:
+    """Running sums of EKFAC's corrected eigenvalues, fed batch by batch with :class:`BatchRows`.
+
+    Per module: ``Σ_{n,k} (Q_Sᵀ G_{n,k} Q_A)²`` in the eigenbases of ``factors`` (module
+    docstring), a separate bias's ``Σ (Q_Sᵀ ĝ)²``, and, with low-rank factors (partial bases),
+    the whole second moment ``Σ ‖G‖²`` for the complement's eigenvalue.
+
+    Args:
+        setup: The pass's options and modules.
+        factors: The K-FAC factors whose eigenbases the corrections use.
+    """
+
+    def __init__(self, setup: PassSetup, factors: KroneckerFactors) -> None:
+        self.setup, self.factors = setup, factors
+        self.bases: dict[str, tuple[Tensor | None, Tensor]] = {}
+        self.partial: set[str] = set()  # modules with a low-rank factor: partial eigenbases
+        for name, (A, S) in factors.items():
+            self.bases[name] = (_basis(A, name), _basis(S, name))  # type: ignore[assignment]
+            if isinstance(A, LowRankFactor) or isinstance(S, LowRankFactor):
+                self.partial.add(name)
+        self.separate = {
+            n for n in factors if setup.options.bias == "separate" and factors.param_names[n].bias
+        }
+        self.sums: dict[str, Tensor] = {}
+        self.bias_sums: dict[str, Tensor] = {}
+        self.totals: dict[str, Tensor] = {}  # Σ ‖G‖² of modules with partial bases
+
+    def add(self, rows: BatchRows) -> None:
+        """Add one batch's per-example second moments (NaN / Inf raise, naming the module)."""
+        for name, g in rows.grads.items():
+            Q_S = self.bases[name][1]
+            x, mask = rows.inputs[name], rows.masks[name]
+            if Q_S.ndim == 3:  # groups: [K, n, T, g, p] rotated per group
+                gt = torch.einsum(
+                    "kntgi,gij->kntgj", g.reshape(*g.shape[:-1], Q_S.shape[0], -1), Q_S
+                )
+            else:
+                gt = g @ Q_S  # [K, n, T, p]
+            _accumulate(self.sums, name, self._rotated(name, gt, x, mask))
+            if name in self.partial:  # the whole second moment, for the complement's eigenvalue
+                total = self._second_moment(name, g, x, mask)
+                if name in self.separate:
+                    total = torch.stack([total, g.sum(2).square().sum()])
+                _accumulate(self.totals, name, total)
+            if name in self.separate:
+                _accumulate(self.bias_sums, name, gt.sum(2).square().sum((0, 1)))  # [p], [g, p]
+        check_finite(
+            {
+                n: [s.sum(), *([self.bias_sums[n]] if n in self.bias_sums else [])]
+                for n, s in self.sums.items()
+            },
+            rows.index,
+            "per-example gradients",
+        )
+
+    def _rotated(self, name: str, gt: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
+        """``Σ_{n,k} (Q_Sᵀ G Q_A)²`` of one batch, from the rotated gradients ``gt``."""
+        Q_A = self.bases[name][0]
+        adapter, joint = self.setup.adapters[name], self.setup.joint_bias(name)
+        if Q_A is None:  # a diagonal input factor: its basis is the identity
+            pad = getattr(adapter, "padding_idx", None)
+            return _token_second_moment(gt, x, adapter.in_features, pad)
+        if adapter.groups == 1:
+            return rotated_second_moment(gt, with_ones(x, joint, mask) @ Q_A)
+        # one block per group: slices of the inputs and of the output gradients
+        xs = x.reshape(*x.shape[:-1], adapter.groups, -1)
+        return torch.stack(
+            [
+                rotated_second_moment(gt[..., j, :], with_ones(xs[..., j, :], joint, mask) @ Q_A[j])
+                for j in range(adapter.groups)
+            ]
+        )
+
+    def _second_moment(self, name: str, g: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
+        """``Σ_{n,k} ‖G_{n,k}‖²``, the whole per-example second moment (basis-free)."""
+        adapter = self.setup.adapters[name]
+        if adapter.diagonal_input:
+            pad = getattr(adapter, "padding_idx", None)
+            return _token_second_moment(g, x, adapter.in_features, pad).sum()
+        return rotated_second_moment(g, with_ones(x, self.setup.joint_bias(name), mask)).sum()
+
+    def corrections(self, divisor: int) -> dict[str, EigenCorrection]:
+        """The corrected eigenvalues: the sums over ``D``, zero for modules never reached."""
+        out = {}
+        for name, (Q_A, Q_S) in self.bases.items():
+            q = self.factors[name].A.shape[-1] if Q_A is None else Q_A.shape[-2]
+            lam = self.sums.get(name)
+            if lam is None:  # the module's output never reached the loss
+                lam = Q_S.new_zeros(*Q_S.shape[:-1], q if Q_A is None else Q_A.shape[-1])
+            lam = lam.to(Q_S.dtype) / divisor
+            bias = complement = bias_complement = None
+            if name in self.separate:
+                bias = self.bias_sums.get(name, Q_S.new_zeros(Q_S.shape[:-1])).to(Q_S.dtype)
+                bias = bias / divisor
+            if name in self.partial:
+                p = Q_S.shape[0]
+                total = self.totals.get(name, Q_S.new_zeros(2)).to(Q_S.dtype) / divisor
+                rest = p * q - lam.numel()
+                complement = ((total.reshape(-1)[0] - lam.sum()) / max(rest, 1)).clamp(min=0)
+                if bias is not None and Q_S.shape[1] < p:
+                    bias_complement = ((total[1] - bias.sum()) / (p - Q_S.shape[1])).clamp(min=0)
+            out[name] = EigenCorrection(Q_A, Q_S, lam, bias, complement, bias_complement)
+        return out
+
+
+def _accumulate(sums: dict[str, Tensor], name: str, value: Tensor) -> None:
+    sums[name] = value if name not in sums else sums[name] + value

@@ -24,19 +24,19 @@ from torch import Tensor, nn
 
 from kronfac.errors import NonFiniteError, warn
 from kronfac.factors.container import FactorPair, KroneckerFactors
-from kronfac.factors.data_pass import (
-    BatchRows,
-    BatchSizeFn,
-    ForwardFn,
-    PassResult,
-    PassSetup,
-    random_modules,
-    run_pass,
-)
+from kronfac.factors.data_pass import BatchRows, PassResult, PassSetup, random_modules, run_pass
+from kronfac.factors.options import BatchSizeFn, FactorOptions, ForwardFn
 from kronfac.layers import LayerAdapter
 from kronfac.linalg import LowRankFactor, StreamingLowRank
 
-__all__ = ["FactorSums", "add_gram_", "check_finite", "compute_factors", "factor_pass"]
+__all__ = [
+    "FactorAccumulator",
+    "FactorSums",
+    "add_gram_",
+    "check_finite",
+    "compute_factors",
+    "factor_pass",
+]
 
 
 class FactorSums:
@@ -299,19 +299,29 @@ def compute_factors(
         NonFiniteError: NaN / Inf in a module's factors (the module and batch are named).
     """
     options = {k: v for k, v in locals().items() if k not in ("model", "loss_fn", "data")}
-    return factor_pass(model, loss_fn, data, **options)[0]
+    return factor_pass(model, loss_fn, data, FactorOptions(**options))[0]
 
 
 def factor_pass(
-    model: nn.Module, loss_fn: nn.Module, data: Iterable[tuple[Any, Tensor]], **options: Any
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Iterable[tuple[Any, Tensor]],
+    options: FactorOptions | PassSetup | Mapping[str, Any] | None = None,
+    **kwargs: Any,
 ) -> tuple[KroneckerFactors, PassResult]:
-    """:func:`compute_factors` (same arguments), with what its pass counted.
+    """:func:`compute_factors`, with what its pass counted.
+
+    ``options``: a :class:`FactorOptions`, a mapping or keywords, or a :class:`PassSetup`
+    already validated for this model and loss (EKFAC's two passes share one).
 
     Warns:
         UserWarning: Once, when the forward pass is random (active dropout in train mode,
             naming the modules), or when ``rank`` applies to no factor.
     """
-    setup = PassSetup.create(model, loss_fn, **options)
+    if isinstance(options, PassSetup):
+        setup = options
+    else:
+        setup = PassSetup.create(model, loss_fn, options, **kwargs)
     random = random_modules(model)
     if random:
         warn(
@@ -321,130 +331,178 @@ def factor_pass(
             UserWarning,
         )
     _warn_unused_rank(setup)
-    accs: dict[str, FactorSums] = {}
-
-    def consume(rows: BatchRows) -> None:
-        if not rows.inputs:  # no covered module was called in this batch
-            return
-        if not accs:
-            device = next(iter(rows.inputs.values())).device
-            accs.update(
-                (
-                    n,
-                    FactorSums(
-                        a,
-                        rows.dtype,
-                        device,
-                        setup.joint_bias(n),
-                        setup.rank,
-                        setup.rank_threshold,
-                        setup.oversample,
-                    ),
-                )
-                for n, a in setup.adapters.items()
-            )
-        shared: dict[int, list[str]] = {}  # modules fed the same tensor share one GEMM
-        for name, x in rows.inputs.items():
-            shared.setdefault(id(x), []).append(name)
-        for names in shared.values():
-            adapter, x = setup.adapters[names[0]], rows.inputs[names[0]]
-            mask = rows.masks[names[0]]
-            # per data point 1/T_n: T_n its unmasked positions (every position without padding)
-            weight = None if mask is None else mask.sum(1).clamp(min=1).reciprocal()
-            streamed = [n for n in names if accs[n].A_stream is not None]
-            for name in streamed:
-                r = _stream_rows(x, mask, weight, setup.approx, setup.joint_bias(name))
-                _update_stream(accs[name].A_stream, r, name, rows.index, "inputs")  # type: ignore[arg-type]
-                accs[name].count += rows.n
-            names = [n for n in names if n not in streamed]
-            if not names:
-                continue
-            T = x.shape[1]
-            if adapter.diagonal_input:
-                w = None if mask is None else (mask * weight[:, None]).reshape(-1)
-                for name in names:
-                    counts = _token_counts(setup.adapters[name], x, rows.dtype, w)
-                    accs[name].gram += counts if w is not None else counts / T
-                    accs[name].count += rows.n
-                continue
-            if setup.approx == "reduce":  # inputs averaged over the (unmasked) positions
-                x = x.mean(dim=1) if weight is None else x.sum(dim=1) * weight[:, None]
-                T = 1
-                colsum = x.sum(0)
-            elif weight is None:
-                colsum = x.sum(dim=(0, 1)).div_(T)
-            else:  # Σ_n 1/T_n Σ_t a aᵀ as one Gram of the rows weighted by 1/√T_n
-                colsum = (x.sum(1) * weight[:, None]).sum(0)
-                x, T = x * weight.sqrt()[:, None, None], 1
-            colsum = colsum.reshape(accs[names[0]].colsum.shape)
-            gram = None
-            if len(names) > 1:
-                gram = torch.zeros_like(accs[names[0]].gram)
-                add_gram_(gram, x, adapter.groups, 1.0 / T)
-            for name in names:
-                acc = accs[name]
-                if gram is None:
-                    add_gram_(acc.gram, x, adapter.groups, 1.0 / T)
-                else:
-                    acc.gram += gram
-                acc.colsum += colsum
-                acc.count += rows.n
-        check_finite(
-            {n: [_diagonal(a.gram), a.colsum] for n, a in accs.items()}, rows.index, "inputs"
-        )
-        for name, g in rows.grads.items():
-            if setup.approx == "reduce":
-                g = g.sum(dim=2)
-            if accs[name].S_stream is not None:
-                stream = accs[name].S_stream
-                _update_stream(
-                    stream, g.reshape(-1, g.shape[-1]), name, rows.index, "output gradients"
-                )  # type: ignore[arg-type]
-            else:
-                accs[name].add_output_grads(g, setup.adapters[name].groups)
-        if rows.grads:
-            check_finite(
-                {
-                    n: [a.ggT.diagonal(dim1=-2, dim2=-1)]
-                    + [st.sigma for st in (a.S_stream, a.A_stream) if st is not None]
-                    for n, a in accs.items()
-                },
-                rows.index,
-                "output gradients",
-            )
-
-    result = run_pass(setup, model, data, consume)
-    divisor = result.mean_divisor(setup.likelihood)
-    factors = {}
-    for name, acc in accs.items():
-        if name in result.left_out:
-            continue
-        A = acc.input_factor(setup.joint_bias(name), result.num_data)
-        side = setup.adapters[name].out_features
-        S = acc.output_factor(divisor, side, identity=setup.fisher == "forward-only")
-        factors[name] = FactorPair(A, S)
+    sums = FactorAccumulator(setup)
+    result = run_pass(setup, model, data, sums.add)
+    pairs = sums.factors(result.num_data, result.mean_divisor(setup.likelihood), result.left_out)
     factors = KroneckerFactors(
-        factors,
-        param_names={n: setup.param_names[n] for n in factors},
-        options=setup.options,
+        pairs,
+        param_names={n: setup.param_names[n] for n in pairs},
+        options=setup.recorded,
         num_data=result.num_data,
         num_per_example_loss_terms=result.terms_per_example,
     )
     return factors, result
 
 
+class FactorAccumulator:
+    """Every covered module's :class:`FactorSums`, fed batch by batch with :class:`BatchRows`.
+
+    The one place where rows become factor sums: :func:`compute_factors` feeds it a pass over
+    the data, the optimizer the batches of its training steps.
+
+    Args:
+        setup: The pass's options and modules.
+    """
+
+    def __init__(self, setup: PassSetup) -> None:
+        self.setup = setup
+        self.sums: dict[str, FactorSums] = {}
+
+    def add(self, rows: BatchRows) -> None:
+        """Add one batch's inputs and output gradients (NaN / Inf raise, naming the module)."""
+        if not rows.inputs:  # no covered module was called in this batch
+            return
+        if not self.sums:
+            self._start(rows.dtype, next(iter(rows.inputs.values())).device)
+        self._add_inputs(rows)
+        self._add_grads(rows)
+
+    def _start(self, dtype: torch.dtype, device: torch.device) -> None:
+        options = self.setup.options
+        self.sums = {
+            n: FactorSums(
+                a,
+                dtype,
+                device,
+                self.setup.joint_bias(n),
+                options.rank,
+                options.rank_threshold,
+                options.oversample,
+            )
+            for n, a in self.setup.adapters.items()
+        }
+
+    def _add_inputs(self, rows: BatchRows) -> None:
+        shared: dict[int, list[str]] = {}  # modules fed the same tensor share one GEMM
+        for name, x in rows.inputs.items():
+            shared.setdefault(id(x), []).append(name)
+        for names in shared.values():
+            mask = rows.masks[names[0]]
+            # per data point 1/T_n: T_n its unmasked positions (every position without padding)
+            weight = None if mask is None else mask.sum(1).clamp(min=1).reciprocal()
+            x = rows.inputs[names[0]]
+            dense = []
+            for name in names:
+                if self.sums[name].A_stream is None:
+                    dense.append(name)
+                    continue
+                r = _stream_rows(
+                    x, mask, weight, self.setup.options.approx, self.setup.joint_bias(name)
+                )
+                _update_stream(self.sums[name].A_stream, r, name, rows.index, "inputs")  # type: ignore[arg-type]
+                self.sums[name].count += rows.n
+            if dense:
+                self._add_dense_inputs(dense, x, mask, weight, rows)
+        check_finite(
+            {n: [_diagonal(a.gram), a.colsum] for n, a in self.sums.items()}, rows.index, "inputs"
+        )
+
+    def _add_dense_inputs(
+        self,
+        names: list[str],
+        x: Tensor,
+        mask: Tensor | None,
+        weight: Tensor | None,
+        rows: BatchRows,
+    ) -> None:
+        """``Σ a aᵀ / T`` (weighted by ``1/T_n`` under padding) of modules fed the same ``x``."""
+        adapter, T = self.setup.adapters[names[0]], x.shape[1]
+        if adapter.diagonal_input:
+            w = None if mask is None else (mask * weight[:, None]).reshape(-1)  # type: ignore[index]
+            for name in names:
+                counts = _token_counts(self.setup.adapters[name], x, rows.dtype, w)
+                self.sums[name].gram += counts if w is not None else counts / T
+                self.sums[name].count += rows.n
+            return
+        if self.setup.options.approx == "reduce":  # inputs averaged over the (unmasked) positions
+            x = x.mean(dim=1) if weight is None else x.sum(dim=1) * weight[:, None]
+            T = 1
+            colsum = x.sum(0)
+        elif weight is None:
+            colsum = x.sum(dim=(0, 1)).div_(T)
+        else:  # Σ_n 1/T_n Σ_t a aᵀ as one Gram of the rows weighted by 1/√T_n
+            colsum = (x.sum(1) * weight[:, None]).sum(0)
+            x, T = x * weight.sqrt()[:, None, None], 1
+        colsum = colsum.reshape(self.sums[names[0]].colsum.shape)
+        gram = None
+        if len(names) > 1:
+            gram = torch.zeros_like(self.sums[names[0]].gram)
+            add_gram_(gram, x, adapter.groups, 1.0 / T)
+        for name in names:
+            acc = self.sums[name]
+            if gram is None:
+                add_gram_(acc.gram, x, adapter.groups, 1.0 / T)
+            else:
+                acc.gram += gram
+            acc.colsum += colsum
+            acc.count += rows.n
+
+    def _add_grads(self, rows: BatchRows) -> None:
+        for name, g in rows.grads.items():
+            if self.setup.options.approx == "reduce":
+                g = g.sum(dim=2)
+            stream = self.sums[name].S_stream
+            if stream is not None:
+                _update_stream(
+                    stream, g.reshape(-1, g.shape[-1]), name, rows.index, "output gradients"
+                )
+            else:
+                self.sums[name].add_output_grads(g, self.setup.adapters[name].groups)
+        if rows.grads:
+            check_finite(
+                {
+                    n: [a.ggT.diagonal(dim1=-2, dim2=-1)]
+                    + [st.sigma for st in (a.S_stream, a.A_stream) if st is not None]
+                    for n, a in self.sums.items()
+                },
+                rows.index,
+                "output gradients",
+            )
+
+    def factors(
+        self, num_data: int, divisor: int, left_out: Iterable[str] = ()
+    ) -> dict[str, FactorPair]:
+        """``(A, S)`` of every module fed so far: ``A = Σ a aᵀ / N``, ``S = Σ g gᵀ / D``.
+
+        Args:
+            num_data: ``N``.
+            divisor: ``D`` of the scale rule (``1`` for a summed loss).
+            left_out: Modules to leave out (never called, or not batch-first).
+        """
+        identity = self.setup.options.fisher == "forward-only"
+        out = {}
+        for name, acc in self.sums.items():
+            if name in left_out:
+                continue
+            A = acc.input_factor(self.setup.joint_bias(name), num_data)
+            side = self.setup.adapters[name].out_features
+            out[name] = FactorPair(A, acc.output_factor(divisor, side, identity=identity))
+        return out
+
+
 def _warn_unused_rank(setup: PassSetup) -> None:
     """Warn when ``rank`` is given but every factor's side is below ``rank_threshold``."""
-    if setup.rank is None:
+    rank, threshold = setup.options.rank, setup.options.rank_threshold
+    if rank is None:
         return
     sides = {
         max(a.in_features + setup.joint_bias(n) if not a.diagonal_input else 0, a.out_features)
         for n, a in setup.adapters.items()
     }
-    if max(sides) < setup.rank_threshold:
+    if max(sides) < threshold:
         warn(
-            f"rank={setup.rank} applies to no factor: every side is below rank_threshold="
-            f"{setup.rank_threshold} (the largest is {max(sides)}), so every factor is full "
-            "rank. Lower rank_threshold to make them low-rank.",
+            f"rank={rank} applies to no factor: every side is below rank_threshold={threshold} "
+            f"(the largest is {max(sides)}), so every factor is full rank. Lower "
+            "rank_threshold to make them low-rank.",
             UserWarning,
         )

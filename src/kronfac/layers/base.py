@@ -8,7 +8,7 @@ module stores it, reads as a ``[d_out, d_in]`` matrix, so that the layer's curva
 ``S ⊗ A`` in the row-major flattening of that matrix.
 
 A new layer type is one new file with a :class:`LayerAdapter` subclass decorated with
-:func:`register_layer`.
+:func:`register_layer`; :func:`unregister_layer` takes it out again (tests, replacing an adapter).
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["LayerAdapter", "get_adapter", "register_layer", "supported_layers"]
+__all__ = [
+    "LayerAdapter",
+    "get_adapter",
+    "register_layer",
+    "supported_layers",
+    "unregister_layer",
+]
 
 _REGISTRY: dict[type[nn.Module] | str, type[LayerAdapter]] = {}
 
@@ -110,13 +116,56 @@ def register_layer(
 
     ``module_type`` may also be a qualified name ``"package.module.Class"``, for layers of
     optional dependencies (transformers' ``Conv1D``) that must not be imported to register.
+    Registering a type's adapter again changes nothing; another adapter for a registered type
+    is refused: :func:`unregister_layer` the type first to replace its adapter.
+
+    Args:
+        module_type: The module type, or its qualified name.
+
+    Returns:
+        The decorator, which returns the adapter class unchanged.
+
+    Raises:
+        TypeError: (from the decorator) If the decorated class is not a :class:`LayerAdapter`.
+        ValueError: (from the decorator) If ``module_type`` already has another adapter.
     """
 
     def decorate(cls: type[LayerAdapter]) -> type[LayerAdapter]:
+        if not (isinstance(cls, type) and issubclass(cls, LayerAdapter)):
+            raise TypeError(f"register_layer expects a LayerAdapter subclass, got {cls!r}.")
+        registered = _REGISTRY.get(module_type)
+        if registered is not None and registered is not cls:
+            raise ValueError(
+                f"{_layer_name(module_type)} already has the adapter {registered.__qualname__}; "
+                "unregister_layer it first to replace the adapter."
+            )
         _REGISTRY[module_type] = cls
         return cls
 
     return decorate
+
+
+def unregister_layer(module_type: type[nn.Module] | str) -> type[LayerAdapter]:
+    """Remove the adapter of ``module_type``, the key it was registered with (for tests).
+
+    The type is unsupported afterwards, unless a base class along its MRO has an adapter.
+
+    Args:
+        module_type: The module type, or the qualified name, given to :func:`register_layer`.
+
+    Returns:
+        The adapter class that was registered (to register it again).
+
+    Raises:
+        KeyError: If no adapter is registered under ``module_type``.
+    """
+    try:
+        return _REGISTRY.pop(module_type)
+    except KeyError:
+        raise KeyError(
+            f"No layer adapter is registered for {_layer_name(module_type)}. "
+            f"Registered: {', '.join(supported_layers())}."
+        ) from None
 
 
 def get_adapter(module: nn.Module) -> LayerAdapter | None:
@@ -129,5 +178,14 @@ def get_adapter(module: nn.Module) -> LayerAdapter | None:
 
 
 def supported_layers() -> tuple[str, ...]:
-    """Names of the module types with a registered adapter."""
-    return tuple(k if isinstance(k, str) else f"nn.{k.__name__}" for k in _REGISTRY)
+    """Names of the module types with a registered adapter, in registration order."""
+    return tuple(_layer_name(k) for k in _REGISTRY)
+
+
+def _layer_name(module_type: type[nn.Module] | str) -> str:
+    """``nn.Linear`` for torch's layers, the qualified name for others (or the name given)."""
+    if isinstance(module_type, str):
+        return module_type
+    if module_type.__module__.startswith("torch.nn."):
+        return f"nn.{module_type.__name__}"
+    return f"{module_type.__module__}.{module_type.__qualname__}"

@@ -12,7 +12,9 @@ provides
 - ``mean_divisor(num_terms, num_classes)``: the number of entries torch averages over with
   ``reduction="mean"``.
 
-This module is the one place where the reduction scale of docs/conventions.md lives.
+This module is the one place where the reduction scale of docs/conventions.md lives. A loss is
+supported once its likelihood is registered (:func:`register_likelihood`), and no longer after
+:func:`unregister_likelihood` (tests, replacing a likelihood).
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Likelihood", "get_likelihood", "register_likelihood", "supported_losses"]
+__all__ = [
+    "Likelihood",
+    "get_likelihood",
+    "register_likelihood",
+    "supported_losses",
+    "unregister_likelihood",
+]
 
 _REGISTRY: dict[type[nn.Module], type[Likelihood]] = {}
 
@@ -119,13 +127,56 @@ class Likelihood(ABC):
 def register_likelihood(
     loss_type: type[nn.Module],
 ) -> Callable[[type[Likelihood]], type[Likelihood]]:
-    """Class decorator registering a :class:`Likelihood` for a ``torch.nn`` loss type."""
+    """Class decorator registering a :class:`Likelihood` for a loss type (exactly that type).
+
+    Registering a loss type's likelihood again changes nothing; another likelihood for a
+    registered loss type is refused: :func:`unregister_likelihood` the type first to replace it.
+
+    Args:
+        loss_type: The loss module's class (an ``nn.Module`` with a ``reduction`` attribute).
+
+    Returns:
+        The decorator, which returns the likelihood class unchanged.
+
+    Raises:
+        TypeError: (from the decorator) If the decorated class is not a :class:`Likelihood`.
+        ValueError: (from the decorator) If ``loss_type`` already has another likelihood.
+    """
 
     def decorate(cls: type[Likelihood]) -> type[Likelihood]:
+        if not (isinstance(cls, type) and issubclass(cls, Likelihood)):
+            raise TypeError(f"register_likelihood expects a Likelihood subclass, got {cls!r}.")
+        registered = _REGISTRY.get(loss_type)
+        if registered is not None and registered is not cls:
+            raise ValueError(
+                f"{loss_type.__name__} already has the likelihood {registered.__qualname__}; "
+                "unregister_likelihood it first to replace the likelihood."
+            )
         _REGISTRY[loss_type] = cls
         return cls
 
     return decorate
+
+
+def unregister_likelihood(loss_type: type[nn.Module]) -> type[Likelihood]:
+    """Remove the likelihood of ``loss_type`` (for tests): the loss is unsupported afterwards.
+
+    Args:
+        loss_type: The loss type given to :func:`register_likelihood`.
+
+    Returns:
+        The likelihood class that was registered (to register it again).
+
+    Raises:
+        KeyError: If no likelihood is registered for ``loss_type``.
+    """
+    try:
+        return _REGISTRY.pop(loss_type)
+    except KeyError:
+        raise KeyError(
+            f"No likelihood is registered for {loss_type.__name__}. "
+            f"Registered: {', '.join(supported_losses())}."
+        ) from None
 
 
 def supported_losses() -> tuple[str, ...]:

@@ -55,9 +55,10 @@ import torch
 from torch import Tensor, nn
 
 from kronfac.errors import UncoveredParameterWarning, warn
-from kronfac.factors.data_pass import per_example, select_modules
+from kronfac.factors.data_pass import per_example
 from kronfac.factors.ekfac import rotated_second_moment, with_ones
 from kronfac.factors.engine import FactorSums
+from kronfac.factors.selection import select_modules
 from kronfac.layers import LayerAdapter
 from kronfac.likelihoods import get_likelihood
 from kronfac.linalg import EigenBlock, KroneckerBlock, pi_damping

@@ -1,4 +1,8 @@
-"""Optimizer comparisons on scikit-learn's digits (``kronfac demo``, ``benchmarks/optim.py``).
+"""Optimizer comparisons on scikit-learn's digits: the demo code of ``kronfac demo``.
+
+Demo and benchmark code, kept out of the library packages: :mod:`kronfac.cli` (``kronfac demo``,
+and ``kronfac factors`` for its data and table) and ``benchmarks/optim.py`` import it, nothing in
+the library does.
 
 Tasks (``load_digits``: 1797 images 8x8 scaled to ``[0, 1]``, a fixed 1437 / 360 split):
 
@@ -28,13 +32,17 @@ from torch import Tensor, nn
 from kronfac.optim.kfac import KFAC
 
 __all__ = [
+    "KFAC_OPTIONS",
     "METHODS",
+    "TABLE_HEADER",
     "Run",
     "Task",
     "digits_tasks",
     "format_table",
     "make_optimizer",
+    "median_run",
     "plot_runs",
+    "summarise",
     "train",
 ]
 
