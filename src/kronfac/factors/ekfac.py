@@ -41,9 +41,10 @@ from kronfac.errors import warn
 from kronfac.factors.container import EigenCorrection, KroneckerFactors
 from kronfac.factors.data_pass import BatchRows, PassResult, PassSetup, random_modules, run_pass
 from kronfac.factors.engine import check_finite
+from kronfac.layers import LayerAdapter
 from kronfac.linalg import LowRankFactor, eigh
 
-__all__ = ["compute_corrections", "rotated_second_moment", "with_ones"]
+__all__ = ["CorrectionSums", "compute_corrections", "rotated_second_moment"]
 
 # Elements of the per-example gradients [K, chunk, p, q] formed at once.
 _MAX_PER_EXAMPLE_ELEMENTS = 1 << 25
@@ -67,20 +68,21 @@ def rotated_second_moment(gt: Tensor, at: Tensor) -> Tensor:
     return out
 
 
-def _token_second_moment(gt: Tensor, idx: Tensor, vocab: int, padding_idx: int | None) -> Tensor:
+def _token_second_moment(gt: Tensor, idx: Tensor, adapter: LayerAdapter) -> Tensor:
     """EKFAC eigenvalues of an embedding (``Q_A = I``): ``Λ[:, v] = Σ_{k,n} (Σ_{t: i_nt = v} g̃)²``.
 
     ``gt: [K, n, T, p]`` rotated output gradients, ``idx: [n, T, 1]`` tokens. The per-example
     gradient is sparse (one column per distinct token of the sequence): the rows are summed per
-    (data point, token) with ``index_add`` and squared, never forming ``[n, p, V]``.
+    (data point, token) with ``index_add`` and squared, never forming ``[n, p, V]``. The
+    adapter's inert inputs (``padding_idx``) get 0.
     """
     K, n, T, p = gt.shape
+    vocab = adapter.in_features
     key = (torch.arange(n, device=idx.device)[:, None] * vocab + idx.reshape(n, T)).reshape(-1)
     uniq, inverse = torch.unique(key, return_inverse=True)
     summed = gt.new_zeros(K, uniq.numel(), p).index_add_(1, inverse, gt.reshape(K, n * T, p))
     out = gt.new_zeros(vocab, p).index_add_(0, uniq % vocab, summed.square().sum(0))
-    if padding_idx is not None:
-        out[padding_idx] = 0
+    out[list(adapter.inert_inputs)] = 0
     return out.T
 
 
@@ -89,14 +91,6 @@ def _basis(F: Tensor | LowRankFactor, name: str) -> Tensor | None:
     if isinstance(F, LowRankFactor):
         return F.U
     return None if F.ndim == 1 else eigh(F, name)[1]
-
-
-def with_ones(x: Tensor, joint_bias: bool, mask: Tensor | None) -> Tensor:
-    """Inputs with the bias's trailing 1 (0 at masked positions) when the bias joins the block."""
-    if not joint_bias:
-        return x
-    ones = x.new_ones(*x.shape[:-1], 1) if mask is None else mask[..., None].to(x.dtype)
-    return torch.cat([x, ones], dim=-1)
 
 
 def compute_corrections(
@@ -226,15 +220,16 @@ class CorrectionSums:
         Q_A = self.bases[name][0]
         adapter, joint = self.setup.adapters[name], self.setup.joint_bias(name)
         if Q_A is None:  # a diagonal input factor: its basis is the identity
-            pad = getattr(adapter, "padding_idx", None)
-            return _token_second_moment(gt, x, adapter.in_features, pad)
+            return _token_second_moment(gt, x, adapter)
         if adapter.groups == 1:
-            return rotated_second_moment(gt, with_ones(x, joint, mask) @ Q_A)
+            return rotated_second_moment(gt, _joined(adapter, x, joint, mask) @ Q_A)
         # one block per group: slices of the inputs and of the output gradients
         xs = x.reshape(*x.shape[:-1], adapter.groups, -1)
         return torch.stack(
             [
-                rotated_second_moment(gt[..., j, :], with_ones(xs[..., j, :], joint, mask) @ Q_A[j])
+                rotated_second_moment(
+                    gt[..., j, :], _joined(adapter, xs[..., j, :], joint, mask) @ Q_A[j]
+                )
                 for j in range(adapter.groups)
             ]
         )
@@ -243,9 +238,9 @@ class CorrectionSums:
         """``Σ_{n,k} ‖G_{n,k}‖²``, the whole per-example second moment (basis-free)."""
         adapter = self.setup.adapters[name]
         if adapter.diagonal_input:
-            pad = getattr(adapter, "padding_idx", None)
-            return _token_second_moment(g, x, adapter.in_features, pad).sum()
-        return rotated_second_moment(g, with_ones(x, self.setup.joint_bias(name), mask)).sum()
+            return _token_second_moment(g, x, adapter).sum()
+        joined = _joined(adapter, x, self.setup.joint_bias(name), mask)
+        return rotated_second_moment(g, joined).sum()
 
     def corrections(self, divisor: int) -> dict[str, EigenCorrection]:
         """The corrected eigenvalues: the sums over ``D``, zero for modules never reached."""
@@ -269,6 +264,11 @@ class CorrectionSums:
                     bias_complement = ((total[1] - bias.sum()) / (p - Q_S.shape[1])).clamp(min=0)
             out[name] = EigenCorrection(Q_A, Q_S, lam, bias, complement, bias_complement)
         return out
+
+
+def _joined(adapter: LayerAdapter, x: Tensor, joint: bool, mask: Tensor | None) -> Tensor:
+    """Inputs with the bias's trailing 1 when the bias joins the block."""
+    return adapter.append_bias(x, mask) if joint else x
 
 
 def _accumulate(sums: dict[str, Tensor], name: str, value: Tensor) -> None:

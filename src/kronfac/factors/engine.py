@@ -116,6 +116,7 @@ class FactorSums:
 
 
 def _stream_rows(
+    adapter: LayerAdapter,
     x: Tensor,
     mask: Tensor | None,
     weight: Tensor | None,
@@ -135,7 +136,7 @@ def _stream_rows(
             else (mask * weight[:, None]).reshape(-1)
         )  # type: ignore[index]
     if joint_bias:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        rows = adapter.append_bias(rows)
     return rows * w.sqrt()[:, None]
 
 
@@ -175,17 +176,6 @@ def add_gram_(acc: Tensor, x: Tensor, groups: int, alpha: float) -> None:
 def _diagonal(M: Tensor) -> Tensor:
     """The diagonal of a dense factor (per group), or a diagonal factor itself."""
     return M if M.ndim == 1 else M.diagonal(dim1=-2, dim2=-1)
-
-
-def _token_counts(
-    adapter: LayerAdapter, idx: Tensor, dtype: torch.dtype, weights: Tensor | None = None
-) -> Tensor:
-    """``Σ_rows w e_i``: (weighted) token counts, zero at the adapter's ``padding_idx``."""
-    counts = torch.bincount(idx.reshape(-1), weights, minlength=adapter.in_features).to(dtype)
-    pad = getattr(adapter, "padding_idx", None)
-    if pad is not None:
-        counts[pad] = 0
-    return counts
 
 
 def check_finite(sums: Mapping[str, list[Tensor]], b: int, what: str) -> None:
@@ -397,7 +387,12 @@ class FactorAccumulator:
                     dense.append(name)
                     continue
                 r = _stream_rows(
-                    x, mask, weight, self.setup.options.approx, self.setup.joint_bias(name)
+                    self.setup.adapters[name],
+                    x,
+                    mask,
+                    weight,
+                    self.setup.options.approx,
+                    self.setup.joint_bias(name),
                 )
                 _update_stream(self.sums[name].A_stream, r, name, rows.index, "inputs")  # type: ignore[arg-type]
                 self.sums[name].count += rows.n
@@ -420,7 +415,7 @@ class FactorAccumulator:
         if adapter.diagonal_input:
             w = None if mask is None else (mask * weight[:, None]).reshape(-1)  # type: ignore[index]
             for name in names:
-                counts = _token_counts(self.setup.adapters[name], x, rows.dtype, w)
+                counts = self.setup.adapters[name].input_diagonal(x, w).to(rows.dtype)
                 self.sums[name].gram += counts if w is not None else counts / T
                 self.sums[name].count += rows.n
             return

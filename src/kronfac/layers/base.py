@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -84,6 +85,34 @@ class LayerAdapter(ABC):
         factors get a leading group dimension: ``A: [g, d_in, d_in]``, ``S: [g, d_out, d_out]``.
         """
         return 1
+
+    @property
+    def inert_inputs(self) -> tuple[int, ...]:
+        """Input coordinates whose weight columns never get a gradient (zero curvature).
+
+        An embedding's ``padding_idx``; none for most layers.
+        """
+        return ()
+
+    def append_bias(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Input rows ``[..., d]`` of one group joined by the bias: ``[..., d + 1]``.
+
+        The bias is a last column of the weight matrix, so its input is a trailing 1 — or
+        ``mask``'s 0 at padded positions (``mask`` of the shape ``x.shape[:-1]``).
+        """
+        ones = x.new_ones(*x.shape[:-1], 1) if mask is None else mask[..., None].to(x.dtype)
+        return torch.cat([x, ones], dim=-1)
+
+    def input_diagonal(self, idx: Tensor, weights: Tensor | None = None) -> Tensor:
+        """A diagonal input factor's sum ``Σ_rows w e_i`` over one-hot rows: ``[d_in]``.
+
+        ``idx`` holds the indices of :meth:`input_rows` (``diagonal_input`` layers only),
+        ``weights`` one weight per row (``None``: 1); inert inputs count 0.
+
+        Raises:
+            NotImplementedError: For a layer with a dense input factor.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has a dense input factor.")
 
     @abstractmethod
     def input_rows(self, x: Tensor) -> Tensor:

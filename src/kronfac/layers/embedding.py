@@ -14,6 +14,7 @@ forward pass) and ``scale_grad_by_freq`` (it rescales the gradient by batch coun
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from kronfac.layers.base import LayerAdapter, register_layer
@@ -49,9 +50,17 @@ class EmbeddingAdapter(LayerAdapter):
         return self.module.embedding_dim
 
     @property
-    def padding_idx(self) -> int | None:
-        """The token whose row gets no gradient (its count is zeroed), or ``None``."""
-        return self.module.padding_idx
+    def inert_inputs(self) -> tuple[int, ...]:
+        """``padding_idx``, whose row gets no gradient in torch (its count is zeroed)."""
+        pad = self.module.padding_idx
+        return () if pad is None else (pad,)
+
+    def input_diagonal(self, idx: Tensor, weights: Tensor | None = None) -> Tensor:
+        """Token counts ``[V]`` (weighted by ``weights`` per row), zero at ``padding_idx``."""
+        dtype = torch.float32 if weights is None else weights.dtype
+        counts = torch.bincount(idx.reshape(-1), weights, minlength=self.in_features).to(dtype)
+        counts[list(self.inert_inputs)] = 0
+        return counts
 
     def input_rows(self, x: Tensor) -> Tensor:  # noqa: D102
         return x.reshape(-1, 1)

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from kronfac.errors import UncoveredParameterWarning, warn
 from kronfac.factors.data_pass import per_example
-from kronfac.factors.ekfac import rotated_second_moment, with_ones
+from kronfac.factors.ekfac import rotated_second_moment
 from kronfac.factors.engine import FactorSums
 from kronfac.factors.selection import select_modules
 from kronfac.layers import LayerAdapter
@@ -369,7 +369,7 @@ class KFACPreconditioner:
             layer.forwards.add(forward)
             layer.points += n
         if self._scale_step():
-            ones = with_ones(rows, layer.joint, None).clone()
+            ones = (adapter.append_bias(rows) if layer.joint else rows).clone()
             layer.rows.append((forward, ones, grads.clone()))
         self._recorded = True
 
