@@ -40,12 +40,15 @@ from kronfac.layers import LayerAdapter
 from kronfac.likelihoods import Likelihood, get_likelihood
 
 __all__ = [
+    "BatchInfo",
     "BatchRows",
     "PassResult",
     "PassSetup",
     "PassTally",
     "batch_size",
+    "check_outputs_unchanged",
     "check_reiterable",
+    "grad_rows",
     "per_example",
     "random_modules",
     "run_pass",
@@ -327,14 +330,21 @@ def _backprop_vectors(
     return likelihood.from_terms(vectors, output).to(output.dtype)
 
 
-def _output_gradients(output: Tensor, calls: list[Call], vectors: Tensor) -> list[Tensor | None]:
-    """``[K, *call.output.shape]`` gradients of ``⟨vectors_k, output⟩`` at each call's output."""
+def _output_gradients(
+    output: Tensor, calls: list[Call], vectors: Tensor, retain_graph: bool = False
+) -> list[Tensor | None]:
+    """``[K, *call.output.shape]`` gradients of ``⟨vectors_k, output⟩`` at each call's output.
+
+    ``retain_graph=True`` keeps the graph for a later backward pass (a training step's).
+    """
     outs = [c.output for c in calls]
     if not outs:  # no covered module was called in this batch
         return []
     K = vectors.shape[0]
     if K == 1:
-        grads = torch.autograd.grad(output, outs, vectors[0], allow_unused=True)
+        grads = torch.autograd.grad(
+            output, outs, vectors[0], retain_graph=retain_graph, allow_unused=True
+        )
         return [None if g is None else g.unsqueeze(0) for g in grads]
     per_vector = output.numel() + sum(o.numel() for o in outs)
     chunk = max(1, min(K, _MAX_BATCHED_ELEMENTS // max(per_vector, 1)))
@@ -348,7 +358,7 @@ def _output_gradients(output: Tensor, calls: list[Call], vectors: Tensor) -> lis
                     output,
                     outs,
                     part,
-                    retain_graph=not last,
+                    retain_graph=retain_graph or not last,
                     is_grads_batched=True,
                     allow_unused=True,
                 )
@@ -419,8 +429,8 @@ def run_pass(
 
 
 @dataclass
-class _Batch:
-    """One batch as :class:`PassTally` read it: its output, targets and term layout."""
+class BatchInfo:
+    """One batch as :meth:`PassTally.read` read it: its output, targets and term layout."""
 
     index: int
     n: int
@@ -453,7 +463,7 @@ class PassTally:
         self.fingerprint: tuple[float, float, float] | None = None
         self.generator: torch.Generator | None = None
 
-    def read(self, b: int, X: Any, y: Tensor, output: Tensor, n: int, source: str) -> _Batch:
+    def read(self, b: int, X: Any, y: Tensor, output: Tensor, n: int, source: str) -> BatchInfo:
         """Check the model output against the loss and count its terms.
 
         Raises:
@@ -479,9 +489,9 @@ class PassTally:
         self.terms += n * R if term_mask is None else int(term_mask.sum())
         self.total += n
         dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
-        return _Batch(b, n, source, output, y, R, term_mask, padding, dtype)
+        return BatchInfo(b, n, source, output, y, R, term_mask, padding, dtype)
 
-    def rows(self, batch: _Batch, calls: Mapping[str, list[Call]]) -> BatchRows:
+    def rows(self, batch: BatchInfo, calls: Mapping[str, list[Call]]) -> BatchRows:
         """The batch's inputs and position masks of every batch-first covered module."""
         adapters = _batch_first(
             self.setup, calls, batch.n, batch.source, batch.index, self.not_batch_first, self.called
@@ -491,9 +501,16 @@ class PassTally:
         return BatchRows(batch.index, batch.n, batch.dtype, inputs, masks)
 
     def gradients(
-        self, batch: _Batch, rows: BatchRows, calls: Mapping[str, list[Call]], per_term: bool
+        self,
+        batch: BatchInfo,
+        rows: BatchRows,
+        calls: Mapping[str, list[Call]],
+        per_term: bool,
+        retain_graph: bool = False,
     ) -> dict[str, Tensor]:
         """Backpropagate the Fisher type's vectors to the modules of ``rows``.
+
+        ``retain_graph=True`` keeps the graph for the training loop's own backward pass.
 
         Raises:
             ValueError: A model output outside the autograd graph, or per-term vectors that
@@ -523,7 +540,15 @@ class PassTally:
             batch.term_mask,
         )
         return _grad_rows(
-            adapters, calls, output, vectors, batch.n, batch.dtype, batch.index, rows.masks
+            adapters,
+            calls,
+            output,
+            vectors,
+            batch.n,
+            batch.dtype,
+            batch.index,
+            rows.masks,
+            retain_graph,
         )
 
     def result(self) -> PassResult:
@@ -804,9 +829,21 @@ def _grad_rows(
     dtype: torch.dtype,
     b: int,
     masks: Mapping[str, Tensor | None],
+    retain_graph: bool = False,
 ) -> dict[str, Tensor]:
     """Backpropagate ``vectors`` to every call's output: ``[K, n, T, d_out]`` per module."""
     flat = [(name, c) for name in adapters for c in calls[name]]
+    check_outputs_unchanged(flat, b)
+    grads = _output_gradients(output, [c for _, c in flat], vectors, retain_graph)
+    return grad_rows(flat, grads, n, dtype, b, masks)
+
+
+def check_outputs_unchanged(flat: Iterable[tuple[str, Call]], b: int) -> None:
+    """Refuse module outputs changed in place after their call (their gradient is lost).
+
+    Raises:
+        ValueError: Naming the module (e.g. followed by ``ReLU(inplace=True)``).
+    """
     for name, c in flat:
         if c.output._version != c.output_version:
             raise ValueError(
@@ -814,7 +851,21 @@ def _grad_rows(
                 "computed (e.g. by ReLU(inplace=True)); its gradient cannot be recovered. "
                 "Use an out-of-place operation after this module."
             )
-    grads = _output_gradients(output, [c for _, c in flat], vectors)
+
+
+def grad_rows(
+    flat: Iterable[tuple[str, Call]],
+    grads: Iterable[Tensor | None],
+    n: int,
+    dtype: torch.dtype,
+    b: int,
+    masks: Mapping[str, Tensor | None],
+) -> dict[str, Tensor]:
+    """Per module ``[K, n, T, d_out]`` rows of the gradients ``[K, *output.shape]`` of its calls.
+
+    The calls of one module are joined along the positions, padded positions zeroed; a module
+    whose every gradient is ``None`` (its output did not reach the loss) is absent.
+    """
     per_module: dict[str, list[Tensor]] = {}
     for (name, c), g in zip(flat, grads, strict=True):
         if g is not None:

@@ -147,7 +147,7 @@ def compute_corrections(
     setup = dataclasses.replace(
         setup, adapters={n: a for n, a in setup.adapters.items() if n in factors}
     )
-    sums = CorrectionSums(setup, factors)
+    sums = CorrectionSums.from_factors(setup, factors)
     result = run_pass(setup, model, data, sums.add, desc="kronfac EKFAC correction", per_term=True)
     differs = reference is not None and reference.same_first_batch(result) is False
     if differs and not random_modules(model):  # (dropout modules: named by the factors' pass)
@@ -169,23 +169,38 @@ class CorrectionSums:
 
     Args:
         setup: The pass's options and modules.
-        factors: The K-FAC factors whose eigenbases the corrections use.
+        bases: Per module ``(Q_A, Q_S)``: the eigenvectors (columns, ``[g, side, k]`` with
+            groups) of ``A`` and ``S``, partial for low-rank factors; ``Q_A = None`` is the
+            identity (a diagonal input factor).
+        partial: The modules whose corrections carry a complement eigenvalue; default: those
+            with a partial basis.
     """
 
-    def __init__(self, setup: PassSetup, factors: KroneckerFactors) -> None:
-        self.setup, self.factors = setup, factors
-        self.bases: dict[str, tuple[Tensor | None, Tensor]] = {}
-        self.partial: set[str] = set()  # modules with a low-rank factor: partial eigenbases
-        for name, (A, S) in factors.items():
-            self.bases[name] = (_basis(A, name), _basis(S, name))  # type: ignore[assignment]
-            if isinstance(A, LowRankFactor) or isinstance(S, LowRankFactor):
-                self.partial.add(name)
+    def __init__(
+        self,
+        setup: PassSetup,
+        bases: dict[str, tuple[Tensor | None, Tensor]],
+        partial: set[str] | None = None,
+    ) -> None:
+        self.setup, self.bases = setup, bases
+        if partial is None:  # modules with a partial eigenbasis: the complement's eigenvalue
+            partial = {n for n, Qs in bases.items() if any(_partial(Q) for Q in Qs)}
+        self.partial = partial
         self.separate = {
-            n for n in factors if setup.options.bias == "separate" and factors.param_names[n].bias
+            n
+            for n in bases
+            if setup.options.bias == "separate" and setup.param_names[n].bias is not None
         }
         self.sums: dict[str, Tensor] = {}
         self.bias_sums: dict[str, Tensor] = {}
         self.totals: dict[str, Tensor] = {}  # Σ ‖G‖² of modules with partial bases
+
+    @classmethod
+    def from_factors(cls, setup: PassSetup, factors: KroneckerFactors) -> CorrectionSums:
+        """The sums in the eigenbases of K-FAC ``factors``."""
+        bases = {n: (_basis(A, n), _basis(S, n)) for n, (A, S) in factors.items()}
+        low = {n for n, pair in factors.items() if any(isinstance(F, LowRankFactor) for F in pair)}
+        return cls(setup, bases, low)  # type: ignore[arg-type]
 
     def add(self, rows: BatchRows) -> None:
         """Add one batch's per-example second moments (NaN / Inf raise, naming the module)."""
@@ -246,7 +261,7 @@ class CorrectionSums:
         """The corrected eigenvalues: the sums over ``D``, zero for modules never reached."""
         out = {}
         for name, (Q_A, Q_S) in self.bases.items():
-            q = self.factors[name].A.shape[-1] if Q_A is None else Q_A.shape[-2]
+            q = self.setup.adapters[name].in_features if Q_A is None else Q_A.shape[-2]
             lam = self.sums.get(name)
             if lam is None:  # the module's output never reached the loss
                 lam = Q_S.new_zeros(*Q_S.shape[:-1], q if Q_A is None else Q_A.shape[-1])
@@ -269,6 +284,11 @@ class CorrectionSums:
 def _joined(adapter: LayerAdapter, x: Tensor, joint: bool, mask: Tensor | None) -> Tensor:
     """Inputs with the bias's trailing 1 when the bias joins the block."""
     return adapter.append_bias(x, mask) if joint else x
+
+
+def _partial(Q: Tensor | None) -> bool:
+    """Whether an eigenbasis ``[..., side, k]`` spans less than the whole space."""
+    return Q is not None and Q.shape[-1] < Q.shape[-2]
 
 
 def _accumulate(sums: dict[str, Tensor], name: str, value: Tensor) -> None:
