@@ -78,10 +78,14 @@ def w1_step_time(rounds: int) -> None:
     loss_fn = nn.CrossEntropyLoss()
     setups = {
         "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
-        "kfac": lambda m: KFAC(m, 0.1, inverse_every=10),
-        "kfac factor_every=10": lambda m: KFAC(m, 0.1, inverse_every=10, factor_every=10),
-        "kfac cholesky": lambda m: KFAC(m, 0.1, inverse_every=10, inverse_method="cholesky"),
-        "ekfac": lambda m: KFAC(m, 0.1, inverse_every=10, ekfac=True),
+        "kfac": lambda m: KFAC(m, 0.1, loss_fn=loss_fn, inverse_every=10),
+        "kfac factor_every=10": lambda m: KFAC(
+            m, 0.1, loss_fn=loss_fn, inverse_every=10, factor_every=10
+        ),
+        "kfac cholesky": lambda m: KFAC(
+            m, 0.1, loss_fn=loss_fn, inverse_every=10, inverse_method="cholesky"
+        ),
+        "ekfac": lambda m: KFAC(m, 0.1, loss_fn=loss_fn, inverse_every=10, ekfac=True),
     }
     states = {}
     for name, make in setups.items():

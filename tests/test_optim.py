@@ -6,7 +6,8 @@ the module docstring of ``kronfac/optim/preconditioner.py`` states it: per step 
 data points and ``T`` positions per data point,
 
 - ``Â = 1/N Σ_n 1/T Σ_t ã ãᵀ`` (``ã = [a, 1]`` for a joint bias), ``Ŝ = c Σ_{n,t} g gᵀ``
-  with ``c = N`` (mean loss) or ``1/N`` (summed loss);
+  with ``c = N`` (a loss averaged over the ``N`` data points) or ``1`` (summed): the scale of
+  ``kronfac.compute_factors``, ``S = 1/D Σ g_sum g_sumᵀ`` with the gradients of the summed loss;
 - π-damping ``(S + δ_S I)⁻¹ G (A + δ_A I)⁻¹``, Tikhonov ``(S ⊗ A + δI)⁻¹ vec G``, EKFAC
   ``Q_S [(Q_Sᵀ G Q_A) ⊘ (Λ + δ)] Q_Aᵀ``.
 
@@ -29,10 +30,11 @@ import torch.nn.functional as F
 from helpers import DT, assert_rel_close, gen, init, randn
 from torch import Tensor, nn
 
-from kronfac.errors import UncoveredParameterWarning
+import kronfac
 from kronfac.optim import KFAC, KFACPreconditioner
 
 TOL = 1e-10  # float64, damped systems of condition number <~1e4 (module docstring)
+CE = nn.CrossEntropyLoss()  # the loss the preconditioners watch
 
 
 # -- dense references ---------------------------------------------------------------------------
@@ -174,12 +176,13 @@ def test_one_step_matches_dense_formula(case):
     model = init(nn.Sequential(nn.Linear(5, 3)), seed=1)
     lin = model[0]
     tap = Tap(model)
-    precond = KFACPreconditioner(model, **opts)
+    reduction = opts.pop("reduction", "mean")
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    precond = KFACPreconditioner(model, loss_fn=loss_fn, **opts)
     X, y = linear_data(N, 5, 3, seed=2)
-    reduction = opts.get("reduction", "mean")
-    F.cross_entropy(model(X), y, reduction=reduction).backward()
+    loss_fn(model(X), y).backward()
     joint = opts.get("bias", "joint") == "joint"
-    c = N if reduction == "mean" else 1 / N
+    c = N if reduction == "mean" else 1  # S of the summed loss: divided by D = N for the mean
     A, S, Gn = tap.stats("0", joint, c)
     G = grad_matrix(lin, joint)
     b = lin.bias.grad.clone()
@@ -224,12 +227,12 @@ def test_running_factors_are_the_ema_of_the_batch_factors(factor_every):
     eps, N = 0.8, 6
     model = mlp(seed=3)
     tap = Tap(model)
-    precond = KFACPreconditioner(model, factor_decay=eps, factor_every=factor_every)
+    precond = KFACPreconditioner(model, loss_fn=CE, factor_decay=eps, factor_every=factor_every)
     expected: dict[str, tuple[Tensor, Tensor]] = {}
     for k in range(5):
         tap.clear()
         X, y = linear_data(N, 6, 3, seed=10 + k)
-        F.cross_entropy(model(X), y).backward()
+        CE(model(X), y).backward()
         before = copy.deepcopy(precond.state_dict()["layers"])
         assert precond.step() is True
         state = precond.state_dict()["layers"]
@@ -273,6 +276,7 @@ def test_stale_decomposition_between_refreshes(inverse_method, scheduled):
     tap = Tap(model)
     precond = KFACPreconditioner(
         model,
+        loss_fn=CE,
         damping=damping if scheduled else 0.05,
         factor_decay=0.7,
         inverse_every=3,
@@ -282,7 +286,7 @@ def test_stale_decomposition_between_refreshes(inverse_method, scheduled):
     for k in range(6):
         tap.clear()
         X, y = linear_data(6, 6, 3, seed=20 + k)
-        F.cross_entropy(model(X), y).backward()
+        CE(model(X), y).backward()
         G = {name: grad_matrix(tap.modules[name], True) for name in ("0", "2")}
         assert precond.step() is True
         state = precond.state_dict()["layers"]
@@ -317,12 +321,12 @@ def test_damping_and_lr_schedules_are_called_with_the_step_index():
     tap = Tap(model)
     # ε = 0, inverse_every = 1: every step's factors are that step's batch factors
     precond = KFACPreconditioner(
-        model, damping=damping, lr=lr, kl_clip=1e6, factor_decay=0.0, inverse_every=1
+        model, loss_fn=CE, damping=damping, lr=lr, kl_clip=1e6, factor_decay=0.0, inverse_every=1
     )
     for k in range(3):
         tap.clear()
         X, y = linear_data(6, 6, 3, seed=30 + k)
-        F.cross_entropy(model(X), y).backward()
+        CE(model(X), y).backward()
         G = {name: grad_matrix(tap.modules[name], True) for name in ("0", "2")}
         assert precond.step() is True
         for name in ("0", "2"):
@@ -340,8 +344,8 @@ def test_kl_clipping_scales_by_nu(clipped):
     X, y = linear_data(8, 6, 3, seed=40)
     lr = 0.3
     free_model = mlp(seed=6)
-    free = KFACPreconditioner(free_model, damping=0.05, kl_clip=None, lr=lr)
-    F.cross_entropy(free_model(X), y).backward()
+    free = KFACPreconditioner(free_model, loss_fn=CE, damping=0.05, kl_clip=None, lr=lr)
+    CE(free_model(X), y).backward()
     raw = [p.grad.clone() for p in free_model.parameters()]
     assert free.step() is True
     v = [p.grad.clone() for p in free_model.parameters()]
@@ -351,8 +355,8 @@ def test_kl_clipping_scales_by_nu(clipped):
     assert nu == (0.5 if clipped else 1.0)
 
     model = mlp(seed=6)
-    precond = KFACPreconditioner(model, damping=0.05, kl_clip=kappa, lr=lambda k: lr)
-    F.cross_entropy(model(X), y).backward()
+    precond = KFACPreconditioner(model, loss_fn=CE, damping=0.05, kl_clip=kappa, lr=lambda k: lr)
+    CE(model(X), y).backward()
     assert precond.step() is True
     for p, expected in zip(model.parameters(), v, strict=True):
         assert_rel_close(p.grad, nu * expected, tol=1e-12, what="clipped")
@@ -365,12 +369,12 @@ def test_gradient_accumulation_equals_one_batch(ekfac):
     results = []
     for halves in (False, True):
         model = mlp(seed=7)
-        precond = KFACPreconditioner(model, damping=0.05, ekfac=ekfac, factor_decay=0.9)
+        precond = KFACPreconditioner(model, loss_fn=CE, damping=0.05, ekfac=ekfac, factor_decay=0.9)
         if halves:
             for part in (slice(0, 4), slice(4, 8)):
-                (F.cross_entropy(model(X[part]), y[part]) / 2).backward()
+                (CE(model(X[part]), y[part]) / 2).backward()
         else:
-            F.cross_entropy(model(X), y).backward()
+            CE(model(X), y).backward()
         assert precond.step() is True
         results.append((precond.state_dict()["layers"], [p.grad for p in model.parameters()]))
     (one, g_one), (two, g_two) = results
@@ -392,9 +396,9 @@ def test_grad_scaler_gives_the_unscaled_step():
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         assert scaler.is_enabled() and scaler.get_scale() == 1024.0  # enabled on CPU
         opts = {"grad_scaler": scaler} if mode == "scaled" else {}
-        precond = KFACPreconditioner(model, damping=0.05, **opts)
+        precond = KFACPreconditioner(model, loss_fn=CE, damping=0.05, **opts)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        loss = F.cross_entropy(model(X), y)
+        loss = CE(model(X), y)
         if mode == "plain":
             loss.backward()
         else:
@@ -416,11 +420,11 @@ def test_grad_scaler_overflow_skips_the_step_without_a_warning():
     """With a GradScaler, non-finite statistics are its usual overflow: skipped silently."""
     model = mlp(seed=8)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    precond = KFACPreconditioner(model, damping=0.05, grad_scaler=scaler)
+    precond = KFACPreconditioner(model, loss_fn=CE, damping=0.05, grad_scaler=scaler)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     X, y = linear_data(8, 6, 3, seed=60)
     X[1, 1] = float("inf")
-    scaler.scale(F.cross_entropy(model(X), y)).backward()
+    scaler.scale(CE(model(X), y)).backward()
     scaler.unscale_(opt)
     grads = [p.grad.clone() for p in model.parameters()]
     with warnings.catch_warnings():
@@ -442,8 +446,8 @@ def test_kfac_steps_are_momentum_sgd_on_the_preconditioned_gradients(kl_clip):
     opts = {"damping": 0.05, "kl_clip": kl_clip, "inverse_every": 1}
     model = mlp(seed=9, layernorm=True)
     ref_model = copy.deepcopy(model)
-    opt = KFAC(model, lr, momentum=mu, weight_decay=wd, **opts)
-    precond = KFACPreconditioner(ref_model, lr=lr, **opts)
+    opt = KFAC(model, lr, loss_fn=CE, momentum=mu, weight_decay=wd, **opts)
+    precond = KFACPreconditioner(ref_model, loss_fn=CE, lr=lr, **opts)
     assert precond.modules == ["0", "3"]
     covered = {id(p) for p in precond.parameters()}
     assert all(id(p) not in covered for p in ref_model[1].parameters())
@@ -451,10 +455,10 @@ def test_kfac_steps_are_momentum_sgd_on_the_preconditioned_gradients(kl_clip):
     for k in range(2):
         X, y = linear_data(8, 6, 3, seed=70 + k)
         opt.zero_grad()
-        F.cross_entropy(model(X), y).backward()
+        CE(model(X), y).backward()
         opt.step()
         ref_model.zero_grad()
-        F.cross_entropy(ref_model(X), y).backward()
+        CE(ref_model(X), y).backward()
         raw = [p.grad.clone() for p in ref_model.parameters()]
         assert precond.step() is True
         with torch.no_grad():
@@ -482,13 +486,13 @@ def test_kfac_lr_schedule_sets_the_step_size():
         return etas[k]
 
     model = mlp(seed=10)
-    opt = KFAC(model, lr, momentum=0.0, kl_clip=None, damping=0.05)
+    opt = KFAC(model, lr, loss_fn=CE, momentum=0.0, kl_clip=None, damping=0.05)
     seen.clear()  # the constructor checks lr(0)
     for k in range(3):
         X, y = linear_data(8, 6, 3, seed=80 + k)
         before = [p.detach().clone() for p in model.parameters()]
         opt.zero_grad()
-        F.cross_entropy(model(X), y).backward()
+        CE(model(X), y).backward()
         opt.step()
         assert opt.param_groups[0]["lr"] == etas[k]
         for p, b in zip(model.parameters(), before, strict=True):  # p.grad: the preconditioned v
@@ -501,27 +505,23 @@ def test_kfac_reduces_the_training_loss():
     X, W = randn(64, 6, g=g), randn(6, 3, g=g)
     y = (X @ W).argmax(1)
     model = mlp(seed=11)
-    opt = KFAC(model, 0.1, damping=0.05, inverse_every=5)
+    opt = KFAC(model, 0.1, loss_fn=CE, damping=0.05, inverse_every=5)
     with torch.no_grad():
-        start = F.cross_entropy(model(X), y).item()
+        start = CE(model(X), y).item()
     for _ in range(30):
         opt.zero_grad()
-        F.cross_entropy(model(X), y).backward()
+        CE(model(X), y).backward()
         opt.step()
     with torch.no_grad():
-        end = F.cross_entropy(model(X), y).item()
+        end = CE(model(X), y).item()
     assert end < 0.5 * start, (start, end)
 
 
 # -- 7. checkpoints -------------------------------------------------------------------------------
 def _train(model, opt, batches, fisher):
-    loss_fn = nn.CrossEntropyLoss()
     for X, y in batches:
         opt.zero_grad()
-        out = model(X)
-        if fisher == "mc":
-            opt.preconditioner.mc_backward(out, loss_fn)
-        loss_fn(out, y).backward()
+        CE(model(X), y).backward()  # fisher="mc": the labels are drawn at the loss call
         opt.step()
 
 
@@ -554,7 +554,7 @@ def test_checkpoint_resumes_bit_identically(ekfac, fisher, how):
 
     def fresh(seed):
         model = init(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), seed).float()
-        return model, KFAC(model, 0.05, **opts)
+        return model, KFAC(model, 0.05, loss_fn=CE, **opts)
 
     model, opt = fresh(0)
     _train(model, opt, batches[:20], fisher)
@@ -575,21 +575,21 @@ def test_checkpoint_resumes_bit_identically(ekfac, fisher, how):
 # -- 8. fisher="mc" -------------------------------------------------------------------------------
 def _mc_step(seed=0, fisher="mc", preset_grads=False):
     model = mlp(seed=12)
-    precond = KFACPreconditioner(model, fisher=fisher, seed=seed, damping=0.05)
-    X, y = linear_data(16, 6, 3, seed=110)
     loss_fn = nn.CrossEntropyLoss()
+    precond = KFACPreconditioner(model, loss_fn=loss_fn, fisher=fisher, seed=seed, damping=0.05)
+    X, y = linear_data(16, 6, 3, seed=110)
     if preset_grads:
         for i, p in enumerate(model.parameters()):
             p.grad = torch.full_like(p, float(i + 1))
     out = model(X)
     if fisher == "mc":
         before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-        precond.mc_backward(out, loss_fn)
+        precond.mc_backward(out, loss_fn, y)  # as the loss call would: draws the labels
         for p, b in zip(model.parameters(), before, strict=True):
             assert (p.grad is None) if b is None else torch.equal(p.grad, b)
     if preset_grads:
         model.zero_grad()
-    loss_fn(out, y).backward()
+    loss_fn(out, y).backward()  # the output is recorded already: no second draw
     assert precond.step() is True
     return precond.state_dict()["layers"], [p.grad for p in model.parameters()]
 
@@ -617,17 +617,16 @@ def test_mc_factors_differ_from_empirical_and_are_reproducible():
 
 def test_mc_backward_misuse():
     model = mlp(seed=13)
-    X = linear_data(4, 6, 3, seed=120)[0]
-    empirical = KFACPreconditioner(model)
+    X, y = linear_data(4, 6, 3, seed=120)
+    empirical = KFACPreconditioner(model, loss_fn=CE)
     with pytest.raises(RuntimeError, match="fisher='mc'"):
-        empirical.mc_backward(model(X), nn.CrossEntropyLoss())
+        empirical.mc_backward(model(X), CE)
     empirical.remove()
-    mc = KFACPreconditioner(model, fisher="mc")
-    with pytest.raises(ValueError, match="reduction"):
-        mc.mc_backward(model(X), nn.CrossEntropyLoss(reduction="sum"))
-    summed = KFACPreconditioner(mlp(seed=13), fisher="mc", reduction="sum")
-    with pytest.raises(ValueError, match="reduction"):
-        summed.mc_backward(model(X), nn.CrossEntropyLoss())
+    mc = KFACPreconditioner(model, loss_fn=CE, fisher="mc")
+    with pytest.raises(ValueError, match="another loss_fn"):
+        mc.mc_backward(model(X), nn.CrossEntropyLoss(), y)
+    with pytest.raises(ValueError, match="needs the targets"):
+        mc.mc_backward(model(X), CE)
 
 
 # -- 9. bad input ---------------------------------------------------------------------------------
@@ -640,11 +639,10 @@ BAD_OPTIONS = [
     ({"inverse_every": 0}, "inverse_every must be a positive integer"),
     ({"factor_every": 0}, "factor_every must be a positive integer"),
     ({"damping_mode": "levenberg"}, "Unknown damping_mode 'levenberg'"),
-    ({"fisher": "type-3"}, "Unknown fisher 'type-3'"),
+    ({"fisher": "type-3"}, "Invalid fisher 'type-3'"),
     ({"inverse_method": "svd"}, "Unknown inverse_method 'svd'"),
     ({"inverse_method": "cholesky", "ekfac": True}, "cholesky"),
     ({"inverse_method": "cholesky", "damping_mode": "tikhonov"}, "cholesky"),
-    ({"reduction": "none"}, "Unknown reduction"),
     ({"kl_clip": 0.0}, "kl_clip must be positive"),
 ]
 
@@ -652,6 +650,22 @@ BAD_OPTIONS = [
 @pytest.mark.parametrize(("options", "match"), BAD_OPTIONS)
 def test_bad_options_raise(options, match):
     with pytest.raises(ValueError, match=match):
+        KFACPreconditioner(mlp(), loss_fn=CE, **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"reduction": "sum"}, r"Unknown option\(s\) reduction"),
+        ({"forward": lambda m, X: m(X)}, "forward: options of a pass over data"),
+        ({"num_data": 4}, "num_data: options of a pass over data"),
+        ({"loss_fn": nn.L1Loss()}, "Unsupported loss L1Loss"),
+    ],
+)
+def test_options_of_other_kinds_raise(options, match):
+    options = {"loss_fn": CE, **options}
+    error = NotImplementedError if "L1Loss" in match else TypeError
+    with pytest.raises(error, match=match):
         KFACPreconditioner(mlp(), **options)
 
 
@@ -666,23 +680,23 @@ def test_bad_options_raise(options, match):
 )
 def test_kfac_bad_arguments_raise(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        KFAC(mlp(), *args, **kwargs)
+        KFAC(mlp(), *args, loss_fn=CE, **kwargs)
 
 
 def test_kfac_lr_passed_twice_is_a_type_error():
     with pytest.raises(TypeError, match="lr"):
-        KFAC(mlp(), 0.1, **{"lr": 0.2})
+        KFAC(mlp(), 0.1, loss_fn=CE, **{"lr": 0.2})
 
 
 def test_step_before_any_backward_raises():
     model = mlp()
-    precond = KFACPreconditioner(model)
+    precond = KFACPreconditioner(model, loss_fn=CE)
     with torch.no_grad():
         model(torch.zeros(2, 6, dtype=DT))
-    with pytest.raises(RuntimeError, match="before any recorded backward"):
+    with pytest.raises(RuntimeError, match="before any recorded batch"):
         precond.step()
     model(torch.zeros(2, 6, dtype=DT))  # a forward pass alone records nothing
-    with pytest.raises(RuntimeError, match="before any recorded backward"):
+    with pytest.raises(RuntimeError, match="before any recorded batch"):
         precond.step()
     assert precond.steps == 0
 
@@ -697,25 +711,16 @@ def test_step_before_any_backward_raises():
 )
 def test_model_without_a_covered_layer_raises(model, kfac_match):
     with pytest.raises(ValueError, match="No supported layer"):
-        KFACPreconditioner(model)
+        KFACPreconditioner(model, loss_fn=CE)
     with pytest.raises(ValueError, match=kfac_match):
-        KFAC(model, 0.1)
-
-
-def test_model_with_only_left_out_layers_raises():
-    model = nn.Sequential(nn.Embedding(5, 3), nn.Conv1d(4, 4, 3, groups=2))
-    with (
-        pytest.warns(UncoveredParameterWarning, match="not preconditioned"),
-        pytest.raises(ValueError, match="no layer K-FAC can precondition"),
-    ):
-        KFACPreconditioner(model)
+        KFAC(model, 0.1, loss_fn=CE)
 
 
 def test_load_state_of_another_model_or_options_raises():
     def trained(model, **options):
-        precond = KFACPreconditioner(model, **options)
-        X = torch.randn(4, model[0].in_features, dtype=DT, generator=gen(130))
-        model(X).square().sum().backward()
+        precond = KFACPreconditioner(model, loss_fn=CE, **options)
+        X, y = linear_data(4, model[0].in_features, 3, seed=130)
+        CE(model(X), y).backward()
         precond.step()
         return precond
 
@@ -724,28 +729,28 @@ def test_load_state_of_another_model_or_options_raises():
         nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 3)), 0
     )
     with pytest.raises(ValueError, match="covers modules"):
-        KFACPreconditioner(other_model).load_state_dict(state)
+        KFACPreconditioner(other_model, loss_fn=CE).load_state_dict(state)
     with pytest.raises(ValueError, match="options"):
-        KFACPreconditioner(mlp(), ekfac=True).load_state_dict(state)
+        KFACPreconditioner(mlp(), loss_fn=CE, ekfac=True).load_state_dict(state)
     with pytest.raises(ValueError, match="options"):
-        KFACPreconditioner(mlp(), bias="separate").load_state_dict(state)
-    opt = KFAC(mlp(), 0.1)
+        KFACPreconditioner(mlp(), loss_fn=CE, bias="separate").load_state_dict(state)
+    opt = KFAC(mlp(), 0.1, loss_fn=CE)
     with pytest.raises(ValueError, match="'kfac' entry is missing"):
         opt.load_state_dict(torch.optim.SGD(mlp().parameters(), lr=0.1).state_dict())
-    KFACPreconditioner(mlp()).load_state_dict(state)  # the matching one loads
+    KFACPreconditioner(mlp(), loss_fn=CE).load_state_dict(state)  # the matching one loads
 
 
 # -- 10. non-finite statistics --------------------------------------------------------------------
 def test_non_finite_statistics_skip_the_preconditioner_step():
     model = mlp(seed=14)
-    precond = KFACPreconditioner(model, damping=0.05)
+    precond = KFACPreconditioner(model, loss_fn=CE, damping=0.05)
     X, y = linear_data(8, 6, 3, seed=140)
-    F.cross_entropy(model(X), y).backward()
+    CE(model(X), y).backward()
     assert precond.step() is True
     state = copy.deepcopy(precond.state_dict())
     model.zero_grad()
     X[3, 2] = float("nan")
-    F.cross_entropy(model(X), y).backward()
+    CE(model(X), y).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     with pytest.warns(RuntimeWarning, match="module '0'"):
         assert precond.step() is False
@@ -760,15 +765,15 @@ def test_non_finite_statistics_skip_the_preconditioner_step():
 
 def test_non_finite_statistics_skip_the_kfac_step():
     model = mlp(seed=15, layernorm=True)
-    opt = KFAC(model, 0.1, damping=0.05)
+    opt = KFAC(model, 0.1, loss_fn=CE, damping=0.05)
     X, y = linear_data(8, 6, 3, seed=150)
-    F.cross_entropy(model(X), y).backward()
+    CE(model(X), y).backward()
     opt.step()
     params = [p.detach().clone() for p in model.parameters()]
     buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     opt.zero_grad()
     X[0, 0] = float("inf")
-    F.cross_entropy(model(X), y).backward()
+    CE(model(X), y).backward()
     with pytest.warns(RuntimeWarning, match="module '0'"):
         opt.step()
     for p, before, buf in zip(model.parameters(), params, buffers, strict=True):
@@ -789,10 +794,10 @@ def test_conv2d_step_matches_the_unfolded_dense_formula(ekfac):
         seed=16,
     )
     tap = Tap(model)
-    precond = KFACPreconditioner(model, damping=damping, ekfac=ekfac, factor_decay=eps)
+    precond = KFACPreconditioner(model, loss_fn=CE, damping=damping, ekfac=ekfac, factor_decay=eps)
     g = gen(160)
     X, y = randn(N, 2, 5, 5, g=g), torch.randint(0, 4, (N,), generator=g)
-    F.cross_entropy(model(X), y).backward()
+    CE(model(X), y).backward()
     assert tap.positions("0")[0].shape == (N, 9, 18)  # 3x3 locations, 2·3·3 patch entries
     stats = {name: tap.stats(name, joint=True) for name in ("0", "3")}
     G = {name: grad_matrix(tap.modules[name], True) for name in ("0", "3")}
@@ -833,13 +838,14 @@ def test_module_called_twice_is_one_block_over_two_positions(reduction, ekfac):
     N, damping, eps = 8, 0.05, 0.8
     model = init(CalledTwice(), seed=17)
     tap = Tap(model)
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
     precond = KFACPreconditioner(
-        model, damping=damping, reduction=reduction, ekfac=ekfac, factor_decay=eps
+        model, loss_fn=loss_fn, damping=damping, ekfac=ekfac, factor_decay=eps
     )
     assert precond.modules == ["lin", "head"]
     X, y = linear_data(N, 4, 3, seed=170)
-    F.cross_entropy(model(X), y, reduction=reduction).backward()
-    c = N if reduction == "mean" else 1 / N
+    loss_fn(model(X), y).backward()
+    c = N if reduction == "mean" else 1
     A, S, Gn = tap.stats("lin", joint=True, c=c)
     assert tap.positions("lin")[0].shape == (N, 2, 4)
     G = grad_matrix(model.lin, True)
@@ -853,30 +859,30 @@ def test_module_called_twice_is_one_block_over_two_positions(reduction, ekfac):
 
 def test_failed_refresh_keeps_the_last_good_decomposition(monkeypatch):
     model = init(nn.Sequential(nn.Linear(4, 3)), seed=3)
-    pre = KFACPreconditioner(model, inverse_every=2, damping=0.1, kl_clip=None)
+    pre = KFACPreconditioner(model, loss_fn=CE, inverse_every=2, damping=0.1, kl_clip=None)
     g = gen(5)
 
     def one_step() -> bool:  # a new batch every step: the running factors move
         X, y = randn(8, 4, g=g), torch.randint(0, 3, (8,), generator=g)
         model.zero_grad()
-        F.cross_entropy(model(X), y).backward()
+        CE(model(X), y).backward()
         return pre.step()
 
     def decomposition() -> list[Tensor]:
-        parts = pre.state_dict()["layers"]["0"]["decomposed"]
-        return [t.clone() for part in parts for t in part if t is not None]
+        parts = pre.state_dict()["layers"]["0"]["decomposed"]  # per slot: (S, A) factor states
+        return [t.clone() for part in parts for F in part for t in F if isinstance(t, Tensor)]
 
     one_step()  # step 0 decomposes
     good = decomposition()
     one_step()  # step 1 moves the running factors on
 
     from kronfac.errors import NotPSDError
-    from kronfac.linalg import KroneckerBlock
+    from kronfac.linalg import DenseFactor
 
     def fail(self):
         raise NotPSDError("planted failure")
 
-    monkeypatch.setattr(KroneckerBlock, "eigen", fail)
+    monkeypatch.setattr(DenseFactor, "eigenbasis", fail)
     with pytest.warns(RuntimeWarning, match=r"'0'.*planted failure.*last good"):
         assert one_step()  # step 2 refreshes: the failure keeps the step-0 decomposition
     kept = decomposition()
@@ -885,3 +891,180 @@ def test_failed_refresh_keeps_the_last_good_decomposition(monkeypatch):
     one_step()  # step 3: no refresh due
     one_step()  # step 4 refreshes again
     assert not all(torch.equal(a, b) for a, b in zip(decomposition(), good, strict=True))
+
+
+# -- 11. the optimizer on the engine: the factors of compute_factors ----------------------------
+class Seq(nn.Module):
+    """Per-position layers on ``x: [N, T, 4]`` (padding never reaches a real position)."""
+
+    def __init__(self, out: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, out)
+
+    def forward(self, x, attention_mask=None):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def seq_batch(loss: str, seed: int = 150):
+    """``({"x", "attention_mask"}, y)``: 3 sequences of 4 positions, the last padded twice."""
+    g = gen(seed)
+    X = {"x": randn(3, 4, 4, g=g), "attention_mask": torch.ones(3, 4, dtype=torch.long)}
+    X["attention_mask"][2, 2:] = 0
+    if loss == "ce":  # [N, V, T] logits; padded and one ignored target are ignore_index
+        y = torch.randint(0, 3, (3, 4), generator=g)
+        y[X["attention_mask"] == 0] = -100
+        y[0, 1] = -100
+    elif loss == "mse":
+        y = randn(3, 4, 3, g=g)
+    else:
+        y = torch.randint(0, 2, (3, 4, 3), generator=g).to(DT)
+    return X, y
+
+
+LOSSES = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}
+
+
+def seq_forward(loss: str):
+    if loss == "ce":
+        return lambda m, X: m(**X).transpose(1, 2)
+    return lambda m, X: m(**X)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc", "type-2"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_factors_after_one_step_equal_compute_factors(loss, reduction, fisher):
+    """``factor_decay=0``: the running factors are those of ``compute_factors`` on the batch.
+
+    Sequences with an attention mask (padded positions leave the factors and ``D``) and, for
+    cross-entropy, ``ignore_index`` targets; the same seed draws the same MC labels.
+    """
+    if loss != "ce" and fisher == "empirical":  # padded MSE / BCE terms are in the user's loss
+        X, y = seq_batch(loss)
+        X = {"x": X["x"]}
+    else:
+        X, y = seq_batch(loss)
+    model = init(Seq(3), seed=16)
+    loss_fn = LOSSES[loss](reduction=reduction, **({"ignore_index": -100} if loss == "ce" else {}))
+    forward = seq_forward(loss)
+    precond = KFACPreconditioner(
+        model, loss_fn=loss_fn, fisher=fisher, factor_decay=0.0, seed=5, damping=0.1
+    )
+    loss_fn(forward(model, X), y).backward()
+    assert precond.step() is True
+    ref = kronfac.compute_factors(model, loss_fn, [(X, y)], fisher=fisher, forward=forward, seed=5)
+    ours = precond.factors()
+    for name in ("fc1", "fc2"):
+        assert_rel_close(ours[name].A, ref[name].A, what=f"A {name}")
+        assert_rel_close(ours[name].S, ref[name].S, what=f"S {name}")
+
+
+def _grouped_conv_case():
+    model = init(nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Tanh(), nn.Flatten()), seed=17)
+    model.append(init(nn.Linear(6 * 9, 3), seed=18))
+    g = gen(160)
+    return model, nn.CrossEntropyLoss(), randn(5, 4, 5, 5, g=g), torch.randint(0, 3, (5,))
+
+
+def _embedding_case():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4, padding_idx=0)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, idx):
+            return self.out(torch.tanh(self.emb(idx))).transpose(1, 2)
+
+    g = gen(170)
+    idx = torch.randint(0, 7, (4, 5), generator=g)
+    return init(Tokens(), seed=19), nn.CrossEntropyLoss(), idx, torch.randint(0, 3, (4, 5))
+
+
+def _low_rank_case():
+    model = init(nn.Sequential(nn.Linear(24, 20), nn.Tanh(), nn.Linear(20, 3)), seed=20)
+    g = gen(180)
+    return model, nn.CrossEntropyLoss(), randn(30, 24, g=g), torch.randint(0, 3, (30,))
+
+
+CASES = {
+    "grouped-conv": _grouped_conv_case,
+    "embedding": _embedding_case,
+    "low-rank": _low_rank_case,
+}
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_grouped_conv_embedding_and_low_rank_are_preconditioned(case, fisher):
+    """Covered like every layer: the factors are compute_factors', and the step applies the
+    damped inverse of ``kronfac.KFAC.from_factors(precond.factors(), model)``."""
+    model, loss_fn, X, y = CASES[case]()
+    options = {"rank": 4, "rank_threshold": 20} if case == "low-rank" else {}
+    precond = KFACPreconditioner(
+        model,
+        loss_fn=loss_fn,
+        fisher=fisher,
+        factor_decay=0.0,
+        inverse_every=1,
+        kl_clip=None,
+        damping=0.1,
+        seed=3,
+        **options,
+    )
+    assert precond.modules == [
+        n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear, nn.Embedding)
+    ]
+    loss_fn(model(X), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert precond.step() is True
+    ref = kronfac.compute_factors(model, loss_fn, [(X, y)], fisher=fisher, seed=3, **options)
+    ours = precond.factors()
+    for name in ref:
+        for a, b in zip(ours[name], ref[name], strict=True):
+            if isinstance(b, kronfac.LowRankFactor):
+                a, b = a.to_dense(), b.to_dense()
+            assert_rel_close(a, b, what=f"{case} {name}")
+    K_inv = kronfac.KFAC.from_factors(ours, model).inverse(0.1, heuristic=True)
+    expected = K_inv @ {n: grads[n] for n in K_inv.param_names}
+    for n, v in expected.items():
+        assert_rel_close(dict(model.named_parameters())[n].grad, v, what=f"{case} step {n}")
+
+
+@pytest.mark.parametrize("mode", ["pi", "tikhonov"])
+def test_the_step_is_the_operator_of_its_factors(mode):
+    """Over a few steps (EMA, stale refreshes), the step applies ``K⁻¹`` of the factors as last
+    decomposed: π-damping is ``KFAC.inverse(δ, heuristic=True)``, Tikhonov ``exact=True``."""
+    model = mlp(seed=21)
+    precond = KFACPreconditioner(
+        model, loss_fn=CE, damping_mode=mode, damping=0.05, inverse_every=2, kl_clip=None
+    )
+    for k in range(4):
+        X, y = linear_data(8, 6, 3, seed=190 + k)
+        model.zero_grad()
+        CE(model(X), y).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        refresh = k % 2 == 0
+        assert precond.step() is True
+        if refresh:
+            K = kronfac.KFAC.from_factors(precond.factors(), model)
+        K_inv = K.inverse(0.05, heuristic=mode == "pi", exact=mode == "tikhonov")
+        for n, v in (K_inv @ grads).items():
+            assert_rel_close(dict(model.named_parameters())[n].grad, v, what=f"step {k} {n}")
+
+
+def test_ekfac_scales_are_updated_every_scale_every_steps():
+    model = mlp(seed=22)
+    precond = KFACPreconditioner(
+        model, loss_fn=CE, ekfac=True, scale_every=2, inverse_every=10, factor_decay=0.5
+    )
+    seen = []
+    for k in range(4):
+        X, y = linear_data(8, 6, 3, seed=200 + k)
+        model.zero_grad()
+        CE(model(X), y).backward()
+        assert precond.step() is True
+        seen.append(precond.state_dict()["layers"]["0"]["scales"][0].clone())
+    # steps 0 and 2 update the scales (step 0 after the reset to s aᵀ), steps 1 and 3 do not
+    assert torch.equal(seen[1], seen[0]) and torch.equal(seen[3], seen[2])
+    assert (seen[2] - seen[1]).abs().max() > 1e-3 * seen[1].abs().max()

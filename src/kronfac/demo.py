@@ -150,8 +150,12 @@ def digits_tasks() -> list[Task]:
     ]  # fmt: skip
 
 
-def make_optimizer(method: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    method: str, model: nn.Module, lr: float, loss_fn: nn.Module
+) -> torch.optim.Optimizer:
     """``"adam"``, ``"sgd"`` (momentum 0.9), ``"kfac"`` or ``"ekfac"`` (:data:`KFAC_OPTIONS`).
+
+    K-FAC watches ``loss_fn``, the loss module the training loop calls.
 
     Raises:
         ValueError: For an unknown method.
@@ -161,7 +165,7 @@ def make_optimizer(method: str, model: nn.Module, lr: float) -> torch.optim.Opti
     if method == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     if method in ("kfac", "ekfac"):
-        return KFAC(model, lr, ekfac=method == "ekfac", **KFAC_OPTIONS)
+        return KFAC(model, lr, loss_fn=loss_fn, ekfac=method == "ekfac", **KFAC_OPTIONS)
     raise ValueError(f"Unknown method {method!r}; expected one of {list(METHODS)}.")
 
 
@@ -187,7 +191,7 @@ def train(
     A loss that turns NaN / Inf ends the run (it diverged; its final loss reads ``inf``).
     """
     model = task.model(seed)
-    optimizer = make_optimizer(method, model, lr)
+    optimizer = make_optimizer(method, model, lr, task.loss_fn)
     g = torch.Generator().manual_seed(seed)
     n = len(task.X_train)
     run = Run(task.name, method, lr, seed, [0], [0.0], [_evaluate(task, model)])
@@ -202,10 +206,7 @@ def train(
         X, y = task.X_train[idx], task.y_train[idx]
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        output = model(X)
-        loss = task.loss_fn(output, y)
-        if isinstance(optimizer, KFAC) and optimizer.preconditioner.fisher == "mc":
-            optimizer.preconditioner.mc_backward(output, task.loss_fn)
+        loss = task.loss_fn(model(X), y)  # K-FAC records the batch here (MC labels drawn)
         loss.backward()
         optimizer.step()
         elapsed += time.perf_counter() - start

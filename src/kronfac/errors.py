@@ -11,7 +11,13 @@ import os
 import sys
 import warnings
 
-__all__ = ["NonFiniteError", "NotPSDError", "UncoveredParameterWarning", "warn"]
+__all__ = [
+    "FactorFileError",
+    "NonFiniteError",
+    "NotPSDError",
+    "UncoveredParameterWarning",
+    "warn",
+]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -20,6 +26,13 @@ class NonFiniteError(ValueError):
     """A Kronecker factor, activation or output gradient contained NaN or Inf.
 
     The message names the module and the batch in which the non-finite value appeared.
+    """
+
+
+class FactorFileError(ValueError):
+    """A factor file is unreadable, not a kronfac factor file, or holds what kronfac never writes.
+
+    The message names the file and the offending tensor or metadata key.
     """
 
 

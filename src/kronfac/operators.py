@@ -4,9 +4,13 @@ The flat vectors of an operator list the covered parameters in ``model.named_par
 order, each flattened row-major (docs/conventions.md). Each module adds one block acting on its
 weight read as a ``[d_out, d_in]`` matrix ``V`` — joined by the bias as a last column with
 ``bias="joint"`` — or two blocks (weight, then bias as a ``[d_out, 1]`` matrix) with
-``bias="separate"``. Blocks come from :mod:`kronfac.linalg`, so products, inverses, traces and
-log-determinants follow from the factors' structure (Roth's lemma, per-factor
-eigendecompositions) and the Kronecker product is never formed except in :meth:`to_dense`.
+``bias="separate"``. Blocks come from :mod:`kronfac.linalg`: K-FAC turns each stored factor
+(dense, diagonal, low-rank, grouped or not) into one :class:`~kronfac.linalg.Factor` with
+:func:`~kronfac.linalg.as_factor`, shared by a weight's block and its separate bias's, and
+builds a :class:`~kronfac.linalg.KroneckerBlock` over them; EKFAC builds
+:class:`~kronfac.linalg.EigenBlock` s. Products, inverses, traces and log-determinants follow
+from the factors' structure (Roth's lemma, per-factor eigendecompositions, computed once per
+factor) and the Kronecker product is never formed except in :meth:`to_dense`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from kronfac.factors.data_pass import check_reiterable
 from kronfac.factors.ekfac import compute_corrections
 from kronfac.factors.engine import factor_pass
 from kronfac.layers import LayerAdapter, get_adapter
-from kronfac.linalg import Block, EigenBlock, KroneckerBlock, LowRankFactor, LowRankKroneckerBlock
+from kronfac.linalg import Block, EigenBlock, KroneckerBlock, LowRankFactor, as_factor
 
 __all__ = ["EKFAC", "KFAC", "CurvatureOperator"]
 
@@ -213,15 +217,11 @@ def _check_damping(damping: float) -> None:
         raise ValueError(f"damping must be a non-negative number, got {damping!r}.")
 
 
-def _shape(F: Tensor | LowRankFactor, expected: tuple[int, ...]) -> tuple[int, ...]:
-    """A factor's shape; a low-rank factor of side ``d`` reads as ``(d, d)``."""
+def _shape(F: Tensor | LowRankFactor) -> tuple[int, ...]:
+    """A factor's shape; a low-rank one of side ``d`` reads as dense, ``([g,] d, d)``."""
     if isinstance(F, LowRankFactor):
-        return (F.side, F.side) if len(expected) == 2 else (-1,)
+        return (*F.U.shape[:-2], F.side, F.side)
     return tuple(F.shape)
-
-
-def _tensor(F: Tensor | LowRankFactor) -> Tensor:
-    return F.U if isinstance(F, LowRankFactor) else F
 
 
 def _layout(
@@ -275,10 +275,10 @@ def _layout(
         lead = (adapter.groups,) if adapter.groups > 1 else ()
         A_shape = (*lead, d_in) if adapter.diagonal_input else (*lead, d_in, d_in)
         S_shape = (*lead, d_out, d_out)
-        if _shape(A, A_shape) != A_shape or _shape(S, S_shape) != S_shape:
+        if _shape(A) != A_shape or _shape(S) != S_shape:
             raise ValueError(
-                f"Factors of module {mod!r} have shapes A{_shape(A, A_shape)}, "
-                f"S{_shape(S, S_shape)}; expected A{A_shape}, S{S_shape}."
+                f"Factors of module {mod!r} have shapes A{_shape(A)}, S{_shape(S)}; expected "
+                f"A{A_shape}, S{S_shape}."
             )
         w, b = offsets[names.weight], offsets[names.bias] if has_bias else None
         if joint or not has_bias:
@@ -329,18 +329,18 @@ class KFAC(CurvatureOperator):
         slots, shapes = _layout(factors, model, order)
         flat_slots, blocks = [], []
         for mod, (A, S) in factors.items():
-            low = isinstance(A, LowRankFactor) or isinstance(S, LowRankFactor)
-            Block = LowRankKroneckerBlock if low else KroneckerBlock
+            # one Factor per stored factor, shared by a weight's and its separate bias's blocks
+            diagonal = slots[mod][0].adapter.diagonal_input
+            fA, fS = as_factor(A, mod, diagonal=diagonal), as_factor(S, mod)
             for slot in slots[mod]:
                 flat_slots.append(slot)
                 if slot.weight is None:  # separate bias: π from the weight's A
-                    blocks.append(Block(S, None, mod, heuristic_A=A))
+                    blocks.append(KroneckerBlock(fS, None, mod, heuristic_A=fA))
                 else:
-                    blocks.append(Block(S, A, mod))
+                    blocks.append(KroneckerBlock(fS, fA, mod))
         order = sorted(range(len(flat_slots)), key=lambda i: _slot_start(flat_slots[i]))
-        A0 = _tensor(next(iter(factors.values())).A)
         super().__init__(
-            [flat_slots[i] for i in order], [blocks[i] for i in order], shapes, A0.dtype, A0.device
+            [flat_slots[i] for i in order], [blocks[i] for i in order], shapes, fA.dtype, fA.device
         )
         self.factors = factors
 

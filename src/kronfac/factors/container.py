@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from kronfac.errors import FactorFileError
 from kronfac.factors.options import check_recorded_options
 from kronfac.linalg import LowRankFactor
 
@@ -30,10 +31,6 @@ __all__ = ["EigenCorrection", "FactorFileError", "FactorPair", "KroneckerFactors
 
 _FORMAT = "kronfac.factors"
 _FORMAT_VERSION = 1
-
-
-class FactorFileError(ValueError):
-    """A factor file is unreadable, not a kronfac factor file, or inconsistent."""
 
 
 class FactorPair(NamedTuple):
@@ -378,16 +375,7 @@ def _parse_header(metadata: Mapping[str, str]) -> _Header:
         for key, value in (("num_data", num_data), ("num_per_example_loss_terms", terms)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TypeError(f"{key} must be a positive integer, got {value!r}")
-        modules = {}
-        for name, names in raw_modules.items():
-            if (
-                not isinstance(names, list)
-                or len(names) != 2
-                or not isinstance(names[0], str)
-                or not (names[1] is None or isinstance(names[1], str))
-            ):
-                raise TypeError(f"module {name!r}: expected [weight name, bias name or null]")
-            modules[name] = ParamNames(*names)
+        modules = {name: _param_names(name, names) for name, names in raw_modules.items()}
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise FactorFileError(f"missing or malformed kronfac metadata ({e}).") from e
     try:
@@ -403,6 +391,18 @@ def _parse_header(metadata: Mapping[str, str]) -> _Header:
     ):
         raise FactorFileError("metadata 'lowrank' must map modules to ['A', 'S'].")
     return _Header(options, num_data, terms, modules, corrections, lowrank)
+
+
+def _param_names(module: str, names: Any) -> ParamNames:
+    """A module's ``[weight name, bias name or null]`` from the metadata."""
+    if (
+        not isinstance(names, list)
+        or len(names) != 2
+        or not isinstance(names[0], str)
+        or not (names[1] is None or isinstance(names[1], str))
+    ):
+        raise TypeError(f"module {module!r}: expected [weight name, bias name or null]")
+    return ParamNames(*names)
 
 
 def _tensor_names(header: _Header, tensors: Mapping[str, Tensor]) -> dict[str, list[str]]:

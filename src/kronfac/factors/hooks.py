@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from kronfac.layers import LayerAdapter
 
-__all__ = ["Call", "check_input_dtype", "record_calls"]
+__all__ = ["Call", "check_input_dtype", "install_call_hooks", "record_calls"]
 
 
 @dataclass
@@ -45,11 +46,35 @@ def record_calls(
     removed when the block exits, also when it raises.
     """
     calls: dict[str, list[Call]] = {name: [] for name in adapters}
+    handles = install_call_hooks(calls, adapters, tied)
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def install_call_hooks(
+    calls: dict[str, list[Call]],
+    adapters: Mapping[str, LayerAdapter],
+    tied: Mapping[str, list[LayerAdapter]] | None = None,
+    active: Callable[[], bool] | None = None,
+) -> list[RemovableHandle]:
+    """Hooks appending every call of the modules of ``adapters`` (and ``tied``) to ``calls``.
+
+    A forward pre-hook refuses inputs of another floating dtype than the module's weight
+    (:func:`check_input_dtype`); a forward hook records the :class:`Call`, only while
+    ``active()`` (default: always) and gradients are enabled for an output that needs them
+    or ``active`` is not given. Returns the handles (the caller removes them).
+    """
     counter = itertools.count()
-    handles = []
 
     def make_hook(name: str, adapter: LayerAdapter) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any):
+            if active is not None and not (
+                active() and isinstance(out, Tensor) and out.requires_grad
+            ):
+                return
             x = adapter.layer_input(args, kwargs).detach()
             calls[name].append(Call(x, out, adapter, out._version, next(counter)))
 
@@ -61,6 +86,7 @@ def record_calls(
 
         return check
 
+    handles = []
     try:
         for name, adapter in adapters.items():
             for a in [adapter, *(tied or {}).get(name, [])]:
@@ -68,10 +94,11 @@ def record_calls(
                     a.module.register_forward_pre_hook(make_check(name, a), with_kwargs=True)
                 )
                 handles.append(a.module.register_forward_hook(make_hook(name, a), with_kwargs=True))
-        yield calls
-    finally:
+    except BaseException:
         for handle in handles:
             handle.remove()
+        raise
+    return handles
 
 
 def check_input_dtype(name: str, x: Any, weight: Tensor) -> None:

@@ -9,7 +9,8 @@ r"""Blocks diagonal in a Kronecker-factored eigenbasis (EKFAC, exactly damped in
 with ``Λ: [p, q]`` (row-major ``vec``). Then ``tr M = Σ Λ``, ``‖M‖_F² = Σ Λ²``,
 ``log det(M + δI) = Σ log(Λ + δ)``, ``(M + δI)⁻¹`` has eigenvalues ``1/(Λ + δ)``, and the
 diagonal is ``(Q_S ∘ Q_S) Λ (Q_A ∘ Q_A)ᵀ``. With partial bases (low-rank factors) the
-complement of their span carries one more eigenvalue ``c`` in every formula.
+complement of their span carries one more eigenvalue ``c`` in every formula. An identity basis
+(a diagonal or identity factor) is held as ``None`` and skipped in every product.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ from kronfac.linalg.decompositions import psd_eigenvalues
 __all__ = ["EigenBlock"]
 
 
+def _rotate(X: Tensor, Q_S: Tensor | None, Q_A: Tensor | None, back: bool) -> Tensor:
+    """``Q_Sᵀ X Q_A`` (or, ``back``, ``Q_S X Q_Aᵀ``) for ``X: [g, k, ·, ·]``; ``None``: identity."""
+    if Q_S is not None:
+        X = (Q_S[:, None] if back else Q_S[:, None].transpose(-1, -2)) @ X
+    if Q_A is not None:
+        X = X @ (Q_A[:, None].transpose(-1, -2) if back else Q_A[:, None])
+    return X
+
+
 class EigenBlock(Block):
     """``c·I + (Q_S ⊗ Q_A) diag(Λ − c) (Q_S ⊗ Q_A)ᵀ`` (module docstring), per group.
 
@@ -31,9 +41,11 @@ class EigenBlock(Block):
     the orthogonal complement of their span then has the eigenvalue ``complement`` (``c``).
 
     Args:
-        Q_S: ``[p, k_S]`` (or ``[g, p, k_S]``) orthonormal columns.
+        Q_S: ``[p, k_S]`` (or ``[g, p, k_S]``) orthonormal columns, or ``None`` for the
+            identity (``k_S = p``: a diagonal or identity ``S``, eigenvalues in coordinate
+            order).
         Q_A: ``[q, k_A]`` (or ``[g, q, k_A]``) orthonormal columns, or ``None`` for the
-            identity (a diagonal ``A``).
+            identity (a diagonal, identity or absent ``A``).
         eigenvalues: ``Λ: [k_S, k_A]`` (or ``[g, k_S, k_A]``).
         name: The module (for error messages).
         complement: ``c``, the eigenvalue of the complement of partial bases.
@@ -41,21 +53,25 @@ class EigenBlock(Block):
 
     def __init__(
         self,
-        Q_S: Tensor,
+        Q_S: Tensor | None,
         Q_A: Tensor | None,
         eigenvalues: Tensor,
         name: str = "",
         complement: float = 0.0,
     ) -> None:
-        if Q_S.ndim == 2:
-            Q_S, eigenvalues = Q_S[None], eigenvalues[None]
-            Q_A = None if Q_A is None else Q_A[None]
-        g, p, kS = Q_S.shape
-        q, kA = (eigenvalues.shape[-1],) * 2 if Q_A is None else Q_A.shape[-2:]
-        if eigenvalues.shape != (g, kS, kA) or (Q_A is not None and Q_A.shape[0] != g):
+        if eigenvalues.ndim == 2:
+            eigenvalues = eigenvalues[None]
+            Q_S, Q_A = (None if Q is None else Q[None] for Q in (Q_S, Q_A))
+        g, kS, kA = eigenvalues.shape
+        p = kS if Q_S is None else Q_S.shape[-2]
+        q = kA if Q_A is None else Q_A.shape[-2]
+        if (Q_S is not None and Q_S.shape != (g, p, kS)) or (
+            Q_A is not None and Q_A.shape != (g, q, kA)
+        ):
             raise ValueError(
                 f"{name}: eigenvalues {tuple(eigenvalues.shape)} do not fit the eigenbases "
-                f"{tuple(Q_S.shape)} and {None if Q_A is None else tuple(Q_A.shape)}."
+                f"{None if Q_S is None else tuple(Q_S.shape)} and "
+                f"{None if Q_A is None else tuple(Q_A.shape)}."
             )
         self.Q_S, self.Q_A, self.eigenvalues, self.name = Q_S, Q_A, eigenvalues, name
         self.complement = float(complement)
@@ -67,14 +83,10 @@ class EigenBlock(Block):
         return self.eigenvalues.shape[0] * self._sides[0], self._sides[1]
 
     def matmat(self, V: Tensor) -> Tensor:  # noqa: D102
-        Q_S, c = self.Q_S[:, None], self.complement
+        c = self.complement
         X = to_groups(V, self.eigenvalues.shape[0])  # [g, k, p, q]
-        R = Q_S.transpose(-1, -2) @ X
-        if self.Q_A is not None:
-            R = R @ self.Q_A[:, None]
-        R = Q_S @ (R * (self.eigenvalues[:, None] - c))
-        if self.Q_A is not None:
-            R = R @ self.Q_A[:, None].transpose(-1, -2)
+        R = _rotate(X, self.Q_S, self.Q_A, back=False)
+        R = _rotate(R * (self.eigenvalues[:, None] - c), self.Q_S, self.Q_A, back=True)
         return from_groups(R + c * X if c else R)
 
     def trace(self) -> Tensor:  # noqa: D102
@@ -84,7 +96,9 @@ class EigenBlock(Block):
         return self.eigenvalues.square().sum() + self.complement**2 * self._rest
 
     def diagonal(self) -> Tensor:  # noqa: D102
-        out = self.Q_S.square() @ (self.eigenvalues - self.complement)
+        out = self.eigenvalues - self.complement
+        if self.Q_S is not None:
+            out = self.Q_S.square() @ out
         if self.Q_A is not None:
             out = out @ self.Q_A.square().transpose(-1, -2)
         out = out + self.complement
@@ -100,8 +114,11 @@ class EigenBlock(Block):
         p, q = self._sides
         c, dense = self.complement, []
         for j in range(g):
-            Q_A = self.Q_A[j] if self.Q_A is not None else torch.eye(q).to(self.Q_S)
-            Q = torch.kron(self.Q_S[j].contiguous(), Q_A.contiguous())
+            Q_S, Q_A = (
+                torch.eye(n).to(self.eigenvalues) if Q is None else Q[j]
+                for Q, n in ((self.Q_S, p), (self.Q_A, q))
+            )
+            Q = torch.kron(Q_S.contiguous(), Q_A.contiguous())
             M = (Q * (self.eigenvalues[j].reshape(-1) - c)) @ Q.T
             dense.append(M + c * torch.eye(p * q).to(M))
         return torch.block_diag(*dense)

@@ -32,7 +32,8 @@ class KFAC(torch.optim.Optimizer):
 
     Usage::
 
-        opt = KFAC(model, lr=0.1, damping=1e-3, inverse_every=10)
+        loss_fn = nn.CrossEntropyLoss()
+        opt = KFAC(model, lr=0.1, loss_fn=loss_fn, damping=1e-3, inverse_every=10)
         for X, y in loader:
             opt.zero_grad()
             loss_fn(model(X), y).backward()
@@ -44,9 +45,10 @@ class KFAC(torch.optim.Optimizer):
             at every step; a float works with torch's learning-rate schedulers).
         momentum: ``μ`` in ``[0, 1)``.
         weight_decay: ``λ >= 0``.
-        **options: Options of :class:`KFACPreconditioner` (``damping``, ``factor_decay``,
-            ``inverse_every``, ``kl_clip``, ``ekfac``, ``fisher``, ``grad_scaler``, ...); its KL
-            clipping uses ``lr``.
+        **options: Options of :class:`KFACPreconditioner`: ``loss_fn`` (required: the loss
+            module the training loop calls), ``damping``, ``factor_decay``, ``inverse_every``,
+            ``kl_clip``, ``ekfac``, ``fisher``, ``grad_scaler``, the engine's options
+            (``modules``, ``exclude``, ``rank``, ...); its KL clipping uses ``lr``.
 
     Attributes:
         preconditioner: The :class:`KFACPreconditioner` (``preconditioner.steps`` counts the
@@ -110,21 +112,23 @@ class KFAC(torch.optim.Optimizer):
         if not self.preconditioner.step():
             return loss
         for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-                if mu:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d.detach().clone()
-                    else:
-                        buf.mul_(mu).add_(d)
-                    d = buf
-                p.add_(d, alpha=-lr)
+                if p.grad is not None:
+                    self._momentum_step(p, group["lr"], group["momentum"], group["weight_decay"])
         return loss
+
+    def _momentum_step(self, p: torch.Tensor, lr: float, mu: float, wd: float) -> None:
+        """``m ← μ m + (v + λθ)`` (the first step sets ``m``), ``θ ← θ − η m``."""
+        d = p.grad if wd == 0 else p.grad.add(p, alpha=wd)  # type: ignore[union-attr]
+        if mu:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = d.detach().clone()  # type: ignore[union-attr]
+            else:
+                buf.mul_(mu).add_(d)
+            d = buf
+        p.add_(d, alpha=-lr)  # type: ignore[arg-type]
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state (momentum buffers, groups) plus the preconditioner's."""

@@ -1,111 +1,144 @@
-r"""K-FAC / EKFAC preconditioning of a training loop's gradients.
+r"""K-FAC / EKFAC preconditioning of a training loop's gradients, on the factor engine.
 
-Per covered module, with ``W: [p, q]`` in the canonical layout (the bias a last column with
-``bias="joint"``), each step's batches (one backward pass, or several with gradient
-accumulation; ``N`` data points in all) give
+The preconditioner watches the training loop: hooks record the covered modules' inputs and
+outputs during the model's forward pass, and the loss module's call ``loss_fn(output, y)``
+hands it the model output and the targets. Each batch then goes through the same steps as a
+pass of :func:`kronfac.compute_factors` (:class:`~kronfac.factors.data_pass.PassTally`: the
+number of data points ``N`` from the input, the loss terms, padding masks and
+``ignore_index``; :class:`~kronfac.factors.engine.FactorAccumulator`: the factor sums), so a
+step's factors follow the scale of :func:`kronfac.compute_factors` (docs/conventions.md):
 
 .. math::
 
     \hat A = \frac{1}{N} \sum_n \frac{1}{T} \sum_t a_{n,t} a_{n,t}^\top, \qquad
-    \hat S = c \sum_{n,t} g_{n,t} g_{n,t}^\top,
+    \hat S = \frac{1}{D} \sum_{n,t,k} g_{n,t,k} g_{n,t,k}^\top,
 
-``a`` the layer inputs (a trailing 1 for a joint bias), ``g`` the gradients the backward pass
-leaves at the layer outputs, ``c = N`` for a loss averaged over the data points
-(``reduction="mean"``: the ``g`` carry ``1/N``) and ``c = 1/N`` for a summed loss, so that
-``Ŝ ⊗ Â`` estimates the Fisher of one data point's loss either way. A module called several
-times in one forward pass of ``model`` is one block whose calls are more positions ``t`` of
-the same data points (call ``model`` itself: its forward passes delimit the data points).
-A loss averaged over more than the data points — over ``T`` positions (token-level language
-modelling), or over the ``C`` outputs as torch's mean MSE / BCE does — gives an ``Ŝ`` ``T``
-(``C``) times smaller than :func:`kronfac.compute_factors`' ``S``, which acts as a larger
-damping. With ``fisher="mc"`` the ``g`` come from labels
-sampled from the model (:meth:`KFACPreconditioner.mc_backward`) instead of the training labels.
+``g`` the output gradients of the **summed** loss and ``D`` the number of entries torch's mean
+averages over (``1`` for ``reduction="sum"``), over every batch of the step (several with
+gradient accumulation). The gradients ``g`` are
+
+- ``fisher="mc"`` (and ``"type-2"``): backpropagated by the preconditioner itself from labels
+  sampled from the model (the Hessian's square root), at the loss call, to the covered
+  modules' outputs only (the graph is kept for the training backward pass);
+- ``fisher="empirical"``: those the training backward pass leaves at the outputs. They carry
+  the loss's own scale: for a mean over ``D'`` entries (``D'`` counts the entries the loss
+  averaged, ``ignore_index`` excluded, padding included) ``g = g_sum / D'``, so the step uses
+  ``Ŝ = D'²/D · Σ g gᵀ``, which is the formula above whenever the padded positions are
+  ignored by the loss (or there is no padding). A loss the training loop scales further (the
+  ``1/M`` of gradient accumulation over ``M`` equal micro-batches) is read as one mean over
+  the step's batches; a ``torch.amp.GradScaler``'s scale is divided out.
 
 Running estimates (every ``factor_every`` steps; the first update initialises):
-``A ← ε A + (1 − ε) Â``, ``S ← ε S + (1 − ε) Ŝ`` (``ε = factor_decay``). Every
-``inverse_every`` steps the factors are decomposed (``A = Q_A diag(a) Q_Aᵀ``,
-``S = Q_S diag(s) Q_Sᵀ``, or Cholesky factors of the damped factors), and every step the
-gradient ``V = ∇W`` becomes
+``A ← ε A + (1 − ε) Â``, ``S ← ε S + (1 − ε) Ŝ`` (``ε = factor_decay``; for a low-rank side,
+the EMA of its one-pass sketch, which is linear). Every ``inverse_every`` steps the factors are
+decomposed (eigendecompositions, or Cholesky inverses of the damped factors), and every step
+the gradient ``V = ∇W`` of each covered module (``[p, q]``, the bias a last column with
+``bias="joint"``) becomes the product of the damped inverse of its Kronecker block
+(:class:`~kronfac.linalg.KroneckerBlock`):
 
 - ``damping_mode="pi"`` (Martens & Grosse, 2015, §6.3): ``(S + δ_S I)⁻¹ V (A + δ_A I)⁻¹``
   with ``δ_A = π√δ``, ``δ_S = √δ/π``, ``π = √((tr A / q) / (tr S / p))`` (each at least
-  ``min_damping``; the factors as last decomposed), applied as the explicit inverses
-  ``Q_S diag(1/(s + δ_S)) Q_Sᵀ`` and ``Q_A diag(1/(a + δ_A)) Q_Aᵀ``;
-- ``damping_mode="tikhonov"``: ``(S ⊗ A + δI)⁻¹ vec V``, i.e. the same with ``s aᵀ + δ``;
+  ``min_damping``; the factors as last decomposed);
+- ``damping_mode="tikhonov"``: ``(S ⊗ A + δI)⁻¹ vec V``;
 - ``ekfac=True`` (George et al., 2018): ``Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + δ)] Q_Aᵀ`` with ``Λ`` a
-  running estimate of ``c Σ_n (Q_Sᵀ G_n Q_A)^{∘2}``, ``G_n = Σ_t g_{n,t} a_{n,t}ᵀ`` the
-  per-example gradients of the batch, updated every ``scale_every`` steps and reset to
-  ``s aᵀ`` whenever the basis is refreshed.
+  running estimate of the per-example gradients' second moments in the eigenbasis
+  (:class:`~kronfac.factors.ekfac.CorrectionSums`, the scale of ``Ŝ``), updated every
+  ``scale_every`` steps and reset to ``s aᵀ`` whenever the basis is refreshed.
 
-A separate bias (``bias="separate"``) gets ``(S + δ_S I)⁻¹`` alone (``s + δ`` in Tikhonov /
-EKFAC form). With a learning rate ``η`` the update is scaled by KL clipping (Ba et al., 2017):
-``ν = min(1, √(κ / |Σ η² ⟨v, ∇⟩|))`` over every covered parameter (``v`` the preconditioned
-gradient, ``κ = kl_clip``).
+A separate bias (``bias="separate"``) gets ``(S + δ_S I)⁻¹`` alone. With a learning rate ``η``
+the update is scaled by KL clipping (Ba et al., 2017): ``ν = min(1, √(κ / |Σ η² ⟨v, ∇⟩|))``
+over every covered parameter (``v`` the preconditioned gradient, ``κ = kl_clip``).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kronfac.errors import UncoveredParameterWarning, warn
-from kronfac.factors.data_pass import per_example
-from kronfac.factors.ekfac import rotated_second_moment
-from kronfac.factors.engine import FactorSums
-from kronfac.factors.selection import select_modules
+from kronfac.errors import NonFiniteError, UncoveredParameterWarning, warn
+from kronfac.factors import FactorPair, KroneckerFactors
+from kronfac.factors.data_pass import (
+    BatchInfo,
+    BatchRows,
+    PassSetup,
+    PassTally,
+    batch_size,
+    check_outputs_unchanged,
+    grad_rows,
+)
+from kronfac.factors.ekfac import CorrectionSums
+from kronfac.factors.engine import FactorAccumulator
+from kronfac.factors.hooks import Call, install_call_hooks
+from kronfac.factors.options import FactorOptions
 from kronfac.layers import LayerAdapter
-from kronfac.likelihoods import get_likelihood
-from kronfac.linalg import EigenBlock, KroneckerBlock, pi_damping
+from kronfac.linalg import (
+    Block,
+    DenseFactor,
+    EigenBlock,
+    Factor,
+    IdentityFactor,
+    KroneckerBlock,
+    LowRankFactor,
+    ShiftedLowRankFactor,
+    StreamingLowRank,
+    as_factor,
+)
 from kronfac.operators import Slot
 
 __all__ = ["KFACPreconditioner"]
 
 Schedule = float | Callable[[int], float]
 
-_FISHERS = ("empirical", "mc")
 _DAMPING_MODES = ("pi", "tikhonov")
 _INVERSE_METHODS = ("eigen", "cholesky")
+# options of compute_factors that have no meaning in a training loop
+_PASS_ONLY = ("forward", "num_data", "num_per_example_loss_terms", "progress")
 
 
 @dataclass
 class _Layer:
-    """One covered module: its parameters, this step's sums and the running state."""
+    """One covered module: its parameters and the running state.
+
+    ``A`` / ``S`` hold the running factors: a dense ``[(g,) d, d]`` or diagonal tensor, or, for
+    a low-rank side, its sketch ``Y = C Ω`` (``sketched`` says which); ``None`` is the identity
+    (``S`` of ``fisher="forward-only"``) or no statistics yet.
+    """
 
     name: str
     adapter: LayerAdapter
-    tied: list[LayerAdapter]
     weight: nn.Parameter
     bias: nn.Parameter | None
     joint: bool
     slots: tuple[Slot, ...]
-    sums: FactorSums | None = None
-    # this step's data points (a module called k times per forward pass counts them once) and
-    # the forward passes seen; the (forward pass, inputs, output gradients) kept for EKFAC
-    points: int = 0
-    forwards: set[int] = field(default_factory=set)
-    rows: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
     A: Tensor | None = None
     S: Tensor | None = None
-    # per slot: (s, Q_S, a, Q_A) eigendecompositions, or (S⁻¹, A⁻¹) damped Cholesky inverses
-    decomposed: list[tuple[Tensor | None, ...]] | None = None
-    scales: list[Tensor] | None = None  # EKFAC's Λ per slot
-    cache: tuple[float, list[Any]] | None = None  # (damping, the damped inverse's blocks)
+    sketched: tuple[bool, bool] = (False, False)
+    # per slot: (S, A) factors in eigen form (eigen method) or their damped inverses (cholesky)
+    decomposed: list[tuple[Factor, Factor | None]] | None = None
+    scales: list[Tensor] | None = None  # EKFAC's Λ per slot [g, k_S, k_A] (or [g, k_S])
+    complements: list[Tensor] | None = None  # EKFAC's complement eigenvalue per slot
+    cache: tuple[float, list[Block]] | None = None  # (damping, the damped inverse's blocks)
 
-    def blocks(self) -> list[KroneckerBlock]:
-        """The K-FAC blocks of the running factors (weight, then a separate bias)."""
-        A, S = self.A, self.S
-        if self.joint or self.bias is None:
-            return [KroneckerBlock(S, A, self.name)]  # type: ignore[arg-type]
-        return [
-            KroneckerBlock(S, A, self.name),  # type: ignore[arg-type]
-            KroneckerBlock(S, None, self.name, heuristic_A=A),  # type: ignore[arg-type]
-        ]
+
+@dataclass
+class _Step:
+    """What one step records: the factor sums, the rows for EKFAC's scales and the counts."""
+
+    tally: PassTally
+    sums: FactorAccumulator | None
+    scale_rows: list[BatchRows] | None  # kept until the step's basis is known
+    loss_entries: int = 0  # D': the entries the training loss averaged (empirical scale)
+    pending: list[tuple[BatchRows, list[tuple[str, Call]], list[Tensor | None]]] = field(
+        default_factory=list
+    )  # empirical: rows waiting for the training backward pass's gradients
+    failed: str | None = None  # a NaN / Inf met while recording
+    observed: set[int] = field(default_factory=set)  # model outputs already read
 
 
 def _check_schedule(name: str, value: Any, positive: bool) -> None:
@@ -130,12 +163,13 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 class KFACPreconditioner:
     r"""Replaces the gradients of the covered layers by K-FAC / EKFAC natural gradients.
 
-    Hooks record the inputs and output gradients of the covered modules during the training
-    loop's own forward and backward passes; :meth:`step` turns them into running factors and
-    overwrites each covered parameter's ``.grad`` by its preconditioned gradient (formulas in
-    the module docstring). Any torch optimizer then applies it::
+    Give it the model and the loss module the training loop calls; :meth:`step` turns the
+    recorded batches into running factors and overwrites each covered parameter's ``.grad``
+    by its preconditioned gradient (formulas in the module docstring). Any torch optimizer
+    then applies it::
 
-        precond = KFACPreconditioner(model, lr=0.1)
+        loss_fn = nn.CrossEntropyLoss()
+        precond = KFACPreconditioner(model, loss_fn=loss_fn, lr=0.1)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         for X, y in loader:
             opt.zero_grad()
@@ -143,16 +177,18 @@ class KFACPreconditioner:
             precond.step()
             opt.step()
 
-    With ``fisher="mc"``, call :meth:`mc_backward` between the forward pass and the training
-    backward pass. Gradient accumulation: call backward several times (each on a loss divided
-    by the number of micro-batches, as usual) before :meth:`step`. With a
-    ``torch.amp.GradScaler``, pass it as ``grad_scaler`` and call ``scaler.unscale_(opt)``
-    before :meth:`step`.
+    ``fisher="mc"`` needs nothing more: the labels are drawn at the loss call. Gradient
+    accumulation: call backward several times (each on a loss divided by the number of
+    micro-batches, as usual) before :meth:`step`. With a ``torch.amp.GradScaler``, pass it as
+    ``grad_scaler`` and call ``scaler.unscale_(opt)`` before :meth:`step`. A loop that computes
+    its loss otherwise calls :meth:`observe` with the model output and the targets.
 
     Args:
         model: The model; its supported layers with a trainable weight are covered (or those
-            ``modules`` selects). Grouped convolutions and embeddings are left out (warned).
-        damping: ``δ`` (>= 0), or a callable ``step -> δ``.
+            ``modules`` / ``exclude`` select), grouped convolutions and embeddings included.
+        loss_fn: The loss module the training loop calls on the model's output
+            (``nn.CrossEntropyLoss``, ``nn.MSELoss``, ``nn.BCEWithLogitsLoss``).
+        damping: ``δ`` (>= 0), or a callable ``step -> δ``, in the units of the curvature.
         factor_decay: ``ε`` in ``[0, 1)``.
         factor_every: Update the running factors every this many steps.
         inverse_every: Decompose them every this many steps.
@@ -160,27 +196,30 @@ class KFACPreconditioner:
         lr: The learning rate (a number or callable ``step -> η``), used by KL clipping only.
         ekfac: Precondition in EKFAC's eigenbasis with running eigenvalue scales.
         scale_every: With ``ekfac``, update the scales every this many steps.
-        modules: Name substrings selecting the covered modules; ``None``: every supported one.
-        exclude: Name substrings of modules to leave out, applied after ``modules``.
-        bias: ``"joint"`` (the bias as a last column of the weight) or ``"separate"``.
-        fisher: ``"empirical"`` (the training gradients) or ``"mc"`` (sampled labels).
         damping_mode: ``"pi"`` (π-adjusted factored damping) or ``"tikhonov"``; EKFAC always
             adds ``δ`` to its scales.
         inverse_method: ``"eigen"`` or ``"cholesky"`` (``"pi"`` damping only, K-FAC only; the
             damping is that of the decomposition step).
         min_damping: Lower bound of ``δ_A`` and ``δ_S`` under π-damping.
-        reduction: ``"mean"`` (the loss averages over the data points) or ``"sum"``.
         grad_scaler: The ``torch.amp.GradScaler`` scaling the backward pass, if any.
+        fisher: ``"empirical"`` (the training gradients), ``"mc"`` (sampled labels),
+            ``"type-2"`` or ``"forward-only"`` (``S = I``).
         seed: Seed of the generator drawing the labels of ``fisher="mc"``.
+        **factor_options: The engine's options (:class:`~kronfac.factors.FactorOptions`):
+            ``modules``, ``exclude``, ``bias``, ``approx``, ``mc_samples``, ``rank``,
+            ``rank_threshold``, ``oversample``, ``batch_size_fn``, ``strict``.
 
     Raises:
         ValueError: Out-of-range or unknown options, or a model without a covered layer.
+        TypeError: An option of a pass over data (``forward``, ``num_data``, ...), or a
+            ``loss_fn`` that is not a supported loss module.
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
+        loss_fn: nn.Module,
         damping: Schedule = 1e-3,
         factor_decay: float = 0.95,
         factor_every: int = 1,
@@ -189,16 +228,13 @@ class KFACPreconditioner:
         lr: Schedule | None = None,
         ekfac: bool = False,
         scale_every: int = 1,
-        modules: Iterable[str] | str | None = None,
-        exclude: Iterable[str] | str | None = None,
-        bias: str = "joint",
-        fisher: str = "empirical",
         damping_mode: str = "pi",
         inverse_method: str = "eigen",
         min_damping: float = 1e-8,
-        reduction: str = "mean",
         grad_scaler: Any = None,
+        fisher: str = "empirical",
         seed: int = 0,
+        **factor_options: Any,
     ) -> None:
         _check_schedule("damping", damping, positive=False)
         if lr is not None:
@@ -222,82 +258,72 @@ class KFACPreconditioner:
         if callable(min_damping):
             raise ValueError("min_damping must be a number >= 0.")
         _check_schedule("min_damping", min_damping, positive=False)
-        _check_choice("bias", bias, ("joint", "separate"))
-        _check_choice("fisher", fisher, _FISHERS)
         _check_choice("damping_mode", damping_mode, _DAMPING_MODES)
         _check_choice("inverse_method", inverse_method, _INVERSE_METHODS)
-        _check_choice("reduction", reduction, ("mean", "sum"))
         if inverse_method == "cholesky" and (ekfac or damping_mode == "tikhonov"):
             raise ValueError(
                 "inverse_method='cholesky' supports K-FAC with damping_mode='pi' only; EKFAC and "
                 "Tikhonov damping need inverse_method='eigen'."
             )
+        passed = sorted(set(factor_options) & set(_PASS_ONLY))
+        if passed:
+            raise TypeError(
+                f"{', '.join(passed)}: options of a pass over data, not of a training loop "
+                "(the loop's own forward pass and loss are recorded)."
+            )
+        options = FactorOptions.of(factor_options, fisher=fisher, seed=seed)
+        if ekfac and options.fisher == "forward-only":
+            raise ValueError("EKFAC needs output gradients: fisher='forward-only' has none.")
         self.damping, self.lr, self.kl_clip = damping, lr, kl_clip
         self.factor_decay = float(factor_decay)
-        self.factor_every, self.inverse_every, self.scale_every = (
-            factor_every,
-            inverse_every,
-            scale_every,
-        )
-        self.ekfac, self.fisher, self.damping_mode = bool(ekfac), fisher, damping_mode
-        self.inverse_method, self.min_damping, self.reduction = (
-            inverse_method,
-            float(min_damping),
-            reduction,
-        )
+        self.factor_every, self.inverse_every = factor_every, inverse_every
+        self.scale_every = scale_every
+        self.ekfac, self.damping_mode = bool(ekfac), damping_mode
+        self.inverse_method, self.min_damping = inverse_method, float(min_damping)
         self.grad_scaler = grad_scaler
         self.steps = 0
-        # the MC labels' generator lives on the model outputs' device (made at the first draw)
-        self._seed = seed
-        self._generator: torch.Generator | None = None
-        self._layers = self._select(model, modules, exclude, bias == "joint")
-        self._pending: list[tuple[_Layer, LayerAdapter, Tensor, Tensor, int]] = []
+        with warnings.catch_warnings():  # uncovered parameters get the plain update
+            warnings.simplefilter("ignore", UncoveredParameterWarning)
+            self.setup = PassSetup.create(model, loss_fn, options)
+        self.loss_fn = loss_fn
+        self._layers = self._covered(model)
+        self._generator: torch.Generator | None = None  # on the outputs' device, at first use
+        self._calls: dict[str, list[Call]] = {name: [] for name in self.setup.adapters}
+        self._inputs: Any = None  # the model's latest input (the batch's N, padding)
+        self._step: _Step | None = None
         self._recorded = False
-        self._forward = 0  # counts the model's forward passes (calls of one are positions)
-        self._handles = [model.register_forward_pre_hook(self._next_forward)] + [
-            adapter.module.register_forward_hook(self._make_hook(layer, adapter), with_kwargs=True)
-            for layer in self._layers.values()
-            for adapter in [layer.adapter, *layer.tied]
+        self._model_outputs: set[Any] = set()  # autograd nodes of the latest forward's outputs
+        self._handles = [
+            model.register_forward_pre_hook(self._record_input, with_kwargs=True),
+            model.register_forward_hook(self._record_output),
+            loss_fn.register_forward_hook(self._record_loss, with_kwargs=True),
+            *install_call_hooks(
+                self._calls, self.setup.adapters, self.setup.tied, active=self._records_now
+            ),
         ]
 
     # -- setup ------------------------------------------------------------------------------
-    @staticmethod
-    def _select(
-        model: nn.Module,
-        modules: Iterable[str] | str | None,
-        exclude: Iterable[str] | str | None,
-        joint: bool,
-    ) -> dict[str, _Layer]:
-        with warnings.catch_warnings():  # uncovered parameters get the plain update
-            warnings.simplefilter("ignore", UncoveredParameterWarning)
-            adapters, names, tied = select_modules(model, modules, exclude=exclude)
+    def _covered(self, model: nn.Module) -> dict[str, _Layer]:
         params = dict(model.named_parameters())
-        layers, left_out = {}, []
-        for name, adapter in adapters.items():
-            if adapter.groups > 1 or adapter.diagonal_input:
-                left_out.append(name)
-                continue
-            weight = params[names[name].weight]
-            bias = None if names[name].bias is None else params[names[name].bias]
+        layers = {}
+        for name, adapter in self.setup.adapters.items():
+            names = self.setup.param_names[name]
+            weight = params[names.weight]
+            bias = None if names.bias is None else params[names.bias]
             nw = weight.numel()
-            end = nw + (0 if bias is None else bias.numel())
-            b_slice = None if bias is None else slice(nw, end)
+            b_slice = None if bias is None else slice(nw, nw + bias.numel())
+            joint = self.setup.joint_bias(name)
             if joint or bias is None:
                 slots: tuple[Slot, ...] = (Slot(adapter, slice(0, nw), b_slice),)
             else:
                 slots = (Slot(adapter, slice(0, nw), None), Slot(adapter, None, b_slice))
-            layers[name] = _Layer(
-                name, adapter, tied.get(name, []), weight, bias, joint and bias is not None, slots
-            )
-        if left_out:
-            warn(
-                f"Modules {left_out} (grouped convolutions, embeddings) are not preconditioned; "
-                "their parameters keep their plain gradients.",
-                UncoveredParameterWarning,
-            )
-        if not layers:
-            raise ValueError("The model has no layer K-FAC can precondition.")
+            layers[name] = _Layer(name, adapter, weight, bias, joint, slots)
         return layers
+
+    @property
+    def fisher(self) -> str:
+        """The Fisher type of the statistics."""
+        return self.setup.options.fisher
 
     @property
     def modules(self) -> list[str]:
@@ -320,102 +346,181 @@ class KFACPreconditioner:
         self._handles.clear()
 
     # -- recording --------------------------------------------------------------------------
-    def _next_forward(self, *_: Any) -> None:
-        self._forward += 1
-
     def _records_now(self) -> bool:
         """Whether this step's passes feed the factors or the EKFAC scales."""
-        return self.steps % self.factor_every == 0 or self._scale_step()
+        return torch.is_grad_enabled() and (self._factor_step() or self._scale_step())
+
+    def _factor_step(self) -> bool:
+        return self.steps % self.factor_every == 0
 
     def _scale_step(self) -> bool:
         return self.ekfac and self.steps % self.scale_every == 0
 
-    def _make_hook(self, layer: _Layer, adapter: LayerAdapter) -> Callable[..., None]:
-        def hook(
-            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-        ) -> None:
-            if not (torch.is_grad_enabled() and isinstance(output, Tensor)):
-                return
-            if not output.requires_grad or not self._records_now():
-                return
-            x = adapter.layer_input(args, kwargs).detach()
-            forward = self._forward
-            if self.fisher == "mc":
-                self._pending.append((layer, adapter, x, output, forward))
-            else:
-                output.register_hook(lambda g: self._record(layer, adapter, x, g, forward))
+    def _record_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict) -> None:
+        """A new forward pass: its input, and none of the previous pass's calls."""
+        if self._records_now():
+            self._inputs = kwargs if kwargs and not args else args[0] if len(args) == 1 else args
+            for calls in self._calls.values():
+                calls.clear()
 
-        return hook
-
-    def _record(
-        self, layer: _Layer, adapter: LayerAdapter, x: Tensor, g: Tensor, forward: int
-    ) -> None:
-        """Add one call's inputs ``x`` and output gradient ``g`` to this step's sums.
-
-        The calls of one forward pass are positions of the same data points: ``A`` averages
-        over all of them, while the data points count once (``c`` of ``Ŝ``).
-        """
-        n, dtype = g.shape[0], _factor_dtype(layer.weight)
-        rows = per_example(adapter.input_rows(x), n, layer.name, "input", self.steps, 0)
-        grads = per_example(
-            adapter.output_grad_rows(g.detach()[None]), n, layer.name, "output", self.steps, 1
+    def _record_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """The autograd nodes of the model's outputs (a Tensor, or a mapping / tuple of them)."""
+        values = (
+            output.values()
+            if isinstance(output, dict)
+            else (output if isinstance(output, (tuple, list)) else [output])
         )
-        rows, grads = rows.to(dtype), grads.to(dtype)
-        if layer.sums is None:
-            layer.sums = FactorSums(adapter, dtype, rows.device, layer.joint)
-        layer.sums.add_inputs(rows)
-        layer.sums.add_output_grads(grads)
-        if forward not in layer.forwards:
-            layer.forwards.add(forward)
-            layer.points += n
-        if self._scale_step():
-            ones = (adapter.append_bias(rows) if layer.joint else rows).clone()
-            layer.rows.append((forward, ones, grads.clone()))
+        self._model_outputs = {
+            v.grad_fn for v in values if isinstance(v, Tensor) and v.grad_fn is not None
+        }
+
+    def _from_model(self, output: Tensor, depth: int = 64) -> bool:
+        """Whether ``output`` is computed from the latest forward's outputs (a graph search)."""
+        frontier, seen = [output.grad_fn], 0
+        while frontier and seen < depth:
+            node = frontier.pop()
+            if node is None:
+                continue
+            if node in self._model_outputs:
+                return True
+            seen += 1
+            frontier.extend(f for f, _ in node.next_functions)
+        return False
+
+    def _record_loss(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict, loss: Tensor
+    ) -> None:
+        values = [*args, *kwargs.values()]
+        if len(values) >= 2 and isinstance(values[0], Tensor) and values[0].requires_grad:
+            self.observe(values[0], values[1])
+
+    def observe(self, output: Tensor, targets: Tensor) -> None:
+        """Record one batch: the model's ``output`` (from its latest forward pass) and targets.
+
+        The loss module's call does this; a training loop that computes its loss otherwise
+        calls it after the forward pass and before the backward pass. A batch is recorded once
+        (a second call with the same output does nothing). For ``fisher="mc"`` / ``"type-2"``
+        it backpropagates the sampled labels' (the Hessian root's) gradients to the covered
+        modules' outputs now, keeping the graph for the training backward pass; no parameter
+        ``.grad`` changes.
+
+        Raises:
+            ValueError: Shapes that do not fit the loss or the batch's data points.
+            TypeError: Targets of the wrong dtype.
+        """
+        if not self._records_now() or not output.requires_grad:
+            return
+        if not any(self._calls.values()) or not self._from_model(output):
+            return  # not an output of this model's latest recorded forward pass
+        step = self._step or self._new_step()
+        if id(output) in step.observed:
+            return
+        step.observed.add(id(output))
+        b = len(step.observed) - 1
+        n, source = batch_size(self._inputs, targets, self.setup.options.batch_size_fn, b)
+        batch = step.tally.read(b, self._inputs, targets, output, n, source)
+        try:
+            rows = step.tally.rows(batch, self._calls)
+            self._drop_not_batch_first(step)
+            self._read_gradients(step, batch, rows, targets)
+        except NonFiniteError as err:
+            step.failed = str(err)
+        finally:
+            for calls in self._calls.values():
+                calls.clear()
         self._recorded = True
 
-    def mc_backward(self, output: Tensor, loss_fn: nn.Module) -> None:
-        """Record ``fisher="mc"`` statistics: backpropagate labels sampled from ``output``.
+    def mc_backward(
+        self, output: Tensor, loss_fn: nn.Module | None = None, targets: Tensor | None = None
+    ) -> None:
+        """:meth:`observe` for loops written for earlier versions (``fisher="mc"``).
 
-        Call it after the forward pass and before (or instead of) the training backward pass:
-        it draws one label per loss term from the model's predictive distribution (private
-        generator), and backpropagates the gradient of ``loss_fn`` at those labels to the
-        covered modules' outputs only (``torch.autograd.grad``, the graph is kept): no
-        parameter ``.grad`` changes. It costs about one extra backward pass without the weight
-        gradients.
+        Nothing to do when the loss module already saw ``output`` (it records the batch).
 
         Raises:
             RuntimeError: If ``fisher`` is not ``"mc"``.
-            ValueError: If ``loss_fn``'s reduction differs from ``reduction``.
+            ValueError: A ``loss_fn`` other than the preconditioner's, or no ``targets`` for an
+                output the loss has not seen.
         """
         if self.fisher != "mc":
             raise RuntimeError("mc_backward is for fisher='mc'; this preconditioner is empirical.")
-        likelihood = get_likelihood(loss_fn)
-        if likelihood.reduction != self.reduction:
+        if loss_fn is not None and loss_fn is not self.loss_fn:
             raise ValueError(
-                f"loss_fn has reduction={likelihood.reduction!r} but the preconditioner "
-                f"reduction={self.reduction!r}."
+                "mc_backward got another loss_fn than the preconditioner's loss_fn; the labels "
+                "are drawn from the loss given to the preconditioner."
             )
-        pending, self._pending = self._pending, []
-        if not pending:
+        step = self._step
+        if step is not None and id(output) in step.observed:
             return
-        likelihood.check(output, None)
-        terms = likelihood.to_terms(output.detach())
-        if self._generator is None or self._generator.device != terms.device:
-            self._generator = torch.Generator(device=terms.device).manual_seed(self._seed)
-        labels = likelihood.sample(terms, 1, self._generator)
-        vectors = likelihood.gradient(terms, labels)  # [1, M, C]
-        divisor = likelihood.mean_divisor(terms.shape[0], terms.shape[-1])
-        vector = likelihood.from_terms(vectors, output)[0] / divisor
-        grads = torch.autograd.grad(
-            output,
-            [item[3] for item in pending],
-            grad_outputs=vector.to(output.dtype),
-            retain_graph=True,
-            allow_unused=True,
-        )
-        for (layer, adapter, x, _, forward), g in zip(pending, grads, strict=True):
-            if g is not None:
-                self._record(layer, adapter, x, g, forward)
+        if targets is None:
+            raise ValueError(
+                "mc_backward needs the targets (ignore_index, shapes): pass targets=, or call "
+                "the preconditioner's loss_fn(output, targets) first, which records the batch."
+            )
+        self.observe(output, targets)
+
+    def _new_step(self) -> _Step:
+        tally = PassTally(self.setup)
+        tally.generator = self._generator
+        sums = FactorAccumulator(self.setup) if self._factor_step() else None
+        self._step = _Step(tally, sums, [] if self._scale_step() else None)
+        return self._step
+
+    def _drop_not_batch_first(self, step: _Step) -> None:
+        """Leave out (with a warning) modules whose output is not batch-first, once."""
+        dropped = [n for n in step.tally.not_batch_first if n in self._layers]
+        for name in dropped:
+            del self._layers[name]
+        if dropped:
+            warn(
+                f"Module(s) {', '.join(map(repr, dropped))} returned outputs without the "
+                f"batch's data points first ({'; '.join(step.tally.not_batch_first.values())})"
+                ": they are not preconditioned and keep their plain gradients.",
+                UncoveredParameterWarning,
+            )
+
+    def _read_gradients(
+        self, step: _Step, batch: BatchInfo, rows: BatchRows, targets: Tensor
+    ) -> None:
+        """The batch's output gradients: backpropagated now, or from the training backward."""
+        fisher = self.fisher
+        if fisher == "forward-only":
+            self._add(step, rows)
+            return
+        if fisher != "empirical":
+            rows.grads = step.tally.gradients(batch, rows, self._calls, False, retain_graph=True)
+            self._generator = step.tally.generator
+            if step.scale_rows is not None and fisher == "type-2" and batch.terms_per_point > 1:
+                per_term = step.tally.gradients(batch, rows, self._calls, True, retain_graph=True)
+                self._add(step, rows, BatchRows(**{**vars(rows), "grads": per_term}))
+            else:
+                self._add(step, rows)
+            return
+        likelihood = self.setup.likelihood
+        ignored = likelihood.term_mask(targets, batch.output)
+        terms = likelihood.num_terms(batch.output) if ignored is None else int(ignored.sum())
+        step.loss_entries += likelihood.mean_divisor(terms, likelihood.num_classes(batch.output))
+        flat = [(name, c) for name in rows.masks for c in self._calls[name]]
+        captured: list[Tensor | None] = [None] * len(flat)
+        for i, (_, c) in enumerate(flat):
+            c.output.register_hook(_capture(captured, i))
+        step.pending.append((rows, flat, captured))
+
+    def _add(self, step: _Step, rows: BatchRows, scale_rows: BatchRows | None = None) -> None:
+        """Feed one batch to the step's factor sums and EKFAC scale sums."""
+        if step.sums is not None:
+            step.sums.add(rows)
+        if step.scale_rows is not None:
+            step.scale_rows.append(scale_rows or rows)
+
+    def _finish_empirical(self, step: _Step) -> None:
+        """Turn the gradients the training backward pass left into the pending rows' ``g``."""
+        for rows, flat, captured in step.pending:
+            check_outputs_unchanged(flat, rows.index)
+            grads = [None if g is None else g.detach()[None] for g in captured]
+            rows.grads = grad_rows(flat, grads, rows.n, rows.dtype, rows.index, rows.masks)
+            self._add(step, rows)
+        step.pending.clear()
 
     # -- the step ---------------------------------------------------------------------------
     def _value(self, name: str, value: Schedule) -> float:
@@ -433,74 +538,114 @@ class KFACPreconditioner:
             NaN / Inf (a warning names the module; gradients and running state unchanged).
 
         Raises:
-            RuntimeError: If no backward pass was recorded before the first step.
+            RuntimeError: If no batch was recorded before the first step.
         """
         if self.steps == 0 and not self._recorded:
             raise RuntimeError(
-                "step() before any recorded backward pass: run the forward pass and "
-                "loss.backward() first"
-                + (" (and mc_backward for fisher='mc')." if self.fisher == "mc" else ".")
+                "step() before any recorded batch: run the forward pass, "
+                "loss = loss_fn(output, y) with the preconditioner's loss_fn (or "
+                "observe(output, y)) and loss.backward() first."
             )
         damping = self._value("damping", self.damping)
-        self._pending = []
+        step, self._step = self._step, None
         try:
-            if not self._update_factors():
+            if step is not None and not self._update(step):
                 return False
             if self.steps % self.inverse_every == 0 or any(
                 lay.decomposed is None and lay.A is not None for lay in self._layers.values()
             ):
                 self._decompose(damping)
-            if self._scale_step():
-                self._update_scales()
+            if step is not None and step.scale_rows:
+                self._update_scales(step.scale_rows, self._gradient_scale(step))
             self._precondition(damping)
         finally:
-            for layer in self._layers.values():
-                layer.sums, layer.rows, layer.points, layer.forwards = None, [], 0, set()
-            self._forward += 1  # calls in the next step never join this step's data points
+            self._inputs = None
         self.steps += 1
         return True
 
-    def _unscale(self) -> float:
-        """``1 / scale²`` of the GradScaler (the recorded output gradients carry ``scale``)."""
-        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
-            return 1.0
-        return 1.0 / float(self.grad_scaler.get_scale()) ** 2
-
-    def _batch_scale(self, count: int) -> float:
-        """``c``: ``N`` for a mean-reduced loss, ``1/N`` for a summed one, ``/ scale²``."""
-        return (count if self.reduction == "mean" else 1.0 / count) * self._unscale()
-
-    def _update_factors(self) -> bool:
-        """EMA update from this step's sums; ``False`` (and a warning) if any is non-finite."""
-        if self.steps % self.factor_every != 0:
+    def _update(self, step: _Step) -> bool:
+        """Running factors from the step's sums; ``False``: skip the step (NaN / Inf)."""
+        if step.failed is None:
+            try:
+                self._finish_empirical(step)
+            except NonFiniteError as err:
+                step.failed = str(err)
+        if step.failed is not None:
+            if self.grad_scaler is None:
+                warn(
+                    f"{step.failed} Step {self.steps} skipped: gradients and running state "
+                    "unchanged.",
+                    RuntimeWarning,
+                )
+            return False
+        if step.tally.total == 0:
             return True
-        fresh = {}
-        for name, layer in self._layers.items():
-            sums = layer.sums
-            if sums is None or sums.count == 0:
+        if step.sums is not None:
+            self._update_factors(step.sums, step.tally.total, self._gradient_scale(step))
+        return True
+
+    def _gradient_scale(self, step: _Step) -> float:
+        """``c`` with ``Ŝ = c Σ g gᵀ`` for the recorded ``g`` (module docstring)."""
+        likelihood, tally = self.setup.likelihood, step.tally
+        D = likelihood.mean_divisor(tally.terms, tally.C or 1)
+        if self.fisher != "empirical":
+            return 1.0 / D
+        c = 1.0 if likelihood.reduction == "sum" else step.loss_entries**2 / D
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            c /= float(self.grad_scaler.get_scale()) ** 2
+        return c
+
+    def _update_factors(self, sums: FactorAccumulator, num_data: int, scale: float) -> None:
+        """EMA of the step's normalised factor sums (sketches for low-rank sides)."""
+        eps, identity = self.factor_decay, self.fisher == "forward-only"
+        for name, acc in sums.sums.items():
+            layer = self._layers.get(name)
+            if layer is None or acc.count == 0:
                 continue
-            A = sums.input_factor(layer.joint, sums.count)
-            S = sums.ggT * self._batch_scale(layer.points)
-            # a NaN / Inf in any input or gradient row reaches the diagonal (as a_j², g_j²)
-            diagonals = torch.cat([A.diagonal(), S.diagonal()])
-            if not bool(torch.isfinite(diagonals).all()):
-                if self.grad_scaler is None:
-                    warn(
-                        f"Non-finite values (NaN or Inf) in the K-FAC statistics of module "
-                        f"{name!r} at step {self.steps}: step skipped, gradients unchanged.",
-                        RuntimeWarning,
-                    )
-                return False
-            fresh[name] = (A, S)
-        eps = self.factor_decay
-        for name, (A, S) in fresh.items():
-            layer = self._layers[name]
+            if acc.A_stream is not None:
+                A = acc.A_stream.Y / num_data
+            else:
+                A = acc.input_factor(layer.joint, num_data)  # type: ignore[assignment]
+            S = None
+            if not identity:
+                S = acc.S_stream.Y * scale if acc.S_stream is not None else acc.ggT * scale
+            layer.sketched = (acc.A_stream is not None, acc.S_stream is not None)
             if layer.A is None:
                 layer.A, layer.S = A, S
-            else:
-                layer.A.mul_(eps).add_(A, alpha=1 - eps)
+                continue
+            layer.A.mul_(eps).add_(A, alpha=1 - eps)
+            if S is not None:
                 layer.S.mul_(eps).add_(S, alpha=1 - eps)  # type: ignore[union-attr]
-        return True
+
+    def _factor(self, layer: _Layer, side: str) -> Tensor | LowRankFactor:
+        """A running factor as :class:`~kronfac.KroneckerFactors` holds it."""
+        options, adapter = self.setup.options, layer.adapter
+        value = layer.A if side == "A" else layer.S
+        d = adapter.in_features + layer.joint if side == "A" else adapter.out_features
+        if value is None:  # forward-only: S = I, as compute_factors returns it
+            eye = torch.eye(d, dtype=layer.A.dtype, device=layer.A.device)  # type: ignore[union-attr]
+            return eye if adapter.groups == 1 else eye.expand(adapter.groups, d, d).clone()
+        if not layer.sketched["AS".index(side)]:
+            return value
+        stream = StreamingLowRank(d, options.rank, value.device, options.oversample)  # type: ignore[arg-type]
+        stream.Y = value
+        return stream.result(1.0, self._dtype(layer))
+
+    def _dtype(self, layer: _Layer) -> torch.dtype:
+        return torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+
+    def _blocks(self, layer: _Layer) -> list[KroneckerBlock]:
+        """The K-FAC blocks of the running factors (weight, then a separate bias)."""
+        A = as_factor(self._factor(layer, "A"), layer.name, diagonal=layer.adapter.diagonal_input)
+        if layer.S is None:  # forward-only: S = I, never a matrix
+            ones = torch.ones(A.groups, dtype=A.dtype, device=A.device)
+            S: Factor = IdentityFactor(layer.adapter.out_features, ones, layer.name)
+        else:
+            S = as_factor(self._factor(layer, "S"), layer.name)
+        blocks = [KroneckerBlock(S, A, layer.name)]
+        if len(layer.slots) == 2:
+            blocks.append(KroneckerBlock(S, None, layer.name, heuristic_A=A))
+        return blocks
 
     def _decompose(self, damping: float) -> None:
         """Refresh each layer's decompositions; a failure keeps the last good one and warns."""
@@ -508,14 +653,14 @@ class KFACPreconditioner:
             if layer.A is None:
                 continue
             try:
-                parts: list[tuple[Tensor | None, ...]] = []
-                for block in layer.blocks():
+                parts = []
+                for block in self._blocks(layer):
                     if self.inverse_method == "cholesky":
                         inv = block.inverse(damping, heuristic=True, min_damping=self.min_damping)
-                        parts.append((inv.S, inv.A))  # type: ignore[attr-defined]
+                        parts.append((inv.factor_S, None if block.single else inv.factor_A))
                     else:
-                        s, Q_S, a, Q_A = block.eigen()
-                        parts.append((s, Q_S, a, Q_A))
+                        A = None if block.single else _eigen_form(block.factor_A)
+                        parts.append((_eigen_form(block.factor_S), A))
             except (ValueError, RuntimeError) as err:  # NotPSDError, LinAlgError
                 warn(
                     f"Decomposing the factors of module {name!r} failed at step {self.steps} "
@@ -525,74 +670,100 @@ class KFACPreconditioner:
                 continue
             layer.decomposed, layer.cache = parts, None
             if self.ekfac:  # the scales restart from K-FAC's eigenvalues in the new basis
-                layer.scales = [s[:, :, None] * a[:, None, :] for s, _, a, _ in parts]  # type: ignore[index]
+                self._reset_scales(layer)
 
-    def _update_scales(self) -> None:
-        """EKFAC: EMA of the batch's per-example second moments in the current basis.
+    def _bases(self, layer: _Layer) -> tuple[Tensor | None, Tensor]:
+        """``(Q_A, Q_S)`` of the decomposition (the weight's block), per group if grouped."""
+        S, A = layer.decomposed[0]  # type: ignore[index]
+        bases = (A.eigenbasis().vectors, S.eigenbasis().vectors)  # type: ignore[union-attr]
+        if layer.adapter.groups == 1:
+            return tuple(None if Q is None else Q[0] for Q in bases)  # type: ignore[return-value]
+        return bases  # type: ignore[return-value]
 
-        The calls of one forward pass are joined along the positions first, so that the
-        per-example gradient sums over every call before it is squared.
-        """
+    def _reset_scales(self, layer: _Layer) -> None:
+        scales, complements = [], []
+        for S, A in layer.decomposed:  # type: ignore[union-attr]
+            s, a = S.eigenbasis(), None if A is None else A.eigenbasis()
+            if a is None:
+                scales.append(s.values)
+                complements.append(s.complement)
+            else:
+                scales.append(s.values[:, :, None] * a.values[:, None, :])
+                complements.append(s.complement * a.complement)
+        layer.scales, layer.complements = scales, complements
+
+    def _update_scales(self, rows: list[BatchRows], scale: float) -> None:
+        """EKFAC: EMA of the step's per-example second moments in the current basis."""
         eps = self.factor_decay
-        for layer in self._layers.values():
-            if not layer.rows or layer.decomposed is None or layer.scales is None:
+        layers = {n: lay for n, lay in self._layers.items() if lay.decomposed is not None}
+        partial = {n for n, lay in layers.items() if any(lay.sketched)}
+        sums = CorrectionSums(
+            self.setup, {n: self._bases(lay) for n, lay in layers.items()}, partial
+        )
+        for batch in rows:
+            sums.add(
+                BatchRows(
+                    **{
+                        **vars(batch),
+                        "grads": {k: g for k, g in batch.grads.items() if k in layers},
+                    }
+                )
+            )
+        for name, corr in sums.corrections(1.0).items():
+            layer = self._layers.get(name)
+            if layer is None or layer.scales is None:
                 continue
-            per_forward: dict[int, list[tuple[Tensor, Tensor]]] = {}
-            for forward, x, g in layer.rows:
-                per_forward.setdefault(forward, []).append((x, g))
-            joined = [
-                (torch.cat([x for x, _ in calls], dim=1), torch.cat([g for _, g in calls], dim=2))
-                for calls in per_forward.values()
-            ]
-            c = self._batch_scale(layer.points)
-            for i, (_, Q_S, _, Q_A) in enumerate(layer.decomposed):
-                is_bias = len(layer.decomposed) == 2 and i == 1
-                fresh = torch.zeros_like(layer.scales[i][0])
-                for x, g in joined:
-                    xa = x.new_ones(*x.shape[:-1], 1) if is_bias else x
-                    gt = g @ Q_S[0]  # type: ignore[index]
-                    at = xa if Q_A is None else xa @ Q_A[0]
-                    fresh += rotated_second_moment(gt, at)
-                layer.scales[i].mul_(eps).add_(fresh[None], alpha=(1 - eps) * c)
+            fresh = [corr.eigenvalues] + ([corr.bias_eigenvalues] if len(layer.slots) == 2 else [])
+            rest = [corr.complement, corr.bias_complement]
+            for i, lam in enumerate(fresh):
+                lam = lam if lam.ndim == layer.scales[i].ndim else lam[None]
+                layer.scales[i].mul_(eps).add_(lam, alpha=(1 - eps) * scale)
+                if rest[i] is not None:
+                    layer.complements[i].mul_(eps).add_(rest[i], alpha=(1 - eps) * scale)  # type: ignore[index]
             layer.cache = None
 
-    def _inverse_blocks(self, layer: _Layer, damping: float) -> list[Any]:
+    def _inverse_blocks(self, layer: _Layer, damping: float) -> list[Block]:
         """The per-slot blocks applying the damped inverse to a ``[p, q, k]`` gradient.
 
         Cached until the damping changes or the decomposition / EKFAC scales are refreshed.
-        Factored (π) damping is applied as the explicit inverses ``(S + δ_S I)⁻¹`` and
-        ``(A + δ_A I)⁻¹`` (two products per step instead of four rotations).
+        Factored (π) inverses of dense factors are held as dense matrices: two products per
+        step instead of four rotations.
         """
         assert layer.decomposed is not None
         if layer.cache is not None and layer.cache[0] == damping:
             return layer.cache[1]
-        if self.inverse_method == "cholesky":
-            out: list[Any] = [
-                KroneckerBlock(S_inv, A_inv, layer.name)  # type: ignore[arg-type]
-                for S_inv, A_inv in layer.decomposed
-            ]
-        else:
-            out = []
-            weight_a = layer.decomposed[0][2]  # π of a separate bias: its weight's A
-            for i, (s, Q_S, a, Q_A) in enumerate(layer.decomposed):
-                if self.ekfac:
-                    lam = layer.scales[i] + damping  # type: ignore[index]
-                elif self.damping_mode == "tikhonov":
-                    lam = s[:, :, None] * a[:, None, :] + damping  # type: ignore[index]
-                else:  # π from the decomposed factors' mean eigenvalues (their traces)
-                    d_S, d_A = pi_damping(
-                        weight_a.mean(-1),
-                        s.mean(-1),
-                        damping,
-                        self.min_damping,  # type: ignore[union-attr]
+        out: list[Block] = []
+        weight_A = layer.decomposed[0][1]
+        for i, (S, A) in enumerate(layer.decomposed):
+            if self.inverse_method == "cholesky":
+                out.append(KroneckerBlock(S, A, layer.name))
+            elif self.ekfac:
+                Q_A = None if A is None else A.eigenbasis().vectors
+                lam = layer.scales[i] + damping  # type: ignore[index]
+                rest = float(layer.complements[i].max()) + damping  # type: ignore[index]
+                lam = lam[..., None] if A is None else lam
+                Q_S = S.eigenbasis().vectors
+                out.append(
+                    EigenBlock(Q_S, Q_A, lam.reciprocal(), layer.name, 1 / rest if rest else 0.0)
+                )
+            else:
+                block = KroneckerBlock(
+                    S, A, layer.name, heuristic_A=weight_A if A is None else None
+                )
+                heuristic = self.damping_mode == "pi"
+                inv = block.inverse(
+                    damping,
+                    heuristic=heuristic,
+                    min_damping=self.min_damping,
+                    exact=not heuristic,
+                )
+                if isinstance(inv, KroneckerBlock):
+                    inv = KroneckerBlock(
+                        _densified(inv.factor_S),
+                        None if inv.single else _densified(inv.factor_A),
+                        layer.name,
                     )
-                    S_inv = (Q_S / (s + d_S[:, None])[:, None, :]) @ Q_S.transpose(-1, -2)  # type: ignore[operator, union-attr]
-                    A_inv = None
-                    if i == 0:
-                        A_inv = (Q_A / (a + d_A[:, None])[:, None, :]) @ Q_A.transpose(-1, -2)  # type: ignore[operator, union-attr]
-                    out.append(KroneckerBlock(S_inv, A_inv, layer.name))
-                    continue
-                out.append(EigenBlock(Q_S, Q_A, lam.reciprocal(), layer.name))  # type: ignore[arg-type]
+                out.append(inv)
         layer.cache = (damping, out)
         return out
 
@@ -606,7 +777,7 @@ class KFACPreconditioner:
             parts = [layer.weight.grad.reshape(-1)]
             if layer.bias is not None:
                 parts.append(layer.bias.grad.reshape(-1))  # type: ignore[union-attr]
-            grad = torch.cat(parts)[:, None].to(_factor_dtype(layer.weight))
+            grad = torch.cat(parts)[:, None].to(self._dtype(layer))
             out = torch.empty_like(grad)
             for slot, block in zip(layer.slots, self._inverse_blocks(layer, damping), strict=True):
                 slot.scatter(block.matmat(slot.gather(grad)), out)
@@ -623,6 +794,31 @@ class KFACPreconditioner:
             if layer.bias is not None:
                 layer.bias.grad.copy_(v[nw:].reshape(layer.bias.shape)).mul_(nu)  # type: ignore[union-attr]
 
+    # -- the factors as an operator ---------------------------------------------------------
+    def factors(self) -> KroneckerFactors:
+        """The running factors as :class:`~kronfac.KroneckerFactors` (current, not decomposed).
+
+        ``kronfac.KFAC.from_factors(precond.factors(), model)`` is the curvature the
+        preconditioner damps and inverts (at a refresh).
+
+        Raises:
+            RuntimeError: Before the first factor update.
+        """
+        pairs = {
+            name: FactorPair(*(_copy(self._factor(layer, side)) for side in "AS"))
+            for name, layer in self._layers.items()
+            if layer.A is not None
+        }
+        if not pairs:
+            raise RuntimeError("No factors yet: take a step first.")
+        return KroneckerFactors(
+            pairs,
+            param_names={n: self.setup.param_names[n] for n in pairs},
+            options=self.setup.recorded,
+            num_data=1,
+            num_per_example_loss_terms=1,
+        )
+
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Step counter, running factors, decompositions, EKFAC scales and the MC generator."""
@@ -631,8 +827,12 @@ class KFACPreconditioner:
             layers[name] = {
                 "A": layer.A,
                 "S": layer.S,
-                "decomposed": layer.decomposed,
+                "sketched": layer.sketched,
+                "decomposed": None
+                if layer.decomposed is None
+                else [tuple(_factor_state(F) for F in pair) for pair in layer.decomposed],
                 "scales": layer.scales,
+                "complements": layer.complements,
             }
         return {
             "steps": self.steps,
@@ -667,8 +867,8 @@ class KFACPreconditioner:
             )
 
         def copy(t: Any, like: Tensor) -> Any:
-            if t is None:
-                return None
+            if t is None or isinstance(t, (bool, int, float, str)):
+                return t
             if isinstance(t, Tensor):
                 return t.detach().clone().to(device=like.device)
             return type(t)(copy(u, like) for u in t)
@@ -676,8 +876,18 @@ class KFACPreconditioner:
         for name, layer in self._layers.items():
             saved = state["layers"][name]
             layer.A, layer.S = copy(saved["A"], layer.weight), copy(saved["S"], layer.weight)
-            layer.decomposed = copy(saved["decomposed"], layer.weight)
+            layer.sketched = tuple(saved["sketched"])  # type: ignore[assignment]
+            decomposed = saved["decomposed"]
+            layer.decomposed = (
+                None
+                if decomposed is None
+                else [
+                    tuple(_factor_from_state(copy(F, layer.weight), name) for F in pair)
+                    for pair in decomposed
+                ]  # type: ignore[misc]
+            )
             layer.scales = copy(saved["scales"], layer.weight)
+            layer.complements = copy(saved["complements"], layer.weight)
             layer.cache = None
         self.steps = int(state["steps"])
         self._generator = None
@@ -687,6 +897,48 @@ class KFACPreconditioner:
             self._generator.set_state(state["generator"])
 
 
-def _factor_dtype(weight: Tensor) -> torch.dtype:
-    """Factors are float32 for half-precision weights, the weight's dtype otherwise."""
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+def _copy(F: Tensor | LowRankFactor) -> Tensor | LowRankFactor:
+    """A copy that the running (in-place) updates do not reach."""
+    return F.clone() if isinstance(F, Tensor) else F
+
+
+def _capture(store: list[Tensor | None], i: int) -> Callable[[Tensor], None]:
+    def hook(g: Tensor) -> None:
+        store[i] = g if store[i] is None else store[i] + g
+
+    return hook
+
+
+def _eigen_form(F: Factor) -> Factor:
+    """``F`` held as its eigendecomposition (dense factors; the others already are)."""
+    if not isinstance(F, DenseFactor):
+        return F
+    basis = F.eigenbasis()
+    return ShiftedLowRankFactor(basis.vectors, basis.values, basis.complement, F.name)  # type: ignore[arg-type]
+
+
+def _densified(F: Factor) -> Factor:
+    """A complete-basis eigen form as a dense matrix (one GEMM per product instead of two)."""
+    if isinstance(F, ShiftedLowRankFactor) and F.U.shape[-1] == F.side:
+        return DenseFactor(F.to_dense(), F.name)
+    return F
+
+
+def _factor_state(F: Factor | None) -> tuple[Any, ...] | None:
+    """A factor as plain tensors (a checkpoint)."""
+    if F is None:
+        return None
+    if isinstance(F, ShiftedLowRankFactor):
+        return ("lowrank", F.U, F.eigenvalues, F.shift)
+    if isinstance(F, DenseFactor):
+        return ("dense", F.to_dense())
+    return ("diagonal", F.diagonal())
+
+
+def _factor_from_state(state: tuple[Any, ...] | None, name: str) -> Factor | None:
+    if state is None:
+        return None
+    kind, *tensors = state
+    if kind == "lowrank":
+        return ShiftedLowRankFactor(*tensors, name)
+    return as_factor(tensors[0], name, diagonal=kind == "diagonal")
