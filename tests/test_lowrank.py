@@ -669,13 +669,6 @@ def grouped_problem():
     return model, nn.MSELoss(), mse_data(model, (2, 3), (8, 5, 5), seed=20)
 
 
-def test_grouped_conv_above_threshold_not_implemented():
-    """Per group ``A`` side 4·9 + 1 = 37 >= 20."""
-    model, loss_fn, data = grouped_problem()
-    with pytest.raises(NotImplementedError):
-        kronfac.compute_factors(model, loss_fn, data, fisher="type-2", rank=4, rank_threshold=20)
-
-
 def test_grouped_conv_below_threshold_ok():
     model, loss_fn, data = grouped_problem()
     full = kronfac.compute_factors(model, loss_fn, data, fisher="type-2")

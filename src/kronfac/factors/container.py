@@ -485,10 +485,11 @@ def _factor(module: str, side: str, tensors: Mapping[str, Tensor], lowrank: bool
     name = f"{module}/{side}"
     if lowrank:
         U, lam, shift = (tensors[f"{name}.{part}"] for part in _LOWRANK_PARTS)
-        if U.ndim != 2 or lam.shape != (U.shape[1],) or shift.ndim != 0:
+        if U.ndim not in (2, 3) or lam.shape != (*U.shape[:-2], U.shape[-1]) or shift.ndim:
             raise FactorFileError(
-                f"low-rank factor {name} must be U [side, k], eigenvalues [k] and a scalar "
-                f"shift, got {tuple(U.shape)}, {tuple(lam.shape)}, {tuple(shift.shape)}."
+                f"low-rank factor {name} must be U [(groups,) side, k], eigenvalues "
+                f"[(groups,) k] and a scalar shift, got {tuple(U.shape)}, {tuple(lam.shape)}, "
+                f"{tuple(shift.shape)}."
             )
         _check_nonnegative(f"{name}.eigenvalues", lam)
         _check_nonnegative(f"{name}.shift", shift)
@@ -509,11 +510,11 @@ def _factor(module: str, side: str, tensors: Mapping[str, Tensor], lowrank: bool
 
 def _lead(F: _Factor) -> tuple[int, ...]:
     """The group dimension of a grouped factor, ``()`` otherwise."""
-    return () if isinstance(F, LowRankFactor) else tuple(F.shape[:-2])
+    return tuple((F.U if isinstance(F, LowRankFactor) else F).shape[:-2])
 
 
 def _shape(F: _Factor) -> tuple[int, ...]:
-    return (F.side, F.side) if isinstance(F, LowRankFactor) else tuple(F.shape)
+    return (*_lead(F), F.side, F.side) if isinstance(F, LowRankFactor) else tuple(F.shape)
 
 
 def _correction(
@@ -523,7 +524,7 @@ def _correction(
 
     def side_and_rank(F: _Factor) -> tuple[int, int]:
         if isinstance(F, LowRankFactor):
-            return F.side, F.U.shape[1]
+            return F.side, F.U.shape[-1]
         return F.shape[-1], F.shape[-1]
 
     lead = _lead(S)

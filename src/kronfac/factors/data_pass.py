@@ -140,20 +140,6 @@ class PassSetup:
     def _check_layers(self) -> None:
         """Refuse options that a selected layer does not support."""
         options = self.options
-        if options.rank is not None:
-            grouped = [
-                n
-                for n, a in self.adapters.items()
-                if a.groups > 1
-                and max(a.in_features + self.joint_bias(n), a.out_features)
-                >= options.rank_threshold
-            ]
-            if grouped:
-                raise NotImplementedError(
-                    f"Low-rank factors of grouped convolutions are not supported: "
-                    f"{', '.join(grouped)}. Raise rank_threshold or leave them out with "
-                    "`exclude=`."
-                )
         diagonal = [n for n, a in self.adapters.items() if a.diagonal_input]
         if options.approx == "reduce" and diagonal:
             raise NotImplementedError(

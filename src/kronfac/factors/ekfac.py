@@ -251,32 +251,39 @@ class CorrectionSums:
 
     def _second_moment(self, name: str, g: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
         """``Σ_{n,k} ‖G_{n,k}‖²``, the whole per-example second moment (basis-free)."""
-        adapter = self.setup.adapters[name]
+        adapter, joint = self.setup.adapters[name], self.setup.joint_bias(name)
         if adapter.diagonal_input:
             return _token_second_moment(g, x, adapter).sum()
-        joined = _joined(adapter, x, self.setup.joint_bias(name), mask)
-        return rotated_second_moment(g, joined).sum()
+        G = adapter.groups  # one block per group: no products across groups
+        gs = g.reshape(*g.shape[:-1], G, -1)
+        xs = x.reshape(*x.shape[:-1], G, -1)
+        return sum(
+            rotated_second_moment(gs[..., j, :], _joined(adapter, xs[..., j, :], joint, mask)).sum()
+            for j in range(G)
+        )
 
     def corrections(self, divisor: int) -> dict[str, EigenCorrection]:
         """The corrected eigenvalues: the sums over ``D``, zero for modules never reached."""
         out = {}
         for name, (Q_A, Q_S) in self.bases.items():
             q = self.setup.adapters[name].in_features if Q_A is None else Q_A.shape[-2]
+            G, p, kS = Q_S.shape[0] if Q_S.ndim == 3 else 1, Q_S.shape[-2], Q_S.shape[-1]
+            lead = Q_S.shape[:-2]
             lam = self.sums.get(name)
             if lam is None:  # the module's output never reached the loss
-                lam = Q_S.new_zeros(*Q_S.shape[:-1], q if Q_A is None else Q_A.shape[-1])
+                lam = Q_S.new_zeros(*lead, kS, q if Q_A is None else Q_A.shape[-1])
             lam = lam.to(Q_S.dtype) / divisor
             bias = complement = bias_complement = None
             if name in self.separate:
-                bias = self.bias_sums.get(name, Q_S.new_zeros(Q_S.shape[:-1])).to(Q_S.dtype)
+                bias = self.bias_sums.get(name, Q_S.new_zeros(*lead, kS)).to(Q_S.dtype)
                 bias = bias / divisor
-            if name in self.partial:
-                p = Q_S.shape[0]
+            if name in self.partial:  # the mean second moment outside the bases' span
                 total = self.totals.get(name, Q_S.new_zeros(2)).to(Q_S.dtype) / divisor
-                rest = p * q - lam.numel()
+                rest = G * p * q - lam.numel()
                 complement = ((total.reshape(-1)[0] - lam.sum()) / max(rest, 1)).clamp(min=0)
-                if bias is not None and Q_S.shape[1] < p:
-                    bias_complement = ((total[1] - bias.sum()) / (p - Q_S.shape[1])).clamp(min=0)
+                if bias is not None and kS < p:
+                    bias_rest = G * p - bias.numel()
+                    bias_complement = ((total[1] - bias.sum()) / bias_rest).clamp(min=0)
             out[name] = EigenCorrection(Q_A, Q_S, lam, bias, complement, bias_complement)
         return out
 

@@ -63,9 +63,10 @@ class FactorSums:
         low_A = rank is not None and not adapter.diagonal_input and d_in + joint_bias >= threshold
         low_S = rank is not None and d_out >= threshold
         self.A_stream = (
-            StreamingLowRank(d_in + joint_bias, rank, device, oversample) if low_A else None  # type: ignore[arg-type]
+            StreamingLowRank(d_in + joint_bias, rank, device, oversample, g) if low_A else None  # type: ignore[arg-type]
         )
-        self.S_stream = StreamingLowRank(d_out, rank, device, oversample) if low_S else None  # type: ignore[arg-type]
+        self.S_stream = StreamingLowRank(d_out, rank, device, oversample, g) if low_S else None  # type: ignore[arg-type]
+        self.groups = g
         gram_shape = (d_in,) if adapter.diagonal_input else (d_in, d_in)
         if low_A:
             gram_shape = (0, 0)
@@ -75,13 +76,6 @@ class FactorSums:
         side = 0 if low_S else d_out
         self.ggT = torch.zeros(*lead, side, side, dtype=dtype, device=device)
         self.diagonal_input = adapter.diagonal_input
-
-    def add_inputs(self, x: Tensor, groups: int = 1) -> None:
-        """Add dense inputs ``x: [n, T, d_in]``, every position a term (no mask, no stream)."""
-        n, T = x.shape[:2]
-        add_gram_(self.gram, x, groups, 1.0 / T)
-        self.colsum += x.sum(dim=(0, 1)).div_(T).reshape(self.colsum.shape)
-        self.count += n
 
     def add_output_grads(self, g: Tensor, groups: int = 1) -> None:
         """Add output gradients ``g: [K, n, T, d_out]`` to ``Σ g gᵀ``."""
@@ -106,8 +100,9 @@ class FactorSums:
         dtype, device = self.gram.dtype, self.gram.device
         if identity:
             if self.S_stream is not None:  # the identity, held as an empty low-rank factor
-                empty = torch.zeros(side, 0, dtype=dtype, device=device)
-                return LowRankFactor(empty, empty.new_zeros(0), 1.0)
+                lead = (self.groups,) if self.groups > 1 else ()
+                empty = torch.zeros(*lead, side, 0, dtype=dtype, device=device)
+                return LowRankFactor(empty, empty.new_zeros(*lead, 0), 1.0)
             eye = torch.eye(side, dtype=dtype, device=device)
             return eye.expand_as(self.ggT).clone()
         if self.S_stream is not None:
@@ -123,7 +118,10 @@ def _stream_rows(
     approx: str,
     joint_bias: bool,
 ) -> Tensor:
-    """The rows ``√w [a, 1]`` whose Gram the dense path forms, for a low-rank input factor."""
+    """The rows ``√w [a, 1]`` whose Gram the dense path forms, for a low-rank input factor.
+
+    ``[m, d(+1)]``; with groups ``[g, m, d(+1)]``, one set of rows per group.
+    """
     n, T, d = x.shape
     if approx == "reduce":
         rows = x.mean(dim=1) if weight is None else x.sum(dim=1) * weight[:, None]
@@ -135,9 +133,12 @@ def _stream_rows(
             if mask is None
             else (mask * weight[:, None]).reshape(-1)
         )  # type: ignore[index]
+    g = adapter.groups
+    rows = rows.reshape(rows.shape[0], g, d // g)  # [m, g, d_group]
     if joint_bias:
-        rows = adapter.append_bias(rows)
-    return rows * w.sqrt()[:, None]
+        rows = adapter.append_bias(rows)  # one trailing 1 per group
+    rows = rows * w.sqrt()[:, None, None]
+    return rows[:, 0] if g == 1 else rows.transpose(0, 1)
 
 
 def _update_stream(stream: StreamingLowRank, rows: Tensor, name: str, b: int, what: str) -> None:
@@ -448,8 +449,14 @@ class FactorAccumulator:
                 g = g.sum(dim=2)
             stream = self.sums[name].S_stream
             if stream is not None:
+                groups = self.setup.adapters[name].groups
+                rows_g = g.reshape(-1, groups, g.shape[-1] // groups).transpose(0, 1)  # [g, m, p]
                 _update_stream(
-                    stream, g.reshape(-1, g.shape[-1]), name, rows.index, "output gradients"
+                    stream,
+                    rows_g[0] if groups == 1 else rows_g,
+                    name,
+                    rows.index,
+                    "output gradients",
                 )
             else:
                 self.sums[name].add_output_grads(g, self.setup.adapters[name].groups)

@@ -93,31 +93,45 @@ class StreamingLowRank:
         rank: ``k``.
         device: Where to compute (float64).
         oversample: Extra sketch columns ``p`` (``l = min(side, k + p)``); ``None``: ``3k + 10``.
+        groups: ``g`` independent matrices (a grouped convolution's factors), sketched with the
+            same ``Ω``.
 
     Attributes:
         width: ``l``, the sketch's columns (never more than ``side``).
         omega: The test matrix ``Ω: [side, l]`` (read-only: shared by the sketches of this shape).
-        Y: The sketch ``C Ω: [side, l]`` so far.
+        Y: The sketch ``C Ω: [side, l]`` so far (``[g, side, l]`` with groups).
     """
 
     def __init__(
-        self, side: int, rank: int, device: torch.device, oversample: int | None = None
+        self,
+        side: int,
+        rank: int,
+        device: torch.device,
+        oversample: int | None = None,
+        groups: int = 1,
     ) -> None:
-        self.side, self.rank = side, rank
+        self.side, self.rank, self.groups = side, rank, groups
         p = 3 * rank + 10 if oversample is None else oversample
         self.width = min(side, rank + p)
         self.omega = _test_matrix(side, self.width, device)
-        self.Y = torch.zeros(side, self.width, dtype=torch.float64, device=device)
+        lead = (groups,) if groups > 1 else ()
+        self.Y = torch.zeros(*lead, side, self.width, dtype=torch.float64, device=device)
 
     @property
     def sigma(self) -> Tensor:
         """A cheap finiteness witness of the sketch (its column norms)."""
-        return self.Y.norm(dim=0)
+        return self.Y.norm(dim=-2)
 
     def update(self, rows: Tensor) -> None:
-        """Add ``Σ r rᵀ`` of ``rows: [m, side]`` (already weighted) to the sketch ``Y = C Ω``."""
+        """Add ``Σ r rᵀ`` of ``rows`` (already weighted) to the sketch ``Y = C Ω``.
+
+        ``rows: [m, side]``, or ``[g, m, side]`` with groups (group ``j``'s rows in ``rows[j]``).
+        """
         R = rows.to(torch.float64)
-        self.Y.addmm_(R.T, R @ self.omega)
+        if self.groups > 1:
+            self.Y.baddbmm_(R.mT, R @ self.omega)
+        else:
+            self.Y.addmm_(R.T, R @ self.omega)
 
     def result(self, scale: float, dtype: torch.dtype) -> LowRankFactor:
         """The top-``k`` eigen-pair of ``scale · C`` (stabilised Nyström approximation).
@@ -127,19 +141,23 @@ class StreamingLowRank:
             dtype: The returned tensors' dtype.
 
         Returns:
-            ``U: [side, k]`` and ``λ: [k]`` (descending, ``>= 0``), ``k = min(rank, l)``; with no
-            data, ``λ = 0`` and the first ``k`` columns of ``Ω``.
+            ``U: [side, k]`` and ``λ: [k]`` (descending, ``>= 0``; ``[g, side, k]`` and ``[g, k]``
+            with groups), ``k = min(rank, l)``; a matrix no data reached gets ``λ = 0`` and the
+            first ``k`` columns of ``Ω``.
         """
-        Y, omega, k = self.Y, self.omega, min(self.rank, self.width)
-        norm = float(torch.linalg.matrix_norm(Y))  # Frobenius: ‖Y‖₂ <= ‖Y‖_F <= √l ‖Y‖₂
-        if norm == 0.0:  # no data reached this factor
-            U = omega[:, :k].to(dtype, copy=True)  # Ω is shared (_test_matrix)
-            return LowRankFactor(U, Y.new_zeros(k).to(dtype))
-        nu = self.side**0.5 * torch.finfo(torch.float64).eps * norm
-        Y_nu = Y + nu * omega
+        Y = self.Y if self.groups > 1 else self.Y[None]  # [g, side, l]
+        omega, k = self.omega, min(self.rank, self.width)
+        norms = torch.linalg.matrix_norm(Y)  # Frobenius: ‖Y‖₂ <= ‖Y‖_F <= √l ‖Y‖₂
+        empty = norms == 0  # no data reached these
+        nu = self.side**0.5 * torch.finfo(torch.float64).eps * torch.where(empty, 1.0, norms)
+        Y_nu = Y + nu[:, None, None] * omega
         B = omega.T @ Y_nu
-        L = torch.linalg.cholesky((B + B.T) / 2)
-        E = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # Y_ν L⁻ᵀ
+        L = torch.linalg.cholesky((B + B.mT) / 2)
+        E = torch.linalg.solve_triangular(L, Y_nu.mT, upper=False).mT  # Y_ν L⁻ᵀ
         U, sv, _ = torch.linalg.svd(E, full_matrices=False)
-        lam = (sv[:k].square() - nu).clamp(min=0) * scale
-        return LowRankFactor(U[:, :k].to(dtype), lam.to(dtype))
+        lam = (sv[:, :k].square() - nu[:, None]).clamp(min=0) * scale
+        U = torch.where(empty[:, None, None], omega[:, :k], U[..., :k])
+        lam = torch.where(empty[:, None], 0.0, lam)
+        if self.groups == 1:
+            U, lam = U[0], lam[0]
+        return LowRankFactor(U.to(dtype), lam.to(dtype))

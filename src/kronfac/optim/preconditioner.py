@@ -627,7 +627,13 @@ class KFACPreconditioner:
             return eye if adapter.groups == 1 else eye.expand(adapter.groups, d, d).clone()
         if not layer.sketched["AS".index(side)]:
             return value
-        stream = StreamingLowRank(d, options.rank, value.device, options.oversample)  # type: ignore[arg-type]
+        stream = StreamingLowRank(
+            d,
+            options.rank,
+            value.device,
+            options.oversample,
+            adapter.groups,  # type: ignore[arg-type]
+        )
         stream.Y = value
         return stream.result(1.0, self._dtype(layer))
 
