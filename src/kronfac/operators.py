@@ -17,50 +17,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kronfac.factors import KroneckerFactors
-from kronfac.factors.data_pass import check_reiterable
+from kronfac.factors import FactorPair, KroneckerFactors, ParamNames
+from kronfac.factors.data_pass import PassSetup, check_reiterable
 from kronfac.factors.ekfac import compute_corrections
 from kronfac.factors.engine import factor_pass
-from kronfac.layers import LayerAdapter, get_adapter
+from kronfac.layers import LayerAdapter, Slot, get_adapter
 from kronfac.linalg import Block, EigenBlock, KroneckerBlock, LowRankFactor, as_factor
 
 __all__ = ["EKFAC", "KFAC", "CurvatureOperator"]
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where a block's ``[p, q]`` matrix lives in the flat parameter vector.
-
-    ``weight`` / ``bias`` are slices of the flat vector; a block holds the weight (read through
-    the adapter), the bias as a ``[p, 1]`` column, or both joined (``[p, q + 1]``).
-    """
-
-    adapter: LayerAdapter
-    weight: slice | None
-    bias: slice | None
-
-    def gather(self, V: Tensor) -> Tensor:
-        """``[P, k]`` → the block's ``[p, q, k]``."""
-        parts = []
-        if self.weight is not None:
-            parts.append(self.adapter.weight_to_matrix(V[self.weight]))
-        if self.bias is not None:
-            parts.append(V[self.bias].unsqueeze(1))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-    def scatter(self, M: Tensor, out: Tensor) -> None:
-        """Write the block's ``[p, q, k]`` back into ``out: [P, k]``."""
-        if self.weight is not None:
-            W = M[:, :-1] if self.bias is not None else M
-            out[self.weight] = self.adapter.matrix_to_weight(W)
-        if self.bias is not None:
-            out[self.bias] = M[:, -1]
 
 
 class CurvatureOperator:
@@ -239,53 +208,67 @@ def _layout(
         )
     if not factors:
         raise ValueError("The factors cover no module: there is no operator to build.")
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
-    covered = {p for names in factors.param_names.values() for p in names if p is not None}
-    missing = sorted(covered - set(params))
-    if missing:
-        raise ValueError(f"Parameters {missing} of the factors are not in the model.")
-    if order is None:
-        shapes = {n: p.shape for n, p in params.items() if n in covered}
-    elif len(order) != len(set(order)) or set(order) != covered:
-        raise ValueError(
-            f"order must list the covered parameters {sorted(covered)} once each, got "
-            f"{list(order)!r}."
-        )
-    else:
-        shapes = {n: params[n].shape for n in order}
+    shapes = _param_shapes(factors, dict(model.named_parameters()), order)
     offsets, start = {}, 0
     for n, shape in shapes.items():
         offsets[n] = slice(start, start + math.prod(shape))
         start += math.prod(shape)
     joint = factors.options.get("bias", "joint") == "joint"
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
     slots = {}
-    for mod, (A, S) in factors.items():
-        if mod not in modules:
-            raise ValueError(f"Module {mod!r} of the factors is not in the model.")
-        adapter = get_adapter(modules[mod])
-        if adapter is None:
-            raise ValueError(f"Module {mod!r} ({type(modules[mod]).__name__}) is unsupported.")
+    for mod, pair in factors.items():
+        adapter = _adapter(mod, modules, params, factors.param_names[mod])
         names = factors.param_names[mod]
-        if params[names.weight] is not adapter.weight:
-            raise ValueError(f"Parameter {names.weight!r} is not the weight of module {mod!r}.")
-        has_bias = names.bias is not None
-        d_in = adapter.in_features + int(joint and has_bias)
-        d_out = adapter.out_features
-        lead = (adapter.groups,) if adapter.groups > 1 else ()
-        A_shape = (*lead, d_in) if adapter.diagonal_input else (*lead, d_in, d_in)
-        S_shape = (*lead, d_out, d_out)
-        if _shape(A) != A_shape or _shape(S) != S_shape:
-            raise ValueError(
-                f"Factors of module {mod!r} have shapes A{_shape(A)}, S{_shape(S)}; expected "
-                f"A{A_shape}, S{S_shape}."
-            )
-        w, b = offsets[names.weight], offsets[names.bias] if has_bias else None
-        if joint or not has_bias:
-            slots[mod] = (Slot(adapter, w, b),)
-        else:
-            slots[mod] = (Slot(adapter, w, None), Slot(adapter, None, b))
+        _check_shapes(mod, adapter, pair, joint and names.bias is not None)
+        bias = offsets[names.bias] if names.bias is not None else None
+        slots[mod] = adapter.slots(offsets[names.weight], bias, joint)
     return slots, shapes
+
+
+def _param_shapes(
+    factors: KroneckerFactors, params: Mapping[str, Tensor], order: Sequence[str] | None
+) -> dict[str, torch.Size]:
+    """The covered parameters' shapes, in the order of the flat vector."""
+    covered = {p for names in factors.param_names.values() for p in names if p is not None}
+    missing = sorted(covered - set(params))
+    if missing:
+        raise ValueError(f"Parameters {missing} of the factors are not in the model.")
+    if order is None:
+        return {n: p.shape for n, p in params.items() if n in covered}
+    if len(order) != len(set(order)) or set(order) != covered:
+        raise ValueError(
+            f"order must list the covered parameters {sorted(covered)} once each, got "
+            f"{list(order)!r}."
+        )
+    return {n: params[n].shape for n in order}
+
+
+def _adapter(
+    mod: str, modules: Mapping[str, nn.Module], params: Mapping[str, Tensor], names: ParamNames
+) -> LayerAdapter:
+    """The adapter of the factors' module ``mod``, checked against the model."""
+    if mod not in modules:
+        raise ValueError(f"Module {mod!r} of the factors is not in the model.")
+    adapter = get_adapter(modules[mod])
+    if adapter is None:
+        raise ValueError(f"Module {mod!r} ({type(modules[mod]).__name__}) is unsupported.")
+    if params[names.weight] is not adapter.weight:
+        raise ValueError(f"Parameter {names.weight!r} is not the weight of module {mod!r}.")
+    return adapter
+
+
+def _check_shapes(mod: str, adapter: LayerAdapter, pair: FactorPair, joint: bool) -> None:
+    """The factors' shapes must be those of the module's block."""
+    d_in, d_out = adapter.in_features + int(joint), adapter.out_features
+    lead = (adapter.groups,) if adapter.groups > 1 else ()
+    A_shape = (*lead, d_in) if adapter.diagonal_input else (*lead, d_in, d_in)
+    S_shape = (*lead, d_out, d_out)
+    A, S = pair
+    if _shape(A) != A_shape or _shape(S) != S_shape:
+        raise ValueError(
+            f"Factors of module {mod!r} have shapes A{_shape(A)}, S{_shape(S)}; expected "
+            f"A{A_shape}, S{S_shape}."
+        )
 
 
 class KFAC(CurvatureOperator):
@@ -394,8 +377,11 @@ class EKFAC(CurvatureOperator):
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable[Any], **options: Any):
         check_reiterable(data, "EKFAC")
-        factors, result = factor_pass(model, loss_fn, data, **options)
-        corrected = compute_corrections(model, loss_fn, data, factors, reference=result, **options)
+        setup = PassSetup.create(model, loss_fn, **options)  # validated once for both passes
+        factors, result = factor_pass(model, loss_fn, data, setup)
+        corrected = compute_corrections(
+            model, loss_fn, data, factors, reference=result, setup=setup
+        )
         self._setup(corrected, model)
 
     @classmethod

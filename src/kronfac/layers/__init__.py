@@ -3,6 +3,7 @@
 from kronfac.layers import conv, conv1d_hf, embedding, linear  # noqa: F401  (registration)
 from kronfac.layers.base import (
     LayerAdapter,
+    Slot,
     get_adapter,
     register_layer,
     supported_layers,
@@ -11,6 +12,7 @@ from kronfac.layers.base import (
 
 __all__ = [
     "LayerAdapter",
+    "Slot",
     "get_adapter",
     "register_layer",
     "supported_layers",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LayerAdapter",
+    "Slot",
     "get_adapter",
     "register_layer",
     "supported_layers",
@@ -114,6 +116,21 @@ class LayerAdapter(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} has a dense input factor.")
 
+    def slots(self, weight: slice, bias: slice | None, joint: bool) -> tuple[Slot, ...]:
+        """The block(s) of this layer in a flat parameter vector.
+
+        One :class:`Slot` for the weight, joined by the bias as a last column when ``joint``
+        (or without a bias); the weight's and the bias's own slots otherwise.
+
+        Args:
+            weight: The weight's slice of the flat vector.
+            bias: The bias's slice, or ``None`` without a (covered) bias.
+            joint: Whether the bias joins the weight's block.
+        """
+        if joint or bias is None:
+            return (Slot(self, weight, bias),)
+        return (Slot(self, weight, None), Slot(self, None, bias))
+
     @abstractmethod
     def input_rows(self, x: Tensor) -> Tensor:
         """Layer input of one call → ``[rows, d_in]``, rows ordered data point by data point.
@@ -136,6 +153,36 @@ class LayerAdapter(ABC):
     @abstractmethod
     def matrix_to_weight(self, m: Tensor) -> Tensor:
         """Inverse of :meth:`weight_to_matrix`: ``[d_out, d_in, k]`` → ``[numel(W), k]``."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a block's ``[p, q]`` matrix lives in a flat parameter vector.
+
+    ``weight`` / ``bias`` are slices of the flat vector; a block holds the weight (read through
+    the adapter), the bias as a ``[p, 1]`` column, or both joined (``[p, q + 1]``).
+    """
+
+    adapter: LayerAdapter
+    weight: slice | None
+    bias: slice | None
+
+    def gather(self, V: Tensor) -> Tensor:
+        """``[P, k]`` → the block's ``[p, q, k]``."""
+        parts = []
+        if self.weight is not None:
+            parts.append(self.adapter.weight_to_matrix(V[self.weight]))
+        if self.bias is not None:
+            parts.append(V[self.bias].unsqueeze(1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def scatter(self, M: Tensor, out: Tensor) -> None:
+        """Write the block's ``[p, q, k]`` back into ``out: [P, k]``."""
+        if self.weight is not None:
+            W = M[:, :-1] if self.bias is not None else M
+            out[self.weight] = self.adapter.matrix_to_weight(W)
+        if self.bias is not None:
+            out[self.bias] = M[:, -1]
 
 
 def register_layer(

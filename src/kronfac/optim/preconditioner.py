@@ -76,7 +76,7 @@ from kronfac.factors.ekfac import CorrectionSums
 from kronfac.factors.engine import FactorAccumulator
 from kronfac.factors.hooks import Call, install_call_hooks
 from kronfac.factors.options import FactorOptions
-from kronfac.layers import LayerAdapter
+from kronfac.layers import LayerAdapter, Slot
 from kronfac.linalg import (
     Block,
     DenseFactor,
@@ -89,7 +89,6 @@ from kronfac.linalg import (
     StreamingLowRank,
     as_factor,
 )
-from kronfac.operators import Slot
 
 __all__ = ["KFACPreconditioner"]
 
@@ -313,10 +312,7 @@ class KFACPreconditioner:
             nw = weight.numel()
             b_slice = None if bias is None else slice(nw, nw + bias.numel())
             joint = self.setup.joint_bias(name)
-            if joint or bias is None:
-                slots: tuple[Slot, ...] = (Slot(adapter, slice(0, nw), b_slice),)
-            else:
-                slots = (Slot(adapter, slice(0, nw), None), Slot(adapter, None, b_slice))
+            slots = adapter.slots(slice(0, nw), b_slice, joint)
             layers[name] = _Layer(name, adapter, weight, bias, joint, slots)
         return layers
 
