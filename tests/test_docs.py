@@ -122,7 +122,7 @@ def test_no_reference_to_documents_outside_repository() -> None:
 
 
 # docs/architecture.md: cli → demo → {optim, compat} → operators → factors → {layers,
-# likelihoods, linalg} → errors. A package may import the packages of the layers below its own
+# likelihoods, linalg} → {errors, registry}. A package may import the packages of the layers below its own
 # (never one of its layer, such as layers ↔ likelihoods); only cli imports the top-level
 # ``kronfac``, and nothing imports cli or (but cli) demo.
 LAYERS = (
@@ -132,7 +132,7 @@ LAYERS = (
     ("operators",),
     ("factors",),
     ("layers", "likelihoods", "linalg"),
-    ("errors",),
+    ("errors", "registry"),
 )
 ALLOWED_IMPORTS = {
     package: {below for layer in LAYERS[i + 1 :] for below in layer}

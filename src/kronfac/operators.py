@@ -16,8 +16,9 @@ factor) and the Kronecker product is never formed except in :meth:`to_dense`.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -271,7 +272,50 @@ def _check_shapes(mod: str, adapter: LayerAdapter, pair: FactorPair, joint: bool
         )
 
 
-class KFAC(CurvatureOperator):
+_Op = TypeVar("_Op", bound="_FactorOperator")
+
+
+class _FactorOperator(CurvatureOperator, ABC):
+    """An operator built from :class:`~kronfac.KroneckerFactors` (:meth:`from_factors`)."""
+
+    factors: KroneckerFactors
+
+    @classmethod
+    def from_factors(
+        cls: type[_Op],
+        factors: KroneckerFactors,
+        model: nn.Module,
+        *,
+        order: Sequence[str] | None = None,
+    ) -> _Op:
+        """The operator of precomputed ``factors`` for the parameters of ``model``.
+
+        Args:
+            factors: The factors (:func:`kronfac.compute_factors`, ``KroneckerFactors.load``,
+                ``E.factors`` of an :class:`EKFAC`, which carry its corrections).
+            model: The model they were computed for.
+            order: Names of the covered parameters in the order of the flat vectors; default
+                ``model.named_parameters()`` order.
+
+        Raises:
+            TypeError: If ``factors`` is not a :class:`~kronfac.KroneckerFactors`.
+            ValueError: If it is empty, a module or parameter of ``factors`` is missing from
+                ``model``, a factor's shape does not fit its module, ``order`` is not a
+                permutation of the covered parameters' names, or (EKFAC) the factors carry no
+                corrections.
+        """
+        op = cls.__new__(cls)
+        op._setup(factors, model, order)
+        return op
+
+    @abstractmethod
+    def _setup(
+        self, factors: KroneckerFactors, model: nn.Module, order: Sequence[str] | None = None
+    ) -> None:
+        """Build the blocks of ``factors`` in the layout of ``model`` (``order``)."""
+
+
+class KFAC(_FactorOperator):
     r"""The K-FAC approximation ``K = diag_l(S_l ⊗ A_l)`` of the Fisher / GGN.
 
     Build it from data (``KFAC(model, loss_fn, data, **options)``, the options of
@@ -283,28 +327,6 @@ class KFAC(CurvatureOperator):
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable[Any], **options: Any):
         self._setup(factor_pass(model, loss_fn, data, **options)[0], model)
-
-    @classmethod
-    def from_factors(
-        cls, factors: KroneckerFactors, model: nn.Module, *, order: Sequence[str] | None = None
-    ) -> KFAC:
-        """The operator of precomputed ``factors`` for the parameters of ``model``.
-
-        Args:
-            factors: The factors (:func:`kronfac.compute_factors`, ``KroneckerFactors.load``).
-            model: The model they were computed for.
-            order: Names of the covered parameters in the order of the flat vectors; default
-                ``model.named_parameters()`` order.
-
-        Raises:
-            TypeError: If ``factors`` is not a :class:`~kronfac.KroneckerFactors`.
-            ValueError: If it is empty, a module or parameter of ``factors`` is missing from
-                ``model``, a factor's shape does not fit its module, or ``order`` is not a
-                permutation of the covered parameters' names.
-        """
-        op = cls.__new__(cls)
-        op._setup(factors, model, order)
-        return op
 
     def _setup(
         self, factors: KroneckerFactors, model: nn.Module, order: Sequence[str] | None = None
@@ -361,7 +383,7 @@ class KFAC(CurvatureOperator):
         )
 
 
-class EKFAC(CurvatureOperator):
+class EKFAC(_FactorOperator):
     r"""Eigenvalue-corrected K-FAC (George et al., 2018).
 
     K-FAC's eigenbasis ``Q_S ⊗ Q_A`` with the eigenvalues replaced by the second moments of the
@@ -383,20 +405,6 @@ class EKFAC(CurvatureOperator):
             model, loss_fn, data, factors, reference=result, setup=setup
         )
         self._setup(corrected, model)
-
-    @classmethod
-    def from_factors(
-        cls, factors: KroneckerFactors, model: nn.Module, *, order: Sequence[str] | None = None
-    ) -> EKFAC:
-        """The operator of precomputed ``factors`` with EKFAC corrections.
-
-        Raises:
-            ValueError: If the factors carry no corrections, do not fit ``model``, or ``order``
-                is not a permutation of the covered parameters' names.
-        """
-        op = cls.__new__(cls)
-        op._setup(factors, model, order)
-        return op
 
     def _setup(
         self, factors: KroneckerFactors, model: nn.Module, order: Sequence[str] | None = None

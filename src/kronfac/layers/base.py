@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kronfac.registry import Registry
+
 __all__ = [
     "LayerAdapter",
     "Slot",
@@ -29,8 +31,6 @@ __all__ = [
     "supported_layers",
     "unregister_layer",
 ]
-
-_REGISTRY: dict[type[nn.Module] | str, type[LayerAdapter]] = {}
 
 
 class LayerAdapter(ABC):
@@ -205,20 +205,7 @@ def register_layer(
         TypeError: (from the decorator) If the decorated class is not a :class:`LayerAdapter`.
         ValueError: (from the decorator) If ``module_type`` already has another adapter.
     """
-
-    def decorate(cls: type[LayerAdapter]) -> type[LayerAdapter]:
-        if not (isinstance(cls, type) and issubclass(cls, LayerAdapter)):
-            raise TypeError(f"register_layer expects a LayerAdapter subclass, got {cls!r}.")
-        registered = _REGISTRY.get(module_type)
-        if registered is not None and registered is not cls:
-            raise ValueError(
-                f"{_layer_name(module_type)} already has the adapter {registered.__qualname__}; "
-                "unregister_layer it first to replace the adapter."
-            )
-        _REGISTRY[module_type] = cls
-        return cls
-
-    return decorate
+    return _REGISTRY.register(module_type)
 
 
 def unregister_layer(module_type: type[nn.Module] | str) -> type[LayerAdapter]:
@@ -235,13 +222,7 @@ def unregister_layer(module_type: type[nn.Module] | str) -> type[LayerAdapter]:
     Raises:
         KeyError: If no adapter is registered under ``module_type``.
     """
-    try:
-        return _REGISTRY.pop(module_type)
-    except KeyError:
-        raise KeyError(
-            f"No layer adapter is registered for {_layer_name(module_type)}. "
-            f"Registered: {', '.join(supported_layers())}."
-        ) from None
+    return _REGISTRY.unregister(module_type)
 
 
 def get_adapter(module: nn.Module) -> LayerAdapter | None:
@@ -255,7 +236,7 @@ def get_adapter(module: nn.Module) -> LayerAdapter | None:
 
 def supported_layers() -> tuple[str, ...]:
     """Names of the module types with a registered adapter, in registration order."""
-    return tuple(_layer_name(k) for k in _REGISTRY)
+    return _REGISTRY.names()
 
 
 def _layer_name(module_type: type[nn.Module] | str) -> str:
@@ -265,3 +246,12 @@ def _layer_name(module_type: type[nn.Module] | str) -> str:
     if module_type.__module__.startswith("torch.nn."):
         return f"nn.{module_type.__name__}"
     return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+_REGISTRY: Registry[type[LayerAdapter]] = Registry(
+    LayerAdapter,
+    "adapter",
+    "layer adapter",
+    "layer",
+    _layer_name,  # type: ignore[arg-type]
+)

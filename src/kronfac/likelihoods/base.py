@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from kronfac.registry import Registry
+
 __all__ = [
     "Likelihood",
     "get_likelihood",
@@ -32,8 +34,6 @@ __all__ = [
     "supported_losses",
     "unregister_likelihood",
 ]
-
-_REGISTRY: dict[type[nn.Module], type[Likelihood]] = {}
 
 
 class Likelihood(ABC):
@@ -124,6 +124,15 @@ class Likelihood(ABC):
         """
 
 
+_REGISTRY: Registry[type[Likelihood]] = Registry(
+    Likelihood,
+    "likelihood",
+    "likelihood",
+    "likelihood",
+    lambda t: t.__name__,  # type: ignore[attr-defined]
+)
+
+
 def register_likelihood(
     loss_type: type[nn.Module],
 ) -> Callable[[type[Likelihood]], type[Likelihood]]:
@@ -142,20 +151,7 @@ def register_likelihood(
         TypeError: (from the decorator) If the decorated class is not a :class:`Likelihood`.
         ValueError: (from the decorator) If ``loss_type`` already has another likelihood.
     """
-
-    def decorate(cls: type[Likelihood]) -> type[Likelihood]:
-        if not (isinstance(cls, type) and issubclass(cls, Likelihood)):
-            raise TypeError(f"register_likelihood expects a Likelihood subclass, got {cls!r}.")
-        registered = _REGISTRY.get(loss_type)
-        if registered is not None and registered is not cls:
-            raise ValueError(
-                f"{loss_type.__name__} already has the likelihood {registered.__qualname__}; "
-                "unregister_likelihood it first to replace the likelihood."
-            )
-        _REGISTRY[loss_type] = cls
-        return cls
-
-    return decorate
+    return _REGISTRY.register(loss_type)
 
 
 def unregister_likelihood(loss_type: type[nn.Module]) -> type[Likelihood]:
@@ -170,18 +166,12 @@ def unregister_likelihood(loss_type: type[nn.Module]) -> type[Likelihood]:
     Raises:
         KeyError: If no likelihood is registered for ``loss_type``.
     """
-    try:
-        return _REGISTRY.pop(loss_type)
-    except KeyError:
-        raise KeyError(
-            f"No likelihood is registered for {loss_type.__name__}. "
-            f"Registered: {', '.join(supported_losses())}."
-        ) from None
+    return _REGISTRY.unregister(loss_type)
 
 
 def supported_losses() -> tuple[str, ...]:
     """Names of the loss types with a registered likelihood."""
-    return tuple(t.__name__ for t in _REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_likelihood(loss_fn: nn.Module) -> Likelihood:
