@@ -38,7 +38,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DT, assert_rel_close, gen, init, randn, require_peer, tiny_llama
+from helpers import DT, assert_rel_close, gen, init, mlp, randn, require_peer, tiny_llama
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -464,16 +464,12 @@ def test_incremental_svd_shapes_dtype_and_reference():
 # 3. Beyond bayesian-lora
 
 
-def mlp() -> nn.Module:
-    return init(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)), 5)
-
-
 @pytest.mark.parametrize(("n_kfac", "lr_threshold"), [(None, 512), (3, 6)])
 def test_2d_inputs_equal_bayesian_lora_on_length_one_sequences(n_kfac, lr_threshold):
     g = gen(41)
     loader = [randn(4, 5, g=g) for _ in range(3)]
     got, want = run_both(
-        mlp(),
+        mlp((5, 7, 4), seed=5),
         lambda m, x: m(x),
         loader,
         ref_call=lambda m, x: m(x[:, None, :])[:, -1],
@@ -607,7 +603,7 @@ def test_register_hooks_twice_raises_and_removes_the_new_hooks():
 
 
 def test_4d_input_is_rejected_and_hooks_removed():
-    model = init(nn.Sequential(nn.Linear(3, 2)), 6)
+    model = mlp((3, 2), seed=6)
     x = randn(2, 2, 2, 3, g=gen(61))
     with pytest.raises(ValueError, match=r"'0'.*\(2, 2, 2, 3\).*expected \[batch, features\]"):
         kb.calculate_kronecker_factors(model, lambda m, b: m(b)[:, -1, -1], [x])
@@ -616,7 +612,7 @@ def test_4d_input_is_rejected_and_hooks_removed():
 
 
 def test_keyword_input_is_rejected():
-    model = init(nn.Sequential(nn.Linear(3, 2)), 6)
+    model = mlp((3, 2), seed=6)
     with pytest.raises(ValueError, match="positional input"):
         kb.calculate_kronecker_factors(model, lambda m, x: m[0](input=x), [randn(2, 3, g=gen(62))])
     assert no_hooks_left(model)

@@ -33,7 +33,20 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import DT, assert_rel_close, gen, init, randn, require_peer
+from helpers import (
+    DT,
+    LOSSES,
+    PerPosition,
+    assert_rel_close,
+    called_twice,
+    gen,
+    init,
+    make_targets,
+    mlp,
+    randn,
+    require_peer,
+    split_batches,
+)
 from torch import Tensor, nn
 
 from kronfac.compat import curvlinops as compat
@@ -42,75 +55,30 @@ curvlinops = require_peer("curvlinops")
 
 TOL = 1e-10  # float64 round-off only (module docstring)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: threads only cost time
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """The matrices here are tiny: intra-op threads only cost time (a lot on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-LOSSES: dict[str, type[nn.Module]] = {
-    "ce": nn.CrossEntropyLoss,
-    "mse": nn.MSELoss,
-    "bce": nn.BCEWithLogitsLoss,
-}
 FISHERS = ("type-2", "mc", "empirical", "forward-only")
 
 
 # -- data and models -------------------------------------------------------------------------
-def targets(loss: str, batch_shape: tuple[int, ...], C: int, g: torch.Generator) -> Tensor:
-    """CE: class indices ``[*batch_shape]``; MSE: ``[*batch_shape, C]``; BCE: 0./1. likewise."""
-    if loss == "ce":
-        return torch.randint(0, C, batch_shape, generator=g)
-    if loss == "mse":
-        return randn(*batch_shape, C, g=g)
-    return torch.randint(0, 2, (*batch_shape, C), generator=g).to(DT)
-
-
-def batches(X: Any, y: Tensor, sizes: tuple[int, ...]) -> list[tuple[Any, Tensor]]:
-    """Split ``(X, y)`` along the first dimension into batches of ``sizes`` (uneven on purpose)."""
-    out, start = [], 0
-    for s in sizes:
-        out.append((X[start : start + s], y[start : start + s]))
-        start += s
-    return out
-
-
-def mlp(seed: int = 0) -> nn.Module:
-    return init(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), seed)
-
-
 def mlp_case(loss: str, seed: int = 0) -> tuple[nn.Module, list[tuple[Tensor, Tensor]]]:
-    """The MLP and 10 data points in batches of 6 and 4."""
+    """``Linear(5, 4) → tanh → Linear(4, 3)`` and 10 data points in batches of 6 and 4."""
     g = gen(seed + 100)
     X = randn(10, 5, g=g)
-    return mlp(seed), batches(X, targets(loss, (10,), 3, g), (6, 4))
-
-
-class SeqNet(nn.Module):
-    """Linear layers on ``[N, T, 4]``: ``[N, T, 3]`` outputs, or ``[N, 3, T]`` for CE."""
-
-    def __init__(self, class_dim_1: bool) -> None:
-        super().__init__()
-        self.class_dim_1 = class_dim_1
-        self.l1, self.l2 = nn.Linear(4, 5), nn.Linear(5, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.l2(torch.tanh(self.l1(x)))
-        return out.transpose(1, 2) if self.class_dim_1 else out
+    return mlp((5, 4, 3), seed=seed), split_batches(X, make_targets(loss, (10, 3), g), (6, 4))
 
 
 T_SEQ = 3
 
 
 def seq_case(loss: str) -> tuple[nn.Module, list[tuple[Tensor, Tensor]]]:
-    """Six sequences of length ``T_SEQ`` in batches of 4 and 2."""
+    """Linear layers on ``[N, T_SEQ, 4]`` (``[N, 3, T_SEQ]`` logits for CE, else
+    ``[N, T_SEQ, 3]`` outputs) and six sequences in batches of 4 and 2."""
     g = gen(7)
     X = randn(6, T_SEQ, 4, g=g)
-    return init(SeqNet(loss == "ce"), 3), batches(X, targets(loss, (6, T_SEQ), 3, g), (4, 2))
+    model = PerPosition(mlp((4, 5, 3), seed=3), class_dim_1=loss == "ce")
+    y = make_targets(loss, (6, 3, T_SEQ) if loss == "ce" else (6, T_SEQ, 3), g)
+    return model, split_batches(X, y, (4, 2))
 
 
 CONVS: dict[str, tuple[dict[str, Any], int]] = {  # Conv2d(2, c_out, **kw), flattened size
@@ -126,7 +94,7 @@ def conv_case(which: str = "plain") -> tuple[nn.Module, list[tuple[Tensor, Tenso
     model = nn.Sequential(nn.Conv2d(2, **kw), nn.ReLU(), nn.Flatten(), nn.Linear(flat, 2))
     g = gen(11)
     X = randn(8, 2, 5, 5, g=g)
-    return init(model, 5), batches(X, targets("mse", (8,), 2, g), (5, 3))
+    return init(model, 5), split_batches(X, make_targets("mse", (8, 2), g), (5, 3))
 
 
 # -- building both operators ------------------------------------------------------------------
@@ -323,8 +291,8 @@ def test_kfac_sequences(
     assert_same_matrix(ours, ref, f"sequence {loss}/{fisher}/{approx}")
 
 
-class FlatSeqNet(SeqNet):
-    """:class:`SeqNet` with its outputs flattened data point by data point: ``[N·T, 3]``."""
+class FlatSeqNet(PerPosition):
+    """:class:`PerPosition` with its outputs flattened data point by data point: ``[N·T, 3]``."""
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x).reshape(-1, 3)
@@ -338,7 +306,7 @@ class FlatSeqNet(SeqNet):
 def test_kfac_flattened_sequence_outputs(loss: str, fisher: str, approx: str) -> None:
     """The usual LM loss, ``loss(logits.reshape(-1, V), labels.reshape(-1))``."""
     _, data = seq_case(loss)
-    model = init(FlatSeqNet(False), 3)
+    model = FlatSeqNet(mlp((4, 5, 3), seed=3))
     flat = [(X, y.reshape(-1, *y.shape[2:])) for X, y in data]
     ours, ref = build(
         "KFACLinearOperator", model, LOSSES[loss](), dict(model.named_parameters()), flat,
@@ -441,24 +409,13 @@ def test_param_subsets_and_orders(subset: str, separate: bool, as_list: bool) ->
 
 def test_unsupported_layer_outside_params() -> None:
     """A LayerNorm in the model is fine as long as its parameters are not in ``params``."""
-    model = init(nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)), 4)
+    model = mlp((5, 4, 3), layernorm=True, seed=4)
     _, data = mlp_case("ce")
     params = {n: p for n, p in model.named_parameters() if not n.startswith("1.")}
     ours, ref = build(
         "KFACLinearOperator", model, nn.CrossEntropyLoss(), params, data, fisher_type="type-2"
     )
     assert_same_matrix(ours, ref, "LayerNorm outside params")
-
-
-class TwiceNet(nn.Module):
-    """``l`` applied twice (weight sharing across calls), then ``out``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.l, self.out = nn.Linear(5, 5), nn.Linear(5, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out(torch.tanh(self.l(torch.tanh(self.l(x)))))
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
@@ -468,16 +425,16 @@ def test_module_called_twice_expand(loss: str) -> None:
     kronfac averages the inputs' second moment over the ``R = 2`` calls (``A / R``, as for ``R``
     positions of a sequence under ``expand``); curvlinops 3.0.1 sums the calls' ``A``. ``S`` is
     the same in both (summed over the calls), so kronfac's weight block is exactly half of
-    curvlinops' and everything else (``l``'s separate bias block, ``out``) is equal.
+    curvlinops' and everything else (``lin``'s separate bias block, ``head``) is equal.
     """
-    model = init(TwiceNet(), 0)
+    model = called_twice(5, 3)  # head(tanh(lin(tanh(lin(x)))))
     _, data = mlp_case(loss)
     ours, ref = build(
         "KFACLinearOperator", model, LOSSES[loss](), dict(model.named_parameters()), data,
         fisher_type="type-2", kfac_approx="expand",
     )  # fmt: skip
     expected = dense(ref)
-    expected[:25, :25] /= 2  # l.weight: [5, 5], first in the flat layout
+    expected[:25, :25] /= 2  # lin.weight: [5, 5], first in the flat layout
     assert_rel_close(dense(ours), expected, TOL, "module called twice")
 
 
@@ -596,7 +553,7 @@ class DictNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+        self.net = mlp((5, 4, 3))
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.net(batch["x"])
@@ -621,7 +578,7 @@ class FlatDictNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.seq = FlatSeqNet(False)
+        self.seq = FlatSeqNet(mlp((4, 5, 3)))
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.seq(batch["x"] + batch["pos"][..., None])
@@ -678,7 +635,7 @@ def test_bad_params() -> None:
 
 
 def test_unsupported_layer_in_params() -> None:
-    model = init(nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)), 0)
+    model = mlp((5, 4, 3), None, layernorm=True)
     _, data = mlp_case("ce")
     with pytest.raises(NotImplementedError, match=r"\['1\.weight', '1\.bias'\]"):
         compat.KFACLinearOperator(

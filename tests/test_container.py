@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from helpers import factors_like, make_data, mlp
 from safetensors import safe_open
 from torch import nn
 
@@ -22,27 +23,27 @@ N = 6
 
 
 def make_model() -> nn.Sequential:
-    """Linear with bias, bias-free Linear, Linear with a frozen bias."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, 2)
+    """Linear with bias, bias-free Linear, Linear with a frozen bias (float32, PyTorch's init)."""
+    model = mlp(
+        (3, 4, 5, 2),
+        ("relu", "tanh"),
+        bias=(True, False, True),
+        torch_init=True,
+        dtype=torch.float32,
     )
     model[4].bias.requires_grad_(False)
     return model
 
 
-def make_data(num_batches: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    return [
-        (torch.randn(N, 3, generator=g), torch.randint(0, 2, (N,), generator=g))
-        for _ in range(num_batches)
-    ]
+def tiny_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two float32 batches: ``N`` inputs ``[N, 3]`` and their labels of 2 classes."""
+    return make_data(2, "ce", (N, N), (3,), dtype=torch.float32)
 
 
 def compute(model=None, **options) -> KroneckerFactors:
     options = {"fisher": "type-2", **options}
     model = make_model() if model is None else model
-    return kronfac.compute_factors(model, nn.CrossEntropyLoss(), make_data(), **options)
+    return kronfac.compute_factors(model, nn.CrossEntropyLoss(), tiny_batches(), **options)
 
 
 @pytest.fixture(scope="module")
@@ -184,11 +185,33 @@ def test_to_dtype(factors):
     assert cast.param_names == factors.param_names
 
 
-def test_to_device(factors):
-    moved = factors.to("cpu")
-    assert moved is not factors
-    assert_same(moved, factors)
-    assert all(t.device.type == "cpu" for pair in moved.values() for t in pair)
+def _tensors(f: KroneckerFactors) -> list[torch.Tensor]:
+    """Every tensor of ``f``: dense factors, low-rank parts, EKFAC corrections."""
+    out = []
+    for pair in [*f.values(), *(f.corrections or {}).values()]:
+        for t in pair:
+            out += [t.U, t.eigenvalues] if isinstance(t, kronfac.LowRankFactor) else [t]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("device", ["meta", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_to_device(factors, device):
+    """A real move (the meta device on any machine, CUDA where there is one) of every tensor."""
+    model = mlp((3, 20, 2), "tanh", seed=3)
+    data = make_data(model, "ce", (6, 5), (3,), seed=4)
+    ekfac = kronfac.EKFAC(model, nn.CrossEntropyLoss(), data, rank=2, rank_threshold=10).factors
+    for f in (factors, ekfac):
+        moved = f.to(device)
+        assert moved is not f and list(moved) == list(f)
+        tensors, originals = _tensors(moved), _tensors(f)
+        assert len(tensors) == len(originals) > 0
+        assert all(t.device.type == device for t in tensors)
+        assert all(t.device.type == "cpu" for t in originals)  # the original stays
+        pairs = zip(tensors, originals, strict=True)
+        assert all(t.shape == o.shape and t.dtype == o.dtype for t, o in pairs)
+        if device != "meta":  # data survives a round trip
+            assert_same(moved.to("cpu"), f)
+    moved = factors.to(device)
     moved.options["fisher"] = "changed"  # the copy's options are its own
     assert factors.options["fisher"] == "type-2"
 
@@ -220,7 +243,7 @@ def test_round_trip_str_path_and_device(tmp_path, factors):
 @pytest.mark.parametrize("bias", ["joint", "separate"])
 def test_operator_from_loaded_factors(tmp_path, bias):
     model = make_model()
-    op = kronfac.KFAC(model, nn.CrossEntropyLoss(), make_data(), fisher="type-2", bias=bias)
+    op = kronfac.KFAC(model, nn.CrossEntropyLoss(), tiny_batches(), fisher="type-2", bias=bias)
     op.factors.save(tmp_path / "f.safetensors")
     loaded = KroneckerFactors.load(tmp_path / "f.safetensors")
     dense = kronfac.KFAC.from_factors(loaded, model).to_dense()
@@ -543,13 +566,7 @@ def zoo() -> KroneckerFactors:
 
 
 def without_corrections(factors: KroneckerFactors) -> KroneckerFactors:
-    return KroneckerFactors(
-        dict(factors),
-        param_names=factors.param_names,
-        options=factors.options,
-        num_data=factors.num_data,
-        num_per_example_loss_terms=factors.num_per_example_loss_terms,
-    )
+    return factors_like(factors, dict(factors))
 
 
 def leaves(factors: KroneckerFactors) -> list:
@@ -838,13 +855,7 @@ def test_save_refuses_what_load_would_refuse(tmp_path, factors, edit, match):
 
 def _replace(factors: KroneckerFactors, module: str, **sides) -> KroneckerFactors:
     pairs = {m: factors[m]._replace(**sides) if m == module else factors[m] for m in factors}
-    return KroneckerFactors(
-        pairs,
-        param_names=factors.param_names,
-        options=factors.options,
-        num_data=factors.num_data,
-        num_per_example_loss_terms=factors.num_per_example_loss_terms,
-    )
+    return factors_like(factors, pairs)
 
 
 def _with_options(factors: KroneckerFactors, **options) -> KroneckerFactors:

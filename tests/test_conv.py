@@ -24,30 +24,30 @@ import math
 import warnings
 
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
-from helpers import DT, assert_rel_close, gen, init, kfac_block, param_slices, randn
+from helpers import (
+    DT,
+    assert_rel_close,
+    gen,
+    init,
+    kfac_block,
+    make_data,
+    param_slices,
+    randn,
+    split_batches,
+)
 from torch import Tensor, nn
 from torch.func import hessian, jacrev
 
 import kronfac
 from kronfac.layers.conv import im2col
 
-try:
-    from . import reference as ref
-except ImportError:  # tests/ is not a package: pytest puts tests/ on sys.path
-    import reference as ref
-
 FISHERS = ("type-2", "mc", "empirical", "forward-only")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 problems: intra-op threads only add contention (and seconds) here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny float64 problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,17 +76,6 @@ def block_sizes(model: nn.Module, bias: str) -> list[int]:
             ps = [p.numel() for p in (m.weight, m.bias) if p is not None]
             sizes += [sum(ps)] if bias == "joint" else ps
     return sizes
-
-
-def mse_data(model: nn.Module, batch_sizes, in_shape, seed: int) -> list[tuple[Tensor, Tensor]]:
-    g = gen(seed)
-    data = []
-    for B in batch_sizes:
-        X = randn(B, *in_shape, g=g)
-        with torch.no_grad():
-            out_shape = model(X).shape
-        data.append((X, randn(*out_shape, g=g)))
-    return data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,7 +219,7 @@ def test_expand_deep_linear_conv_exact(net, reduction):
     build, spatial = EXPAND_NETS[net]
     model = init(ChannelsLast(build()), seed=4)
     loss_fn = nn.MSELoss(reduction=reduction)
-    data = mse_data(model, (2, 3, 1), (2, *spatial), seed=5)  # unequal batches
+    data = make_data(model, "mse", (2, 3, 1), (2, *spatial), seed=5)  # unequal batches
     G = ref.ggn(model, loss_fn, data)
     for bias in ("joint", "separate"):
         expected = ref.block_diagonal(G, block_sizes(model, bias))
@@ -275,7 +264,7 @@ def test_reduce_pooled_deep_linear_conv_exact(net, reduction):
     build, spatial = REDUCE_NETS[net]
     model = init(build(), seed=6)
     loss_fn = nn.MSELoss(reduction=reduction)
-    data = mse_data(model, (2, 3, 1), (2, *spatial), seed=7)  # unequal batches
+    data = make_data(model, "mse", (2, 3, 1), (2, *spatial), seed=7)  # unequal batches
     G = ref.ggn(model, loss_fn, data)
     for bias in ("joint", "separate"):
         expected = ref.block_diagonal(G, block_sizes(model, bias))
@@ -477,7 +466,7 @@ def test_grouped_deep_linear_conv_exact_per_group(d, bias):
     model = init(GroupedNet(d).to(DT), 21)
     X = randn(3, 4, *(4,) * d, g=gen(22))
     y = randn(3, *(4,) * d, 2, g=gen(23))
-    data = [(X[:1], y[:1]), (X[1:], y[1:])]
+    data = split_batches(X, y, (1, 2))
     K = kronfac.KFAC(model, nn.MSELoss(), data, fisher="type-2", bias=bias)
     A, S = K.factors["c1"]
     assert S.shape == (2, 3, 3) and A.shape[0] == 2  # one Kronecker block per group
@@ -524,7 +513,7 @@ class UpNet(nn.Module):
 
 def test_conv_transpose_uncovered():
     model = init(UpNet(), seed=14)
-    data = mse_data(model, (2,), (2, 3, 3), seed=15)
+    data = make_data(model, "mse", (2,), (2, 3, 3), seed=15)
     with pytest.warns(kronfac.UncoveredParameterWarning) as rec:
         factors = kronfac.compute_factors(model, nn.MSELoss(), data, fisher="type-2")
     msg = " ".join(str(w.message) for w in rec if w.category is kronfac.UncoveredParameterWarning)
@@ -545,7 +534,7 @@ def test_conv_transpose_uncovered():
 
 def test_only_conv_transpose_is_unsupported():
     model = nn.Sequential(nn.ConvTranspose2d(2, 3, 2)).to(DT)
-    data = mse_data(model, (2,), (2, 3, 3), seed=16)
+    data = make_data(model, "mse", (2,), (2, 3, 3), seed=16)
     with (
         pytest.raises(ValueError, match="No supported layer"),
         warnings.catch_warnings(),

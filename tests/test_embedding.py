@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from helpers import DT, gen, pi_damping, randn, split_batches
 from reference import ggn
 from torch import nn
 
 import kronfac
 
-DT = torch.float64
 V, D, C = 7, 4, 3
 
 
@@ -25,10 +25,10 @@ class PerToken(nn.Module):
 
 
 def data(n=4, T=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     idx = torch.randint(0, V, (n, T), generator=g)
-    y = torch.randn(n, T, C, generator=g, dtype=DT)
-    return [(idx[:1], y[:1]), (idx[1:], y[1:])]
+    y = randn(n, T, C, g=g)
+    return split_batches(idx, y, (1, n - 1))
 
 
 def test_input_factor_is_the_token_frequencies_as_a_vector():
@@ -84,9 +84,8 @@ def reference(mode, S, A, delta=1e-2):
     if mode == "inverse":
         return torch.linalg.inv(dense_embedding_block(S + delta * eyeS, A + delta))
     if mode == "heuristic":  # π from the mean eigenvalues: A + π√δ, S + √δ/π
-        pi = ((A.sum() / V) / (S.trace() / D)).sqrt()
-        root = delta**0.5
-        return torch.linalg.inv(dense_embedding_block(S + root / pi * eyeS, A + pi * root))
+        d_S, d_A = pi_damping(S, torch.diag(A), delta)
+        return torch.linalg.inv(dense_embedding_block(S + d_S * eyeS, A + d_A))
     return torch.linalg.inv(dense_embedding_block(S, A) + delta * eye)  # exact
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import gen, make_data, mlp, randn
 from torch import nn
 
 import kronfac
@@ -20,23 +21,21 @@ N = 6  # data points per batch
 
 
 def make_model(seed: int = 0, hidden: int = 4, inplace: bool = False) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, hidden), nn.ReLU(inplace=inplace), nn.Linear(hidden, 2))
+    """``Linear(3, hidden) → ReLU → Linear(hidden, 2)``, float32 (PyTorch's initialisation)."""
+    relu = "relu_" if inplace else "relu"
+    return mlp((3, hidden, 2), relu, seed=seed, torch_init=True, dtype=torch.float32)
 
 
-def make_data(num_batches: int = 2, n: int = N, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(n, 3, generator=g), torch.randint(0, 2, (n,), generator=g))
-        for _ in range(num_batches)
-    ]
+def tiny_batches(num_batches: int = 2, n: int = N, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """``num_batches`` float32 batches: ``n`` inputs ``[n, 3]`` and their labels of 2 classes."""
+    return make_data(2, "ce", (n,) * num_batches, (3,), seed, dtype=torch.float32)
 
 
 def compute(model=None, loss_fn=None, data=None, **options):
     return kronfac.compute_factors(
         make_model() if model is None else model,
         nn.CrossEntropyLoss() if loss_fn is None else loss_fn,
-        make_data() if data is None else data,
+        tiny_batches() if data is None else data,
         **options,
     )
 
@@ -49,7 +48,8 @@ def assert_factors_equal(f1, f2):
 
 
 def regression_data(targets: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(torch.randn(targets.shape[0], 3), targets)]
+    """One batch of float32 inputs ``[n, 3]`` for the given targets ``[n, ...]``."""
+    return [(randn(targets.shape[0], 3, g=gen(0), dtype=torch.float32), targets)]
 
 
 # -- losses ---------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_unsupported_loss_options(loss_fn, match):
 
 
 def test_every_term_ignored_is_a_clear_error():
-    X, y = make_data(1)[0]
+    X, y = tiny_batches(1)[0]
     y[:] = -100
     with pytest.raises(ValueError, match="Every loss term is masked"):
         compute(loss_fn=nn.CrossEntropyLoss(), data=[(X, y)])
@@ -97,7 +97,7 @@ def test_every_term_ignored_is_a_clear_error():
 @pytest.mark.parametrize("loss_fn", [F.cross_entropy, "cross_entropy", nn.CrossEntropyLoss])
 def test_loss_fn_not_a_module(loss_fn):
     with pytest.raises(TypeError, match=r"loss_fn must be a torch\.nn loss module"):
-        kronfac.compute_factors(make_model(), loss_fn, make_data())
+        kronfac.compute_factors(make_model(), loss_fn, tiny_batches())
 
 
 # -- options --------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_empty_data():
 
 
 def test_batch_without_data_points():
-    X, y = make_data(1)[0]
+    X, y = tiny_batches(1)[0]
     with pytest.raises(ValueError, match=r"(?i)empty|no data|zero|0 data points"):
         compute(data=[(X[:0], y[:0])])
     # Among other batches an empty batch may be skipped or rejected, but with a ValueError.
@@ -186,20 +186,20 @@ def test_batch_without_data_points():
     ids=["single", "triple", "tensor", "pair-not-list", "dict"],
 )
 def test_batch_not_a_pair(make_batches, got):
-    X, y = make_data(1)[0]
+    X, y = tiny_batches(1)[0]
     with pytest.raises(ValueError, match=rf"Batch 0: expected a pair \(X, y\), got {got}"):
         compute(data=make_batches(X, y))
 
 
 def test_second_batch_not_a_pair_names_it():
-    data = make_data(2)
+    data = tiny_batches(2)
     data[1] = data[1][:1]
     with pytest.raises(ValueError, match=r"Batch 1: expected a pair"):
         compute(data=data)
 
 
 def test_targets_not_a_tensor():
-    X, y = make_data(1)[0]
+    X, y = tiny_batches(1)[0]
     with pytest.raises(
         TypeError, match=r"Batch 0: expected targets y to be a torch\.Tensor, got list"
     ):
@@ -209,7 +209,7 @@ def test_targets_not_a_tensor():
 
 
 def test_data_as_a_generator():
-    factors = compute(data=iter(make_data()), fisher="type-2")
+    factors = compute(data=iter(tiny_batches()), fisher="type-2")
     assert factors.num_data == 2 * N
 
 
@@ -283,8 +283,7 @@ def test_torch_transformer_layer_leaves_out_what_it_does_not_call():
 
 
 def test_shared_parameter():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    model = mlp((3, 3, 3, 2), "relu", torch_init=True, dtype=torch.float32)
     model[2].weight = model[0].weight
     with pytest.raises(NotImplementedError, match=r"Modules '0' and '2' share a weight but not"):
         compute(model=model)
@@ -297,7 +296,7 @@ def test_shared_parameter():
 
 
 def test_cross_entropy_float_targets():
-    X, y = make_data(1)[0]
+    X, y = tiny_batches(1)[0]
     with pytest.raises(TypeError, match="CrossEntropyLoss: expected class-index targets"):
         compute(data=[(X, y.float())])
     with pytest.raises(TypeError, match="class-probability targets are not supported"):
@@ -320,7 +319,7 @@ def test_cross_entropy_float_targets():
     ids=["extra-dim", "short", "too-large", "negative", "bool"],
 )
 def test_cross_entropy_bad_targets(make_y, exc, match):
-    X, y = make_data(1)[0]
+    X, y = tiny_batches(1)[0]
     with pytest.raises(exc, match=f"CrossEntropyLoss: {match}"):
         compute(data=[(X, make_y(y))])
 
@@ -399,7 +398,7 @@ class KwargsModel(nn.Module):
 
 
 def test_mapping_inputs_are_keyword_arguments():
-    data = make_data()
+    data = tiny_batches()
     mapped = [({"x": X, "scale": 2.0}, y) for X, y in data]
     factors = compute(model=KwargsModel(), data=mapped, fisher="type-2")
     expected = compute(model=make_model(), data=[(2.0 * X, y) for X, y in data], fisher="type-2")
@@ -416,7 +415,7 @@ FISHERS = ["mc", "type-2", "empirical", "forward-only"]
 @pytest.mark.parametrize("fisher", FISHERS)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_input_names_module_and_batch(fisher, value):
-    data = make_data(3)
+    data = tiny_batches(3)
     data[1][0][2, 1] = value
     with pytest.raises(NonFiniteError, match=r"Non-finite values.*module '0' at batch 1\."):
         compute(data=data, fisher=fisher)
@@ -424,7 +423,7 @@ def test_non_finite_input_names_module_and_batch(fisher, value):
 
 @pytest.mark.parametrize("loss_cls", [nn.MSELoss, nn.BCEWithLogitsLoss])
 def test_non_finite_input_regression_mc(loss_cls):
-    data = regression_data(torch.rand(N, 2)) + regression_data(torch.rand(N, 2))
+    data = make_data(2, "bce", (N, N), (3,), dtype=torch.float32)  # 0 / 1: MSE or BCE targets
     data[1][0][0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"module '0' at batch 1\."):
         compute(loss_fn=loss_cls(), data=data, fisher="mc")
@@ -465,8 +464,7 @@ def test_output_modified_in_place_forward_only_works():
 
 
 def layernorm_model() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    return mlp((3, 4, 2), None, layernorm=True, torch_init=True, dtype=torch.float32)
 
 
 def with_raw_parameter(model: nn.Module) -> nn.Module:
@@ -546,7 +544,7 @@ def _raising_forward(options):
 )
 def test_hooks_removed_when_the_loop_raises(break_data, break_options, exc):
     model = make_model()
-    data = make_data(3)
+    data = tiny_batches(3)
     options = {"fisher": "type-2"}
     if break_data:
         break_data(data)
@@ -586,9 +584,9 @@ def test_hooks_removed_after_success():
 )
 def test_mc_leaves_global_rng_alone(loss_fn):
     if isinstance(loss_fn, nn.CrossEntropyLoss):
-        data = make_data()
+        data = tiny_batches()
     else:
-        data = regression_data(torch.rand(N, 2))
+        data = make_data(2, "bce", (N,), (3,), dtype=torch.float32)  # MSE or BCE targets
     model = make_model()
 
     def mc(**options):
@@ -612,7 +610,7 @@ def test_mc_leaves_global_rng_alone(loss_fn):
 
 @pytest.fixture(scope="module")
 def operator():
-    return kronfac.KFAC(make_model(), nn.CrossEntropyLoss(), make_data(), fisher="type-2")
+    return kronfac.KFAC(make_model(), nn.CrossEntropyLoss(), tiny_batches(), fisher="type-2")
 
 
 PARAM_SHAPES = [(4, 3), (4,), (2, 4), (2,)]
@@ -769,11 +767,11 @@ def test_to_dense_of_a_large_operator_is_a_clear_error():
 
 
 def test_ekfac_refuses_a_one_shot_generator():
-    data = (batch for batch in make_data())
+    data = (batch for batch in tiny_batches())
     with pytest.raises(TypeError, match=r"EKFAC makes two passes.*one-shot.*list.*DataLoader"):
         kronfac.EKFAC(make_model(), nn.CrossEntropyLoss(), data)
     # one pass is fine with a generator
-    kronfac.compute_factors(make_model(), nn.CrossEntropyLoss(), (b for b in make_data()))
+    kronfac.compute_factors(make_model(), nn.CrossEntropyLoss(), (b for b in tiny_batches()))
 
 
 def _user_warnings(record, pattern):
@@ -785,17 +783,17 @@ def test_dropout_in_train_mode_warns_once_naming_the_modules():
     model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.2), nn.ReLU(), nn.Linear(4, 2))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        kronfac.EKFAC(model, nn.CrossEntropyLoss(), make_data())
+        kronfac.EKFAC(model, nn.CrossEntropyLoss(), tiny_batches())
     found = _user_warnings(record, "active dropout")
     assert len(found) == 1 and "'1'" in str(found[0].message)
     assert found[0].filename == __file__  # attributed to the user's line
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.eval()  # no dropout: no warning
-        kronfac.EKFAC(model, nn.CrossEntropyLoss(), make_data())
+        kronfac.EKFAC(model, nn.CrossEntropyLoss(), tiny_batches())
         model[1].p = 0.0
         model.train()  # train mode with p = 0: nothing random
-        kronfac.EKFAC(model, nn.CrossEntropyLoss(), make_data())
+        kronfac.EKFAC(model, nn.CrossEntropyLoss(), tiny_batches())
 
 
 class FunctionalDropout(nn.Module):
@@ -813,11 +811,11 @@ class FunctionalDropout(nn.Module):
 def test_randomness_between_ekfac_passes_warns():
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        kronfac.EKFAC(FunctionalDropout(), nn.CrossEntropyLoss(), make_data())
+        kronfac.EKFAC(FunctionalDropout(), nn.CrossEntropyLoss(), tiny_batches())
     assert len(_user_warnings(record, "differs between EKFAC's two passes")) == 1
     # shuffled data (another first batch) has nothing to compare: no warning
     model = make_model()
-    data = make_data()
+    data = tiny_batches()
 
     class Shuffled:
         def __init__(self):
@@ -855,7 +853,7 @@ def test_model_and_data_of_different_dtypes(model_dtype, data_dtype):
 def test_rank_that_applies_to_no_factor_warns_once():
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        kronfac.EKFAC(make_model(), nn.CrossEntropyLoss(), make_data(), rank=2)
+        kronfac.EKFAC(make_model(), nn.CrossEntropyLoss(), tiny_batches(), rank=2)
     found = _user_warnings(record, "rank=2 applies to no factor")
     assert len(found) == 1 and "rank_threshold=512 (the largest is 5)" in str(found[0].message)
     with warnings.catch_warnings():

@@ -25,7 +25,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import DT, gen, lm_logits, make_data, next_token_batches, tiny_llama
 from torch import Tensor, nn
 
 import kronfac
@@ -34,24 +34,8 @@ from kronfac.layers import supported_layers
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-DT = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-12}
 V, T = 50, 8  # vocabulary, sequence length of the LM tests
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def logits(model: nn.Module, X) -> Tensor:
-    return model(**X).logits.transpose(1, 2)  # [N, V, T] for token-level cross-entropy
-
-
-def batches(ids: Tensor, size: int) -> list:
-    return [
-        ({"input_ids": ids[i : i + size, :-1]}, ids[i : i + size, 1:])
-        for i in range(0, len(ids), size)
-    ]
 
 
 @contextlib.contextmanager
@@ -83,16 +67,9 @@ def conv1d_pair(frozen_bias: bool, seed: int = 0) -> tuple[nn.Module, nn.Module]
     return conv, lin
 
 
-def conv1d_data(seq: bool, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
-    g = gen(seed)
-    shape = (3, 4) if seq else ()  # [N, T, d] or [N, d]
-    return [
-        (
-            torch.randn(n, *shape[:1], 4, generator=g, dtype=DT),
-            torch.randn(n, *shape[:1], 3, generator=g, dtype=DT),
-        )
-        for n in (3, 2)
-    ]
+def conv1d_data(seq: bool) -> list[tuple[Tensor, Tensor]]:
+    """MSE batches of 3 and 2: ``[N, T = 3, 4] → [N, T, 3]`` or ``[N, 4] → [N, 3]``."""
+    return make_data(3, "mse", (3, 2), (3, 4) if seq else (4,), seed=1)
 
 
 def transposition(model: nn.Module) -> Tensor:
@@ -238,9 +215,9 @@ def gpt2_type2(gpt2):
         factors = kronfac.compute_factors(
             model,
             nn.CrossEntropyLoss(),
-            batches(ids, 5),
+            next_token_batches(ids, 5),
             fisher="type-2",
-            forward=logits,
+            forward=lm_logits,
             modules=["h."],
         )
     return factors, record
@@ -289,9 +266,9 @@ def test_gpt2_layernorm_params_named_in_warning_and_strict_error(gpt2, gpt2_type
         kronfac.compute_factors(
             model,
             nn.CrossEntropyLoss(),
-            batches(ids, 5),
+            next_token_batches(ids, 5),
             fisher="type-2",
-            forward=logits,
+            forward=lm_logits,
             modules=["h."],
             strict=True,
         )
@@ -307,7 +284,7 @@ def test_gpt2_c_attn_input_factor_against_pre_hook(gpt2):
     handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
     try:
         with torch.no_grad():
-            for X, _ in batches(ids, 2):
+            for X, _ in next_token_batches(ids, 2):
                 model(**X)
     finally:
         handle.remove()
@@ -320,9 +297,9 @@ def test_gpt2_c_attn_input_factor_against_pre_hook(gpt2):
         f = kronfac.compute_factors(
             model,
             nn.CrossEntropyLoss(),
-            batches(ids, 2),
+            next_token_batches(ids, 2),
             fisher="empirical",
-            forward=logits,
+            forward=lm_logits,
             modules=[name],
         )
     assert list(f) == [name]
@@ -333,17 +310,14 @@ def test_gpt2_c_attn_input_factor_against_pre_hook(gpt2):
 def test_gpt2_batching_invariance(gpt2, gpt2_type2, fisher):
     model, ids = gpt2
     loss = nn.CrossEntropyLoss()
+    options = {"fisher": fisher, "forward": lm_logits, "modules": ["h."]}
     if fisher == "type-2":
         one, _ = gpt2_type2
     else:
         with pytest.warns(kronfac.UncoveredParameterWarning):
-            one = kronfac.compute_factors(
-                model, loss, batches(ids, 5), fisher=fisher, forward=logits, modules=["h."]
-            )
+            one = kronfac.compute_factors(model, loss, next_token_batches(ids, 5), **options)
     with pytest.warns(kronfac.UncoveredParameterWarning):
-        many = kronfac.compute_factors(
-            model, loss, batches(ids, 2), fisher=fisher, forward=logits, modules=["h."]
-        )
+        many = kronfac.compute_factors(model, loss, next_token_batches(ids, 2), **options)
     assert list(one) == list(many)
     for name in one:
         torch.testing.assert_close(one[name].A, many[name].A, **TOL)
@@ -421,9 +395,9 @@ def lora_factors(model, ids, fisher="type-2", size=2):
         return kronfac.compute_factors(
             model,
             nn.CrossEntropyLoss(),
-            batches(ids, size),
+            next_token_batches(ids, size),
             fisher=fisher,
-            forward=logits,
+            forward=lm_logits,
             modules=["lora"],
         )
 
@@ -470,9 +444,9 @@ def test_lora_factors_equal_base_layer_relations(arch, llama_lora, gpt2_lora):
         ref = kronfac.compute_factors(
             base,
             nn.CrossEntropyLoss(),
-            batches(ids, 2),
+            next_token_batches(ids, 2),
             fisher="type-2",
-            forward=logits,
+            forward=lm_logits,
             modules=targets,
         )
     modules = dict(model.named_modules())

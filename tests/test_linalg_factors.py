@@ -21,7 +21,16 @@ import math
 
 import pytest
 import torch
-from helpers import DT, assert_rel_close, gen, init, randn
+from helpers import (
+    DT,
+    assert_rel_close,
+    damped_inv,
+    factors_like,
+    gen,
+    init,
+    pi_damping,
+    randn,
+)
 from torch import Tensor, nn
 
 import kronfac
@@ -98,29 +107,11 @@ def factor(kind: str, side: int, groups: int | None, seed: int = 0, growth: floa
     return as_factor(F, "mod", diagonal=kind == "diagonal"), M
 
 
-def inv(M: Tensor, delta) -> Tensor:
-    """``(M + δ_j I)⁻¹`` per group, ``δ`` a number or ``[g]``."""
-    d = torch.as_tensor(delta, dtype=DT).expand(M.shape[0])
-    return torch.linalg.inv(M + d[:, None, None] * torch.eye(M.shape[-1], dtype=DT))
-
-
 def kron_blocks(MS: Tensor, MA: Tensor | None) -> Tensor:
     """``block_diag_j(S_j ⊗ A_j)``; ``block_diag_j(S_j)`` without ``A``."""
     if MA is None:
         return torch.block_diag(*MS)
     return torch.block_diag(*[torch.kron(S, A) for S, A in zip(MS, MA, strict=True)])
-
-
-def mean_eig(M: Tensor) -> Tensor:
-    """``tr M / dim M`` per group."""
-    return M.diagonal(dim1=-2, dim2=-1).mean(-1)
-
-
-def pi_split(MS: Tensor, MA: Tensor, min_damping: float = 1e-8) -> tuple[Tensor, Tensor]:
-    """``(δ_S, δ_A)`` per group: ``π = √(mean A / mean S)``, ``√δ/π`` and ``π√δ``, at least
-    ``min_damping`` (Martens & Grosse, 2015, §6.3)."""
-    pi, root = (mean_eig(MA) / mean_eig(MS)).sqrt(), math.sqrt(DAMPING)
-    return (root / pi).clamp(min=min_damping), (root * pi).clamp(min=min_damping)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +170,7 @@ def test_factor_damped_inverse(kind, groups, per_group):
     delta = torch.linspace(0.05, 0.4, n, dtype=DT) if per_group else DAMPING
     F_inv = F.damped_inverse(delta)
     assert type(F_inv) is type(F) and F_inv.groups == n
-    expected = inv(M, delta)
+    expected = damped_inv(M, delta)
     assert_rel_close(F_inv.to_dense(), expected, what="(F + δI)⁻¹")
     X = randn(n, 1, Q, 2, g=gen(4))
     assert_rel_close(F_inv.matmul(X), expected[:, None] @ X, what="(F + δI)⁻¹ X")
@@ -191,7 +182,7 @@ def test_complete_lowrank_inverse_stays_accurate_for_tiny_damping(groups):
     F, M = factor("complete", Q, groups)
     F_inv = F.damped_inverse(1e-10)
     assert not bool(F_inv.shift.any())
-    assert_rel_close(F_inv.to_dense(), inv(M, 1e-10), what="complete low-rank at δ = 1e-10")
+    assert_rel_close(F_inv.to_dense(), damped_inv(M, 1e-10), what="complete low-rank at δ = 1e-10")
 
 
 def singular(kind: str) -> object:
@@ -325,15 +316,15 @@ def test_block_inverses(pair, groups, mode):
             with pytest.raises(ValueError, match="Exact damping of mod needs low-rank factors"):
                 block.inverse(DAMPING, exact=True)
             return
-        expected = torch.linalg.inv(K + DAMPING * torch.eye(K.shape[0], dtype=DT))
+        expected = damped_inv(K, DAMPING)
         inverse = block.inverse(DAMPING, exact=True)
         assert isinstance(inverse, EigenBlock)
     else:
         d_S = d_A = torch.full((MS.shape[0],), DAMPING, dtype=DT)
         if mode == "heuristic":
-            d_S, d_A = pi_split(MS, MA_pi)
+            d_S, d_A = pi_damping(MS, MA_pi, DAMPING)
             assert groups is None or not torch.allclose(d_S, d_S[:1].expand_as(d_S))
-        expected = kron_blocks(inv(MS, d_S), None if MA is None else inv(MA, d_A))
+        expected = kron_blocks(damped_inv(MS, d_S), None if MA is None else damped_inv(MA, d_A))
         inverse = block.inverse(DAMPING, heuristic=mode == "heuristic")
         assert isinstance(inverse, KroneckerBlock)
         kinds = (type(block.factor_S), type(block.factor_A))
@@ -368,10 +359,10 @@ def test_plain_tensor_block(a_kind, groups):
         expected_a = torch.ones(n, 1, dtype=DT) if a_kind is None else MA.diagonal(dim1=-2, dim2=-1)
         assert torch.equal(a, expected_a)
     inverse = block.inverse(DAMPING, heuristic=True)
-    d_S, d_A = pi_split(MS, MA)
+    d_S, d_A = pi_damping(MS, MA, DAMPING)
     assert isinstance(inverse.S, Tensor) and inverse.S.shape == (n, P, P)
-    assert_rel_close(inverse.S, inv(MS, d_S), what="inverse.S")
-    MA_inv = None if a_kind is None else inv(MA, d_A)
+    assert_rel_close(inverse.S, damped_inv(MS, d_S), what="inverse.S")
+    MA_inv = None if a_kind is None else damped_inv(MA, d_A)
     if a_kind is None:
         assert inverse.A is None
     elif a_kind == "diagonal":
@@ -382,7 +373,7 @@ def test_plain_tensor_block(a_kind, groups):
     again = KroneckerBlock(inverse.S, inverse.A, "m")  # [g, ...] tensors, as the optimizer does
     rows, q = block.shape
     V = randn(rows, q, 1, g=gen(19))
-    expected = kron_blocks(inv(MS, d_S), MA_inv) @ V.reshape(-1)
+    expected = kron_blocks(damped_inv(MS, d_S), MA_inv) @ V.reshape(-1)
     assert_rel_close(again.matmat(V).reshape(-1), expected, what="block of .S / .A")
 
 
@@ -432,13 +423,7 @@ def test_operator_with_grouped_lowrank_factors():
         return LowRankFactor(evecs[..., -k:].flip(-1), evals[..., -k:].flip(-1))
 
     lowA, lowS = top(A, 5), top(S, 3)
-    factors = kronfac.KroneckerFactors(
-        {"0": (lowA, lowS)},
-        param_names=full.param_names,
-        options=full.options,
-        num_data=full.num_data,
-        num_per_example_loss_terms=full.num_per_example_loss_terms,
-    )
+    factors = factors_like(full, {"0": (lowA, lowS)})
     K = kronfac.KFAC.from_factors(factors, model)
     dense_A = (lowA.U * lowA.eigenvalues[:, None, :]) @ lowA.U.mT
     dense_S = (lowS.U * lowS.eigenvalues[:, None, :]) @ lowS.U.mT
@@ -446,16 +431,10 @@ def test_operator_with_grouped_lowrank_factors():
     eye = torch.eye(ref.shape[0], dtype=DT)
     assert_rel_close(K.to_dense(), ref, what="operator")
     assert_rel_close(K.logdet(DAMPING), torch.logdet(ref + DAMPING * eye), what="logdet")
-    exact = torch.linalg.inv(ref + DAMPING * eye)
+    exact = damped_inv(ref, DAMPING)
     assert_rel_close(K.inverse(DAMPING, exact=True).to_dense(), exact, 1e-9, "exact inverse")
-    expected = kron_blocks(inv(dense_S, DAMPING), inv(dense_A, DAMPING))
+    expected = kron_blocks(damped_inv(dense_S, DAMPING), damped_inv(dense_A, DAMPING))
     assert_rel_close(K.inverse(DAMPING).to_dense(), expected, 1e-9, "default inverse")
-    wrong = kronfac.KroneckerFactors(
-        {"0": (top(A[:1], 5), lowS)},
-        param_names=full.param_names,
-        options=full.options,
-        num_data=full.num_data,
-        num_per_example_loss_terms=full.num_per_example_loss_terms,
-    )
+    wrong = factors_like(full, {"0": (top(A[:1], 5), lowS)})
     with pytest.raises(ValueError, match=r"A\(1, 18, 18\)"):
         kronfac.KFAC.from_factors(wrong, model)

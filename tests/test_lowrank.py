@@ -35,7 +35,19 @@ import textwrap
 
 import pytest
 import torch
-from helpers import DT, assert_rel_close, gen, init, kfac_block, randn
+from helpers import (
+    DT,
+    assert_rel_close,
+    damped_inv,
+    gen,
+    init,
+    kfac_block,
+    make_data,
+    mlp,
+    pi_damping,
+    randn,
+    split_batches,
+)
 from torch import Tensor, nn
 
 import kronfac
@@ -45,27 +57,6 @@ DAMPING = 1e-2
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def mlp(widths: tuple[int, ...], seed: int = 0) -> nn.Module:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(widths)):
-        if i:
-            layers.append(nn.Tanh())
-        layers.append(nn.Linear(a, b))
-    return init(nn.Sequential(*layers), seed)
-
-
-def mse_data(model: nn.Module, batch_sizes, in_shape, seed: int, X_of=None):
-    """MSE batches ``(X, y)``; ``X_of(B, g)`` draws the inputs (standard normal by default)."""
-    g = gen(seed)
-    data = []
-    for B in batch_sizes:
-        X = randn(B, *in_shape, g=g) if X_of is None else X_of(B, g)
-        with torch.no_grad():
-            out = model(X)
-        data.append((X, randn(*out.shape, g=g)))
-    return data
 
 
 def dense(F) -> Tensor:
@@ -126,7 +117,7 @@ def test_exact_when_data_rank_at_most_k(shape, fisher, bias):
     layer and ``A`` of the second are low-rank and equal the full-rank ones."""
     batches, in_shape, approx = SHAPES[shape]
     model = mlp((40, 30, 1), seed=1)
-    data = mse_data(model, batches, in_shape, seed=2)
+    data = make_data(model, "mse", batches, in_shape, seed=2)
     kw = dict(fisher=fisher, bias=bias, approx=approx)
     full = kronfac.compute_factors(model, nn.MSELoss(), data, **kw)
     low = kronfac.compute_factors(model, nn.MSELoss(), data, rank=8, rank_threshold=20, **kw)
@@ -142,7 +133,7 @@ def test_exact_when_data_rank_at_most_k(shape, fisher, bias):
 def test_exact_rank_above_side():
     """``rank`` larger than every side: ``k = side``, the reconstruction is the full factor."""
     model = mlp((40, 30, 1), seed=3)
-    data = mse_data(model, (20, 30, 7), (40,), seed=4)
+    data = make_data(model, "mse", (20, 30, 7), (40,), seed=4)
     full = kronfac.compute_factors(model, nn.MSELoss(), data, fisher="empirical")
     low = kronfac.compute_factors(
         model, nn.MSELoss(), data, fisher="empirical", rank=64, rank_threshold=20
@@ -159,7 +150,7 @@ def test_exact_inputs_in_subspace():
         return randn(B, 5, g=g) @ basis + 0.3  # offset: the bias direction is not orthogonal
 
     model = mlp((40, 30, 1), seed=6)
-    data = mse_data(model, (20, 30, 7), None, seed=7, X_of=X_of)
+    data = make_data(model, "mse", (20, 30, 7), None, seed=7, X_of=X_of)
     kw = dict(fisher="type-2")
     full = kronfac.compute_factors(model, nn.MSELoss(), data, **kw)
     low = kronfac.compute_factors(model, nn.MSELoss(), data, rank=8, rank_threshold=20, **kw)
@@ -184,7 +175,7 @@ def test_truncation_near_optimal():
         return (randn(B, d, g=g) * scales) @ Q
 
     model = init(nn.Linear(d, 4), seed=9)
-    data = mse_data(model, [64] * 8, None, seed=10, X_of=X_of)
+    data = make_data(model, "mse", [64] * 8, None, seed=10, X_of=X_of)
     kw = dict(fisher="empirical")
     full = kronfac.compute_factors(model, nn.MSELoss(), data, **kw)
     low = kronfac.compute_factors(model, nn.MSELoss(), data, rank=k, rank_threshold=32, **kw)
@@ -236,7 +227,7 @@ def test_truncation_near_optimal_default_width(rho):
     to 4.36x at k = 64)."""
     d = 600
     model = init(nn.Linear(d, 1, bias=False), seed=34)
-    data = mse_data(model, [128] * 8, None, seed=35, X_of=spectrum_inputs(rho, d, seed=36))
+    data = make_data(model, "mse", [128] * 8, None, seed=35, X_of=spectrum_inputs(rho, d, seed=36))
     C = input_covariance(data)
     evals, evecs = torch.linalg.eigh(C)
     for k in (4, 16, 64):
@@ -264,7 +255,7 @@ def test_explicit_oversample_is_honoured():
         return (randn(B, r, g=g) * scales) @ basis.T
 
     model = init(nn.Linear(d, 1, bias=False), seed=38)
-    data = mse_data(model, (20, 30, 10), None, seed=39, X_of=X_of)
+    data = make_data(model, "mse", (20, 30, 10), None, seed=39, X_of=X_of)
     C = input_covariance(data)
     best = truncation(*torch.linalg.eigh(C), k)
     kw = dict(fisher="forward-only", rank=k)
@@ -314,7 +305,7 @@ def test_width_capped_at_side_is_exact():
     of ``A`` (side 41) and ``S`` (side 30) has ``side`` columns, so it is exact, and each factor
     is the optimal rank-8 truncation of the full-rank one although the data has full rank."""
     model = mlp((40, 30, 1), seed=40)
-    data = mse_data(model, (50, 50), (40,), seed=41)
+    data = make_data(model, "mse", (50, 50), (40,), seed=41)
     kw = dict(fisher="empirical")
     full = kronfac.compute_factors(model, nn.MSELoss(), data, **kw)
     low = kronfac.compute_factors(model, nn.MSELoss(), data, rank=8, rank_threshold=20, **kw)
@@ -336,17 +327,13 @@ def op_problem():
     """Linear(40, 36)-tanh-Linear(36, 3), MSE, 24 data: layer 0 has both factors low-rank
     (A 41 / 40, S 36), layer 2 a low-rank A (37 / 36) and a dense S (3)."""
     model = mlp((40, 36, 3), seed=11)
-    data = mse_data(model, (10, 14), (40,), seed=12)
+    data = make_data(model, "mse", (10, 14), (40,), seed=12)
     return model, nn.MSELoss(), data
 
 
 def blocks_dense(factors, block_of) -> Tensor:
     """Block-diagonal ``[P, P]`` in the parameter layout (modules' parameters are contiguous)."""
     return torch.block_diag(*[block_of(mod, dense(f.A), dense(f.S)) for mod, f in factors.items()])
-
-
-def inv(M: Tensor, d: float) -> Tensor:
-    return torch.linalg.inv(M + d * torch.eye(M.shape[0], dtype=M.dtype))
 
 
 def block_from(S_w: Tensor, A: Tensor, S_b: Tensor, joint: bool) -> Tensor:
@@ -448,23 +435,19 @@ def test_inverses(op_case, mode):
     c = op_case
     op, ref, joint, factors = c["op"], c["ref"], c["joint"], c["factors"]
     d = DAMPING
+    min_damping = 1e-8
+
+    def block(m, A, S):  # the factored inverses: one δ for both factors, or π-damping
+        d_S, d_A = pi_damping(S, A, d, min_damping) if mode == "heuristic" else (d, d)
+        return block_from(damped_inv(S, d_S), damped_inv(A, d_A), damped_inv(S, d_S), joint)
+
     if mode == "exact":
-        expected = inv(ref, d)
+        expected = damped_inv(ref, d)
         inverse = op.inverse(d, exact=True)
     elif mode == "default":
-        expected = blocks_dense(
-            factors, lambda m, A, S: block_from(inv(S, d), inv(A, d), inv(S, d), joint)
-        )
+        expected = blocks_dense(factors, block)
         inverse = op.inverse(d)
     else:
-        min_damping = 1e-8
-
-        def block(m, A, S):
-            pi = math.sqrt((A.trace() / A.shape[0]).item() / (S.trace() / S.shape[0]).item())
-            d_A = max(pi * math.sqrt(d), min_damping)
-            d_S = max(math.sqrt(d) / pi, min_damping)
-            return block_from(inv(S, d_S), inv(A, d_A), inv(S, d_S), joint)
-
         expected = blocks_dense(factors, block)
         inverse = op.inverse(d, heuristic=True, min_damping=min_damping)
     assert_rel_close(inverse.to_dense(), expected, 1e-9, f"{mode} inverse to_dense")
@@ -591,7 +574,7 @@ def test_to_keeps_lowrank(op_case):
 
 def tiny_problem():
     model = mlp((6, 4, 2), seed=17)
-    return model, nn.MSELoss(), mse_data(model, (3, 2), (6,), seed=18)
+    return model, nn.MSELoss(), make_data(model, "mse", (3, 2), (6,), seed=18)
 
 
 @pytest.mark.parametrize(
@@ -625,11 +608,11 @@ def test_small_factors_unchanged_below_threshold():
 
 
 def ekfac_problem(n_data):
-    model = init(nn.Sequential(nn.Linear(40, 36), nn.Tanh(), nn.Linear(36, 3)), seed=31)
+    model = mlp((40, 36, 3), seed=31)
     g = gen(32)
     X, y = randn(n_data, 40, g=g), torch.randint(0, 3, (n_data,), generator=g)
     half = n_data // 2
-    return model, nn.CrossEntropyLoss(), [(X[:half], y[:half]), (X[half:], y[half:])]
+    return model, nn.CrossEntropyLoss(), split_batches(X, y, (half, n_data - half))
 
 
 @pytest.mark.parametrize("bias", ["joint", "separate"])
@@ -666,7 +649,7 @@ def test_ekfac_with_rank_keeps_the_trace_and_round_trips(bias, tmp_path):
 
 def grouped_problem():
     model = init(nn.Sequential(nn.Conv2d(8, 4, 3, groups=2), nn.Flatten()), seed=19)
-    return model, nn.MSELoss(), mse_data(model, (2, 3), (8, 5, 5), seed=20)
+    return model, nn.MSELoss(), make_data(model, "mse", (2, 3), (8, 5, 5), seed=20)
 
 
 def test_grouped_conv_below_threshold_ok():
@@ -685,7 +668,7 @@ def test_grouped_conv_just_below_threshold_ok(bias):
     """Bias-free (or separate-bias) grouped conv whose largest side is 36 < threshold 37: no
     factor would be low-rank, so nothing is unsupported."""
     model = init(nn.Sequential(nn.Conv2d(8, 4, 3, groups=2, bias=bias), nn.Flatten()), seed=21)
-    data = mse_data(model, (2, 3), (8, 5, 5), seed=22)
+    data = make_data(model, "mse", (2, 3), (8, 5, 5), seed=22)
     kw = dict(fisher="type-2", bias="separate")
     full = kronfac.compute_factors(model, nn.MSELoss(), data, **kw)
     assert full["0"].A.shape[-1] == 36
@@ -702,7 +685,7 @@ def test_forward_only_lowrank_operator():
     """``fisher="forward-only"``: ``S = I`` of side 30 >= threshold, ``A`` of data rank 7 < 8:
     the operator, its three damped inverses and logdet equal the full-rank ones."""
     model = mlp((40, 30, 1), seed=23)
-    data = mse_data(model, (3, 4), (40,), seed=24)
+    data = make_data(model, "mse", (3, 4), (40,), seed=24)
     kw = dict(fisher="forward-only")
     full = kronfac.KFAC(model, nn.MSELoss(), data, **kw)
     K = kronfac.KFAC(model, nn.MSELoss(), data, rank=8, rank_threshold=20, **kw)
@@ -730,7 +713,7 @@ def test_nonfinite_input_named(fisher):
     """A NaN in a low-rank layer's inputs raises NonFiniteError (as the full-rank path does),
     not a LAPACK error from the incremental SVD."""
     model = mlp((40, 30, 1), seed=25)
-    data = mse_data(model, (3, 4), (40,), seed=26)
+    data = make_data(model, "mse", (3, 4), (40,), seed=26)
     data[1][0][2, 5] = float("nan")
     with pytest.raises(kronfac.NonFiniteError):
         kronfac.compute_factors(model, nn.MSELoss(), data, fisher=fisher)

@@ -21,24 +21,31 @@ exact GGN / empirical Fisher (``torch.func``).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import OrderedDict
 from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
-from helpers import DT, assert_rel_close, gen, init, randn
+from helpers import (
+    DT,
+    PerPosition,
+    assert_rel_close,
+    damped_inv,
+    gen,
+    init,
+    make_data,
+    make_loss,
+    mlp,
+    pi_damping,
+    randn,
+)
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 import kronfac
-
-try:
-    from . import reference as ref
-except ImportError:  # tests/ is not a package: pytest puts tests/ on sys.path
-    import reference as ref
 
 DAMPING = 1e-2
 SINGULAR = 1e-9  # dense reference singular when λ_min <= SINGULAR · λ_max
@@ -46,16 +53,6 @@ SINGULAR = 1e-9  # dense reference singular when λ_min <= SINGULAR · λ_max
 
 # ----------------------------------------------------------------------------------------------
 # helpers: models, data, comparisons
-
-
-def mlp(act: str | None, widths: tuple[int, ...], seed: int = 0) -> nn.Module:
-    Act = {"relu": nn.ReLU, "tanh": nn.Tanh, None: nn.Identity}[act]
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(widths)):
-        if i:
-            layers.append(Act())
-        layers.append(nn.Linear(a, b))
-    return init(nn.Sequential(*layers), seed)
 
 
 class Reordered(nn.Module):
@@ -70,41 +67,6 @@ class Reordered(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.extra(self.head(torch.tanh(self.body(x))))
-
-
-class PerPosition(nn.Module):
-    """``net`` on the last dim of ``[N, T, d]``: every Linear shares weights over ``T``."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
-def make_loss(loss: str, reduction: str = "mean") -> nn.Module:
-    return {"mse": nn.MSELoss, "ce": nn.CrossEntropyLoss}[loss](reduction=reduction)
-
-
-def make_data(model, loss, batch_sizes, in_shape, seed=0) -> list[tuple[Tensor, Tensor]]:
-    g = gen(seed)
-    data = []
-    for B in batch_sizes:
-        X = randn(B, *in_shape, g=g)
-        with torch.no_grad():
-            out = model(X)
-        y = (
-            randn(*out.shape, g=g)
-            if loss == "mse"
-            else torch.randint(0, out.shape[1], (B,), generator=g)
-        )
-        data.append((X, y))
-    return data
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def rel_fro(M: Tensor, ref_M: Tensor) -> float:
@@ -199,19 +161,6 @@ def ekfac_blocks(factors):
     return block_of
 
 
-def inv(M: Tensor, d: float) -> Tensor:
-    return torch.linalg.inv(M + d * torch.eye(M.shape[0], dtype=M.dtype))
-
-
-def heuristic_split(A: Tensor, S: Tensor, damping: float, min_damping: float):
-    """Martens & Grosse's π split: ``(δ_A, δ_S)``."""
-    mean_a, mean_s = (A.trace() / A.shape[0]).item(), (S.trace() / S.shape[0]).item()
-    if mean_a < 0 or mean_s <= 0:
-        return damping, damping
-    pi = math.sqrt(mean_a / mean_s)
-    return max(pi * math.sqrt(damping), min_damping), max(math.sqrt(damping) / pi, min_damping)
-
-
 # ----------------------------------------------------------------------------------------------
 # small float64 problems
 
@@ -222,7 +171,7 @@ def problem(kind: str, loss: str, reduction: str = "mean", seed: int = 0):
         model = Reordered(seed=seed)
     else:
         act = {"tanh": "tanh", "relu": "relu", "linear": None}[kind]
-        model = mlp(act, (4, 6, 3) if kind == "relu" else (4, 5, 3), seed=seed)
+        model = mlp((4, 6, 3) if kind == "relu" else (4, 5, 3), act, seed=seed)
     data = make_data(model, loss, (3, 5, 4), (4,), seed=seed + 100)
     return model, make_loss(loss, reduction), data
 
@@ -373,7 +322,7 @@ class OperatorChecks:
 
 
 class InvertibleChecks(OperatorChecks):
-    """Also checks the operator's exactly damped inverse against ``inv(dense + δI)``."""
+    """Also checks the operator's exactly damped inverse against ``(dense + δI)⁻¹``."""
 
     def exact_inverse(self, op, damping: float):
         raise NotImplementedError
@@ -382,7 +331,7 @@ class InvertibleChecks(OperatorChecks):
     def test_exact_inverse(self, case):
         op, dense, _, _ = case
         inverse = self.exact_inverse(op, DAMPING)
-        expected = inv(dense, DAMPING)
+        expected = damped_inv(dense, DAMPING)
         assert_rel_close(inverse.to_dense(), expected, self.tol("inverse"), "inverse dense")
         v = randn(dense.shape[0], 2, g=gen(3))
         assert_rel_close(inverse @ v, expected @ v, self.tol("inverse"), "inverse @ v")
@@ -448,13 +397,12 @@ class TestKFACInverse(OperatorChecks):
     def make(self, mode, bias, loss, damping=DAMPING, min_damping=1e-8):
         model, K = _kfac("relu" if loss == "mse" else "tanh", loss, bias)
         f = K.factors
-        eye = lambda M: torch.eye(M.shape[0], dtype=DT)  # noqa: E731
         if mode == "exact":
             op = K.inverse(damping, exact=True)
 
             def block_of(mod):
                 A, S = f[mod].A, f[mod].S
-                return inv(torch.kron(S, A), damping), inv(S, damping)
+                return damped_inv(torch.kron(S, A), damping), damped_inv(S, damping)
 
             return op, assemble(model, f, block_of), model, layout(model, list(f))[1]
 
@@ -462,11 +410,11 @@ class TestKFACInverse(OperatorChecks):
 
         def damp(A, S):
             if mode == "heuristic":
-                d_A, d_S = heuristic_split(A, S, damping, min_damping)
-                clamped.append(min_damping in (d_A, d_S))
+                d_S, d_A = pi_damping(S, A, damping, min_damping)
+                clamped.append(min_damping in (d_S.item(), d_A.item()))
             else:
                 d_A = d_S = damping
-            pair = (torch.linalg.inv(A + d_A * eye(A)), torch.linalg.inv(S + d_S * eye(S)))
+            pair = (damped_inv(A, d_A), damped_inv(S, d_S))
             if bias == "joint":
                 return pair, None
             return pair, pair[1]  # the separate bias block: the weight's (S + δ_S I)⁻¹
@@ -521,7 +469,7 @@ class TestEKFACInverse(OperatorChecks):
     def make(self, **kw):
         model, E = _ekfac(**kw)
         f = E.factors
-        dense = inv(assemble(model, f, ekfac_blocks(f)), DAMPING)
+        dense = damped_inv(assemble(model, f, ekfac_blocks(f)), DAMPING)
         return E.inverse(DAMPING), dense, model, layout(model, list(f))[1]
 
 
@@ -550,9 +498,9 @@ def ggn_blockdiag(model, loss_fn, data, fisher, factors) -> Tensor:
 def test_ekfac_exact_where_kfac_is(kind, loss, reduction, batches, bias):
     """Deep linear + MSE (several data) and one datum: EKFAC = K-FAC = exact block-diagonal."""
     if kind == "deep-linear":
-        model = mlp(None, (4, 5, 3, 2), seed=11)
+        model = mlp((4, 5, 3, 2), None, seed=11)
     else:
-        model = mlp(kind, (4, 5, 3), seed=11)
+        model = mlp((4, 5, 3), kind, seed=11)
     data = make_data(model, loss, batches, (4,), seed=12)
     loss_fn = make_loss(loss, reduction)
     E = kronfac.EKFAC(model, loss_fn, data, fisher="type-2", bias=bias)
@@ -566,7 +514,7 @@ def test_ekfac_exact_where_kfac_is(kind, loss, reduction, batches, bias):
 @pytest.mark.parametrize("bias", ["joint", "separate"])
 def test_ekfac_closer_than_kfac(bias):
     """ReLU MLP, CE, several data: EKFAC is the Frobenius-optimal diagonal in K-FAC's basis."""
-    model = mlp("relu", (4, 6, 5, 3), seed=13)
+    model = mlp((4, 6, 5, 3), "relu", seed=13)
     loss_fn = make_loss("ce")
     data = make_data(model, "ce", (4, 6, 5), (4,), seed=14)
     K = kronfac.KFAC(model, loss_fn, data, fisher="type-2", bias=bias)
@@ -603,7 +551,7 @@ def _check_bases(E, K_factors, tol=1e-10):
 @pytest.mark.parametrize(("loss", "reduction"), [("ce", "mean"), ("mse", "sum")])
 def test_ekfac_eigenvalues_from_dense(loss, reduction, fisher, bias):
     """T = 1: eigenvalues = diag(Qᵀ G_block Q), G the exact GGN / empirical Fisher."""
-    model = mlp("tanh", (4, 5, 3), seed=15)
+    model = mlp((4, 5, 3), "tanh", seed=15)
     loss_fn = make_loss(loss, reduction)
     data = make_data(model, loss, (3, 4, 2), (4,), seed=16)
     E = kronfac.EKFAC(model, loss_fn, data, fisher=fisher, bias=bias)
@@ -656,7 +604,7 @@ def test_ekfac_eigenvalues_sequence(approx, fisher):
     """Linear layers shared over T = 3 positions, MSE: eigenvalues from per-example gradients
     ``G_n = Σ_t g_t a_tᵀ`` (torch.func), with expand and reduce (K-FAC's basis differs)."""
     N_T_d = (3, 4)  # T = 3 positions, d = 4 features
-    model = PerPosition(mlp("tanh", (4, 5, 2), seed=17))
+    model = PerPosition(mlp((4, 5, 2), "tanh", seed=17))
     loss_fn = make_loss("mse")
     data = make_data(model, "mse", (2, 3), N_T_d, seed=18)
     kw = dict(fisher=fisher, approx=approx)
@@ -685,7 +633,7 @@ def test_ekfac_eigenvalues_sequence(approx, fisher):
 
 def dead_relu_problem():
     """ReLU MLP whose hidden unit 2 never fires: layer 2's A has an exactly zero row / column."""
-    model = mlp("relu", (4, 5, 3), seed=19)
+    model = mlp((4, 5, 3), "relu", seed=19)
     with torch.no_grad():
         model[0].weight[2] = 0.0
         model[0].bias[2] = -1.0

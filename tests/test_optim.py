@@ -27,7 +27,22 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DT, assert_rel_close, gen, init, randn
+from helpers import (
+    DT,
+    LOSSES,
+    PerPosition,
+    assert_rel_close,
+    called_twice,
+    gen,
+    init,
+    make_data,
+    mlp,
+    padded,
+    padding_mask,
+    pi_damping,
+    randn,
+    sequences,
+)
 from torch import Tensor, nn
 
 import kronfac
@@ -106,16 +121,9 @@ def eye(n: int) -> Tensor:
     return torch.eye(n, dtype=DT)
 
 
-def pi_split(A: Tensor, S: Tensor, damping: float, min_damping: float = 1e-8):
-    """``(δ_S, δ_A)`` of π-damping."""
-    pi = math.sqrt((A.trace().item() / A.shape[0]) / (S.trace().item() / S.shape[0]))
-    root = math.sqrt(damping)
-    return max(root / pi, min_damping), max(root * pi, min_damping)
-
-
 def dense_pi(A, S, G, damping, min_damping=1e-8):
     """``(S + δ_S I)⁻¹ G (A + δ_A I)⁻¹``."""
-    d_S, d_A = pi_split(A, S, damping, min_damping)
+    d_S, d_A = pi_damping(S, A, damping, min_damping)
     X = torch.linalg.solve(S + d_S * eye(S.shape[0]), G)
     return torch.linalg.solve(A + d_A * eye(A.shape[0]), X.T).T
 
@@ -132,19 +140,6 @@ def dense_ekfac(A, S, Gn, G, damping, eps, c):
     a, Q_A = torch.linalg.eigh(A)
     lam = eps * torch.outer(s, a) + (1 - eps) * c * (Q_S.T @ Gn @ Q_A).square().sum(0)
     return Q_S @ ((Q_S.T @ G @ Q_A) / (lam + damping)) @ Q_A.T
-
-
-def linear_data(n: int, d_in: int, classes: int, seed: int):
-    g = gen(seed)
-    return randn(n, d_in, g=g), torch.randint(0, classes, (n,), generator=g)
-
-
-def mlp(seed: int = 0, layernorm: bool = False) -> nn.Module:
-    layers = [nn.Linear(6, 8)]
-    if layernorm:
-        layers.append(nn.LayerNorm(8))
-    layers += [nn.Tanh(), nn.Linear(8, 3)]
-    return init(nn.Sequential(*layers), seed)
 
 
 def preconditioned(mod: nn.Module) -> Tensor:
@@ -173,13 +168,13 @@ ONE_STEP_CASES = {
 def test_one_step_matches_dense_formula(case):
     opts = {"damping": 0.1, **ONE_STEP_CASES[case]}
     N = 8
-    model = init(nn.Sequential(nn.Linear(5, 3)), seed=1)
+    model = mlp((5, 3), seed=1)
     lin = model[0]
     tap = Tap(model)
     reduction = opts.pop("reduction", "mean")
     loss_fn = nn.CrossEntropyLoss(reduction=reduction)
     precond = KFACPreconditioner(model, loss_fn=loss_fn, **opts)
-    X, y = linear_data(N, 5, 3, seed=2)
+    X, y = make_data(3, "ce", (N,), (5,), seed=2)[0]
     loss_fn(model(X), y).backward()
     joint = opts.get("bias", "joint") == "joint"
     c = N if reduction == "mean" else 1  # S of the summed loss: divided by D = N for the mean
@@ -208,10 +203,11 @@ def test_one_step_matches_dense_formula(case):
     else:
         min_damping = opts.get("min_damping", 1e-8)
         V = dense_pi(A, S, G, damping, min_damping)
-        d_S, _ = pi_split(A, S, damping, min_damping)
+        d_S, _ = pi_damping(S, A, damping, min_damping)
         vb = torch.linalg.solve(S + d_S * eye(3), b)
         if case == "pi-min-damping":  # the bound is active, and it matters
-            assert pi_split(A, S, damping, 0.0) < (0.3, 0.3)
+            free_S, free_A = pi_damping(S, A, damping, 0.0)
+            assert free_S < 0.3 and free_A < 0.3
             unbounded = dense_pi(A, S, G, damping, 0.0)
             assert (unbounded - V).abs().max() > 1e-3 * V.abs().max()
     if joint:
@@ -225,13 +221,13 @@ def test_one_step_matches_dense_formula(case):
 @pytest.mark.parametrize("factor_every", [1, 2])
 def test_running_factors_are_the_ema_of_the_batch_factors(factor_every):
     eps, N = 0.8, 6
-    model = mlp(seed=3)
+    model = mlp((6, 8, 3), seed=3)
     tap = Tap(model)
     precond = KFACPreconditioner(model, loss_fn=CE, factor_decay=eps, factor_every=factor_every)
     expected: dict[str, tuple[Tensor, Tensor]] = {}
     for k in range(5):
         tap.clear()
-        X, y = linear_data(N, 6, 3, seed=10 + k)
+        X, y = make_data(3, "ce", (N,), (6,), seed=10 + k)[0]
         CE(model(X), y).backward()
         before = copy.deepcopy(precond.state_dict()["layers"])
         assert precond.step() is True
@@ -272,7 +268,7 @@ def test_stale_decomposition_between_refreshes(inverse_method, scheduled):
     def damping(k: int) -> float:
         return 0.05 * (k + 1) if scheduled else 0.05
 
-    model = mlp(seed=4)
+    model = mlp((6, 8, 3), seed=4)
     tap = Tap(model)
     precond = KFACPreconditioner(
         model,
@@ -285,7 +281,7 @@ def test_stale_decomposition_between_refreshes(inverse_method, scheduled):
     refresh: dict[str, tuple[Tensor, Tensor]] = {}
     for k in range(6):
         tap.clear()
-        X, y = linear_data(6, 6, 3, seed=20 + k)
+        X, y = make_data(3, "ce", (6,), (6,), seed=20 + k)[0]
         CE(model(X), y).backward()
         G = {name: grad_matrix(tap.modules[name], True) for name in ("0", "2")}
         assert precond.step() is True
@@ -317,7 +313,7 @@ def test_damping_and_lr_schedules_are_called_with_the_step_index():
         calls["lr"].append(k)
         return 0.1
 
-    model = mlp(seed=5)
+    model = mlp((6, 8, 3), seed=5)
     tap = Tap(model)
     # ε = 0, inverse_every = 1: every step's factors are that step's batch factors
     precond = KFACPreconditioner(
@@ -325,7 +321,7 @@ def test_damping_and_lr_schedules_are_called_with_the_step_index():
     )
     for k in range(3):
         tap.clear()
-        X, y = linear_data(6, 6, 3, seed=30 + k)
+        X, y = make_data(3, "ce", (6,), (6,), seed=30 + k)[0]
         CE(model(X), y).backward()
         G = {name: grad_matrix(tap.modules[name], True) for name in ("0", "2")}
         assert precond.step() is True
@@ -341,9 +337,9 @@ def test_damping_and_lr_schedules_are_called_with_the_step_index():
 @pytest.mark.parametrize("clipped", [True, False])
 def test_kl_clipping_scales_by_nu(clipped):
     """``ν = min(1, √(κ / |Σ η² ⟨v, g⟩|))`` over both layers; κ is set to make ``ν = ½`` or 1."""
-    X, y = linear_data(8, 6, 3, seed=40)
+    X, y = make_data(3, "ce", (8,), (6,), seed=40)[0]
     lr = 0.3
-    free_model = mlp(seed=6)
+    free_model = mlp((6, 8, 3), seed=6)
     free = KFACPreconditioner(free_model, loss_fn=CE, damping=0.05, kl_clip=None, lr=lr)
     CE(free_model(X), y).backward()
     raw = [p.grad.clone() for p in free_model.parameters()]
@@ -354,7 +350,7 @@ def test_kl_clipping_scales_by_nu(clipped):
     nu = min(1.0, math.sqrt(kappa / abs(vg)))
     assert nu == (0.5 if clipped else 1.0)
 
-    model = mlp(seed=6)
+    model = mlp((6, 8, 3), seed=6)
     precond = KFACPreconditioner(model, loss_fn=CE, damping=0.05, kl_clip=kappa, lr=lambda k: lr)
     CE(model(X), y).backward()
     assert precond.step() is True
@@ -365,10 +361,10 @@ def test_kl_clipping_scales_by_nu(clipped):
 # -- 4. gradient accumulation -------------------------------------------------------------------
 @pytest.mark.parametrize("ekfac", [False, True])
 def test_gradient_accumulation_equals_one_batch(ekfac):
-    X, y = linear_data(8, 6, 3, seed=50)
+    X, y = make_data(3, "ce", (8,), (6,), seed=50)[0]
     results = []
     for halves in (False, True):
-        model = mlp(seed=7)
+        model = mlp((6, 8, 3), seed=7)
         precond = KFACPreconditioner(model, loss_fn=CE, damping=0.05, ekfac=ekfac, factor_decay=0.9)
         if halves:
             for part in (slice(0, 4), slice(4, 8)):
@@ -389,10 +385,10 @@ def test_gradient_accumulation_equals_one_batch(ekfac):
 
 # -- 5. GradScaler --------------------------------------------------------------------------------
 def test_grad_scaler_gives_the_unscaled_step():
-    X, y = linear_data(8, 6, 3, seed=60)
+    X, y = make_data(3, "ce", (8,), (6,), seed=60)[0]
     grads = {}
     for mode in ("plain", "scaled", "scaled-unknown"):
-        model = mlp(seed=8)
+        model = mlp((6, 8, 3), seed=8)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         assert scaler.is_enabled() and scaler.get_scale() == 1024.0  # enabled on CPU
         opts = {"grad_scaler": scaler} if mode == "scaled" else {}
@@ -418,11 +414,11 @@ def test_grad_scaler_gives_the_unscaled_step():
 
 def test_grad_scaler_overflow_skips_the_step_without_a_warning():
     """With a GradScaler, non-finite statistics are its usual overflow: skipped silently."""
-    model = mlp(seed=8)
+    model = mlp((6, 8, 3), seed=8)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     precond = KFACPreconditioner(model, loss_fn=CE, damping=0.05, grad_scaler=scaler)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    X, y = linear_data(8, 6, 3, seed=60)
+    X, y = make_data(3, "ce", (8,), (6,), seed=60)[0]
     X[1, 1] = float("inf")
     scaler.scale(CE(model(X), y)).backward()
     scaler.unscale_(opt)
@@ -444,7 +440,7 @@ def test_kfac_steps_are_momentum_sgd_on_the_preconditioned_gradients(kl_clip):
     """
     lr, mu, wd = 0.1, 0.9, 0.01
     opts = {"damping": 0.05, "kl_clip": kl_clip, "inverse_every": 1}
-    model = mlp(seed=9, layernorm=True)
+    model = mlp((6, 8, 3), layernorm=True, seed=9)
     ref_model = copy.deepcopy(model)
     opt = KFAC(model, lr, loss_fn=CE, momentum=mu, weight_decay=wd, **opts)
     precond = KFACPreconditioner(ref_model, loss_fn=CE, lr=lr, **opts)
@@ -453,7 +449,7 @@ def test_kfac_steps_are_momentum_sgd_on_the_preconditioned_gradients(kl_clip):
     assert all(id(p) not in covered for p in ref_model[1].parameters())
     buffers: list[Tensor | None] = [None] * len(list(ref_model.parameters()))
     for k in range(2):
-        X, y = linear_data(8, 6, 3, seed=70 + k)
+        X, y = make_data(3, "ce", (8,), (6,), seed=70 + k)[0]
         opt.zero_grad()
         CE(model(X), y).backward()
         opt.step()
@@ -485,11 +481,11 @@ def test_kfac_lr_schedule_sets_the_step_size():
         seen.append(k)
         return etas[k]
 
-    model = mlp(seed=10)
+    model = mlp((6, 8, 3), seed=10)
     opt = KFAC(model, lr, loss_fn=CE, momentum=0.0, kl_clip=None, damping=0.05)
     seen.clear()  # the constructor checks lr(0)
     for k in range(3):
-        X, y = linear_data(8, 6, 3, seed=80 + k)
+        X, y = make_data(3, "ce", (8,), (6,), seed=80 + k)[0]
         before = [p.detach().clone() for p in model.parameters()]
         opt.zero_grad()
         CE(model(X), y).backward()
@@ -504,7 +500,7 @@ def test_kfac_reduces_the_training_loss():
     g = gen(90)
     X, W = randn(64, 6, g=g), randn(6, 3, g=g)
     y = (X @ W).argmax(1)
-    model = mlp(seed=11)
+    model = mlp((6, 8, 3), seed=11)
     opt = KFAC(model, 0.1, loss_fn=CE, damping=0.05, inverse_every=5)
     with torch.no_grad():
         start = CE(model(X), y).item()
@@ -538,10 +534,7 @@ def _round_trip(state, how):
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
 @pytest.mark.parametrize("ekfac", [False, True])
 def test_checkpoint_resumes_bit_identically(ekfac, fisher, how):
-    g = gen(100)
-    batches = [
-        (torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(40)
-    ]
+    batches = make_data(3, "ce", [8] * 40, (6,), seed=100, dtype=torch.float32)
     opts = {
         "momentum": 0.9,
         "weight_decay": 1e-3,
@@ -553,7 +546,7 @@ def test_checkpoint_resumes_bit_identically(ekfac, fisher, how):
     }
 
     def fresh(seed):
-        model = init(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), seed).float()
+        model = mlp((6, 8, 3), seed=seed, dtype=torch.float32)
         return model, KFAC(model, 0.05, loss_fn=CE, **opts)
 
     model, opt = fresh(0)
@@ -574,10 +567,10 @@ def test_checkpoint_resumes_bit_identically(ekfac, fisher, how):
 
 # -- 8. fisher="mc" -------------------------------------------------------------------------------
 def _mc_step(seed=0, fisher="mc", preset_grads=False):
-    model = mlp(seed=12)
+    model = mlp((6, 8, 3), seed=12)
     loss_fn = nn.CrossEntropyLoss()
     precond = KFACPreconditioner(model, loss_fn=loss_fn, fisher=fisher, seed=seed, damping=0.05)
-    X, y = linear_data(16, 6, 3, seed=110)
+    X, y = make_data(3, "ce", (16,), (6,), seed=110)[0]
     if preset_grads:
         for i, p in enumerate(model.parameters()):
             p.grad = torch.full_like(p, float(i + 1))
@@ -616,8 +609,8 @@ def test_mc_factors_differ_from_empirical_and_are_reproducible():
 
 
 def test_mc_backward_misuse():
-    model = mlp(seed=13)
-    X, y = linear_data(4, 6, 3, seed=120)
+    model = mlp((6, 8, 3), seed=13)
+    X, y = make_data(3, "ce", (4,), (6,), seed=120)[0]
     empirical = KFACPreconditioner(model, loss_fn=CE)
     with pytest.raises(RuntimeError, match="fisher='mc'"):
         empirical.mc_backward(model(X), CE)
@@ -650,7 +643,7 @@ BAD_OPTIONS = [
 @pytest.mark.parametrize(("options", "match"), BAD_OPTIONS)
 def test_bad_options_raise(options, match):
     with pytest.raises(ValueError, match=match):
-        KFACPreconditioner(mlp(), loss_fn=CE, **options)
+        KFACPreconditioner(mlp((6, 8, 3)), loss_fn=CE, **options)
 
 
 @pytest.mark.parametrize(
@@ -666,7 +659,7 @@ def test_options_of_other_kinds_raise(options, match):
     options = {"loss_fn": CE, **options}
     error = NotImplementedError if "L1Loss" in match else TypeError
     with pytest.raises(error, match=match):
-        KFACPreconditioner(mlp(), **options)
+        KFACPreconditioner(mlp((6, 8, 3)), **options)
 
 
 @pytest.mark.parametrize(
@@ -680,16 +673,16 @@ def test_options_of_other_kinds_raise(options, match):
 )
 def test_kfac_bad_arguments_raise(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        KFAC(mlp(), *args, loss_fn=CE, **kwargs)
+        KFAC(mlp((6, 8, 3)), *args, loss_fn=CE, **kwargs)
 
 
 def test_kfac_lr_passed_twice_is_a_type_error():
     with pytest.raises(TypeError, match="lr"):
-        KFAC(mlp(), 0.1, loss_fn=CE, **{"lr": 0.2})
+        KFAC(mlp((6, 8, 3)), 0.1, loss_fn=CE, **{"lr": 0.2})
 
 
 def test_step_before_any_backward_raises():
-    model = mlp()
+    model = mlp((6, 8, 3))
     precond = KFACPreconditioner(model, loss_fn=CE)
     with torch.no_grad():
         model(torch.zeros(2, 6, dtype=DT))
@@ -719,32 +712,32 @@ def test_model_without_a_covered_layer_raises(model, kfac_match):
 def test_load_state_of_another_model_or_options_raises():
     def trained(model, **options):
         precond = KFACPreconditioner(model, loss_fn=CE, **options)
-        X, y = linear_data(4, model[0].in_features, 3, seed=130)
+        X, y = make_data(3, "ce", (4,), (model[0].in_features,), seed=130)[0]
         CE(model(X), y).backward()
         precond.step()
         return precond
 
-    state = trained(mlp()).state_dict()
+    state = trained(mlp((6, 8, 3))).state_dict()
     other_model = init(
         nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 3)), 0
     )
     with pytest.raises(ValueError, match="covers modules"):
         KFACPreconditioner(other_model, loss_fn=CE).load_state_dict(state)
     with pytest.raises(ValueError, match="options"):
-        KFACPreconditioner(mlp(), loss_fn=CE, ekfac=True).load_state_dict(state)
+        KFACPreconditioner(mlp((6, 8, 3)), loss_fn=CE, ekfac=True).load_state_dict(state)
     with pytest.raises(ValueError, match="options"):
-        KFACPreconditioner(mlp(), loss_fn=CE, bias="separate").load_state_dict(state)
-    opt = KFAC(mlp(), 0.1, loss_fn=CE)
+        KFACPreconditioner(mlp((6, 8, 3)), loss_fn=CE, bias="separate").load_state_dict(state)
+    opt = KFAC(mlp((6, 8, 3)), 0.1, loss_fn=CE)
     with pytest.raises(ValueError, match="'kfac' entry is missing"):
-        opt.load_state_dict(torch.optim.SGD(mlp().parameters(), lr=0.1).state_dict())
-    KFACPreconditioner(mlp(), loss_fn=CE).load_state_dict(state)  # the matching one loads
+        opt.load_state_dict(torch.optim.SGD(mlp((6, 8, 3)).parameters(), lr=0.1).state_dict())
+    KFACPreconditioner(mlp((6, 8, 3)), loss_fn=CE).load_state_dict(state)  # the matching one loads
 
 
 # -- 10. non-finite statistics --------------------------------------------------------------------
 def test_non_finite_statistics_skip_the_preconditioner_step():
-    model = mlp(seed=14)
+    model = mlp((6, 8, 3), seed=14)
     precond = KFACPreconditioner(model, loss_fn=CE, damping=0.05)
-    X, y = linear_data(8, 6, 3, seed=140)
+    X, y = make_data(3, "ce", (8,), (6,), seed=140)[0]
     CE(model(X), y).backward()
     assert precond.step() is True
     state = copy.deepcopy(precond.state_dict())
@@ -764,9 +757,9 @@ def test_non_finite_statistics_skip_the_preconditioner_step():
 
 
 def test_non_finite_statistics_skip_the_kfac_step():
-    model = mlp(seed=15, layernorm=True)
+    model = mlp((6, 8, 3), layernorm=True, seed=15)
     opt = KFAC(model, 0.1, loss_fn=CE, damping=0.05)
-    X, y = linear_data(8, 6, 3, seed=150)
+    X, y = make_data(3, "ce", (8,), (6,), seed=150)[0]
     CE(model(X), y).backward()
     opt.step()
     params = [p.detach().clone() for p in model.parameters()]
@@ -814,17 +807,6 @@ def test_conv2d_step_matches_the_unfolded_dense_formula(ekfac):
 
 
 # -- 12. a module called twice --------------------------------------------------------------------
-class CalledTwice(nn.Module):
-    """``head(tanh(lin(tanh(lin(x)))))``: ``lin`` is one block with two positions."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
-
-
 @pytest.mark.parametrize(
     ("reduction", "ekfac"),
     [
@@ -836,14 +818,14 @@ class CalledTwice(nn.Module):
 def test_module_called_twice_is_one_block_over_two_positions(reduction, ekfac):
     """Â averages over both calls' inputs, Ŝ sums both calls' output gradients (times c)."""
     N, damping, eps = 8, 0.05, 0.8
-    model = init(CalledTwice(), seed=17)
+    model = called_twice(4, 3, seed=17)  # head(tanh(lin(tanh(lin(x))))): lin over two positions
     tap = Tap(model)
     loss_fn = nn.CrossEntropyLoss(reduction=reduction)
     precond = KFACPreconditioner(
         model, loss_fn=loss_fn, damping=damping, ekfac=ekfac, factor_decay=eps
     )
     assert precond.modules == ["lin", "head"]
-    X, y = linear_data(N, 4, 3, seed=170)
+    X, y = make_data(3, "ce", (N,), (4,), seed=170)[0]
     loss_fn(model(X), y).backward()
     c = N if reduction == "mean" else 1
     A, S, Gn = tap.stats("lin", joint=True, c=c)
@@ -858,7 +840,7 @@ def test_module_called_twice_is_one_block_over_two_positions(reduction, ekfac):
 
 
 def test_failed_refresh_keeps_the_last_good_decomposition(monkeypatch):
-    model = init(nn.Sequential(nn.Linear(4, 3)), seed=3)
+    model = mlp((4, 3), seed=3)
     pre = KFACPreconditioner(model, loss_fn=CE, inverse_every=2, damping=0.1, kl_clip=None)
     g = gen(5)
 
@@ -894,34 +876,19 @@ def test_failed_refresh_keeps_the_last_good_decomposition(monkeypatch):
 
 
 # -- 11. the optimizer on the engine: the factors of compute_factors ----------------------------
-class Seq(nn.Module):
-    """Per-position layers on ``x: [N, T, 4]`` (padding never reaches a real position)."""
-
-    def __init__(self, out: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, out)
-
-    def forward(self, x, attention_mask=None):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
 def seq_batch(loss: str, seed: int = 150):
     """``({"x", "attention_mask"}, y)``: 3 sequences of 4 positions, the last padded twice."""
-    g = gen(seed)
-    X = {"x": randn(3, 4, 4, g=g), "attention_mask": torch.ones(3, 4, dtype=torch.long)}
-    X["attention_mask"][2, 2:] = 0
+    lengths, T = (4, 4, 2), 4
+    xs, ys, cls = sequences(lengths, seed=seed)
+    X = {"x": padded(xs, T, 3.0), "attention_mask": padding_mask(lengths, T)}
     if loss == "ce":  # [N, V, T] logits; padded and one ignored target are ignore_index
-        y = torch.randint(0, 3, (3, 4), generator=g)
-        y[X["attention_mask"] == 0] = -100
+        y = padded(cls, T, -100)
         y[0, 1] = -100
     elif loss == "mse":
-        y = randn(3, 4, 3, g=g)
+        y = padded(ys, T, 7.0)
     else:
-        y = torch.randint(0, 2, (3, 4, 3), generator=g).to(DT)
+        y = padded([(t > 0).to(DT) for t in ys], T, 1.0)
     return X, y
-
-
-LOSSES = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}
 
 
 def seq_forward(loss: str):
@@ -944,7 +911,7 @@ def test_factors_after_one_step_equal_compute_factors(loss, reduction, fisher):
         X = {"x": X["x"]}
     else:
         X, y = seq_batch(loss)
-    model = init(Seq(3), seed=16)
+    model = PerPosition(mlp((4, 5, 3), seed=16))
     loss_fn = LOSSES[loss](reduction=reduction, **({"ignore_index": -100} if loss == "ce" else {}))
     forward = seq_forward(loss)
     precond = KFACPreconditioner(
@@ -954,7 +921,7 @@ def test_factors_after_one_step_equal_compute_factors(loss, reduction, fisher):
     assert precond.step() is True
     ref = kronfac.compute_factors(model, loss_fn, [(X, y)], fisher=fisher, forward=forward, seed=5)
     ours = precond.factors()
-    for name in ("fc1", "fc2"):
+    for name in ("net.0", "net.2"):
         assert_rel_close(ours[name].A, ref[name].A, what=f"A {name}")
         assert_rel_close(ours[name].S, ref[name].S, what=f"S {name}")
 
@@ -982,7 +949,7 @@ def _embedding_case():
 
 
 def _low_rank_case():
-    model = init(nn.Sequential(nn.Linear(24, 20), nn.Tanh(), nn.Linear(20, 3)), seed=20)
+    model = mlp((24, 20, 3), seed=20)
     g = gen(180)
     return model, nn.CrossEntropyLoss(), randn(30, 24, g=g), torch.randint(0, 3, (30,))
 
@@ -1035,12 +1002,12 @@ def test_grouped_conv_embedding_and_low_rank_are_preconditioned(case, fisher):
 def test_the_step_is_the_operator_of_its_factors(mode):
     """Over a few steps (EMA, stale refreshes), the step applies ``K⁻¹`` of the factors as last
     decomposed: π-damping is ``KFAC.inverse(δ, heuristic=True)``, Tikhonov ``exact=True``."""
-    model = mlp(seed=21)
+    model = mlp((6, 8, 3), seed=21)
     precond = KFACPreconditioner(
         model, loss_fn=CE, damping_mode=mode, damping=0.05, inverse_every=2, kl_clip=None
     )
     for k in range(4):
-        X, y = linear_data(8, 6, 3, seed=190 + k)
+        X, y = make_data(3, "ce", (8,), (6,), seed=190 + k)[0]
         model.zero_grad()
         CE(model(X), y).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -1054,13 +1021,13 @@ def test_the_step_is_the_operator_of_its_factors(mode):
 
 
 def test_ekfac_scales_are_updated_every_scale_every_steps():
-    model = mlp(seed=22)
+    model = mlp((6, 8, 3), seed=22)
     precond = KFACPreconditioner(
         model, loss_fn=CE, ekfac=True, scale_every=2, inverse_every=10, factor_decay=0.5
     )
     seen = []
     for k in range(4):
-        X, y = linear_data(8, 6, 3, seed=200 + k)
+        X, y = make_data(3, "ce", (8,), (6,), seed=200 + k)[0]
         model.zero_grad()
         CE(model(X), y).backward()
         assert precond.step() is True

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import make_data, mlp
 from torch import nn
 
 import kronfac
@@ -18,11 +19,10 @@ from kronfac.optim import KFACPreconditioner
 
 
 def model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    return mlp((3, 4, 2), torch_init=True, dtype=torch.float32)
 
 
-DATA = [(torch.randn(5, 3), torch.randint(0, 2, (5,)))]
+DATA = make_data(2, "ce", (5,), (3,), dtype=torch.float32)
 LOSS = nn.CrossEntropyLoss()
 
 

@@ -15,12 +15,13 @@ Every registration is undone by a fixture after the test, failed or not, and
 
 from __future__ import annotations
 
-import itertools
+import copy
 from collections.abc import Iterator
 
 import pytest
+import reference as ref
 import torch
-from helpers import DT, assert_rel_close, gen, init, randn
+from helpers import DT, assert_rel_close, gen, init, make_data, mlp, randn
 from torch import Tensor, nn
 
 import kronfac
@@ -39,11 +40,6 @@ from kronfac.likelihoods import (
     unregister_likelihood,
 )
 from kronfac.likelihoods.base import EntrywiseLikelihood
-
-try:
-    from . import reference as ref
-except ImportError:  # tests/ is not a package: pytest puts tests/ on sys.path
-    import reference as ref
 
 SIGMA = 0.7
 TRANSPOSED_NAME = f"{__name__}.TransposedLinear"
@@ -160,42 +156,15 @@ def gaussian_nll() -> Iterator[None]:
 
 def linear_pair(widths: tuple[int, ...], act: bool, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """An ``nn.Linear`` network and the same network of ``TransposedLinear`` (``W`` → ``Wᵀ``)."""
-
-    def build(layer: type[nn.Module]) -> nn.Sequential:
-        mods: list[nn.Module] = []
-        for i, (a, b) in enumerate(itertools.pairwise(widths)):
-            mods += [layer(a, b), nn.Tanh()] if act and i < len(widths) - 2 else [layer(a, b)]
-        return nn.Sequential(*mods)
-
-    linear = init(build(nn.Linear), seed)
-    transposed = build(TransposedLinear)
+    linear = mlp(widths, "tanh" if act else None, seed=seed)
+    transposed = copy.deepcopy(linear)
     with torch.no_grad():
-        for lin, tr in zip(linear, transposed, strict=True):
+        for i, lin in enumerate(linear):
             if isinstance(lin, nn.Linear):
-                tr.weight.copy_(lin.weight.T)
-                tr.bias.copy_(lin.bias)
+                transposed[i] = TransposedLinear(lin.in_features, lin.out_features)
+                transposed[i].weight.copy_(lin.weight.T)
+                transposed[i].bias.copy_(lin.bias)
     return linear, transposed
-
-
-def regression_data(
-    d_in: int, d_out: int, batch_sizes: tuple[int, ...] = (3, 5, 2), seed: int = 1
-) -> list[tuple[Tensor, Tensor]]:
-    g = gen(seed)
-    return [(randn(n, d_in, g=g), randn(n, d_out, g=g)) for n in batch_sizes]
-
-
-def binary_data(
-    d_in: int, d_out: int, positions: int, seed: int = 2
-) -> list[tuple[Tensor, Tensor]]:
-    """Inputs ``[n, T, d_in]`` and 0 / 1 targets ``[n, T, d_out]`` (for BCE on the logits)."""
-    g = gen(seed)
-    return [
-        (
-            randn(n, positions, d_in, g=g),
-            torch.randint(0, 2, (n, positions, d_out), generator=g).to(DT),
-        )
-        for n in (4, 3)
-    ]
 
 
 def transposition(model: nn.Module) -> Tensor:
@@ -226,7 +195,7 @@ def block_sizes(model: nn.Module) -> list[int]:
 @pytest.mark.parametrize("fisher", ["type-2", "mc", "empirical"])
 def test_custom_layer_gives_the_factors_of_linear(transposed_linear, fisher, bias, approx) -> None:
     linear, transposed = linear_pair((4, 5, 3), act=True)
-    data = binary_data(4, 3, positions=2)
+    data = make_data(3, "bce", (4, 3), (2, 4), seed=2)  # [n, T, 4] → 0 / 1 [n, T, 3]
     loss_fn = nn.BCEWithLogitsLoss()
     options = {"fisher": fisher, "bias": bias, "approx": approx}
     expected = kronfac.compute_factors(linear, loss_fn, data, **options)
@@ -242,7 +211,7 @@ def test_custom_layer_gives_the_factors_of_linear(transposed_linear, fisher, bia
 @pytest.mark.parametrize("operator", [kronfac.KFAC, kronfac.EKFAC])
 def test_custom_layer_operator_is_linear_one_transposed(transposed_linear, operator) -> None:
     linear, transposed = linear_pair((4, 5, 3), act=True)
-    data = binary_data(4, 3, positions=2)
+    data = make_data(3, "bce", (4, 3), (2, 4), seed=2)  # [n, T, 4] → 0 / 1 [n, T, 3]
     loss_fn = nn.BCEWithLogitsLoss()
     K_linear = operator(linear, loss_fn, data, fisher="type-2")
     K = operator(transposed, loss_fn, data, fisher="type-2")
@@ -262,7 +231,7 @@ def test_custom_layer_and_loss_type2_exact_on_deep_linear(
 ) -> None:
     _, model = linear_pair((4, 5, 3, 2), act=False, seed=4)
     loss_fn = FixedVarianceGaussianNLL(reduction=reduction)
-    data = regression_data(4, 2)
+    data = make_data(2, "mse", (3, 5, 2), (4,), seed=1)
     G = ref.ggn(model, FixedVarianceGaussianNLL(reduction="sum"), data)
     if reduction == "mean":
         G = G / sum(y.numel() for _, y in data)
@@ -279,7 +248,7 @@ def test_unregistered_custom_layer_is_unsupported(transposed_linear) -> None:
     assert unregister_layer(TransposedLinear) is TransposedLinearAdapter
     assert get_adapter(layer) is None
     assert TRANSPOSED_NAME not in supported_layers()
-    data = regression_data(4, 2)
+    data = make_data(2, "mse", (3, 5, 2), (4,), seed=1)
     # beside a supported layer: left out with a warning naming its parameters
     mixed = init(nn.Sequential(TransposedLinear(4, 3), nn.Linear(3, 2)), seed=9)
     with pytest.warns(
@@ -338,8 +307,8 @@ MSE_SCALE = {"type-2": 1 / (2 * SIGMA**2), "empirical": 1 / (4 * SIGMA**4)}
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("fisher", list(MSE_SCALE))
 def test_custom_loss_gives_scaled_mse_factors(gaussian_nll, fisher, reduction) -> None:
-    model = init(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)), seed=5)
-    data = regression_data(4, 2)
+    model = mlp((4, 5, 2), seed=5)
+    data = make_data(2, "mse", (3, 5, 2), (4,), seed=1)
     options = {"fisher": fisher, "bias": "joint"}
     mse = kronfac.compute_factors(model, nn.MSELoss(reduction=reduction), data, **options)
     loss_fn = FixedVarianceGaussianNLL(reduction=reduction)
@@ -353,8 +322,8 @@ def test_custom_loss_gives_scaled_mse_factors(gaussian_nll, fisher, reduction) -
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_custom_loss_type2_exact_on_deep_linear(gaussian_nll, reduction) -> None:
-    model = init(nn.Sequential(*(nn.Linear(a, b) for a, b in [(4, 5), (5, 3), (3, 2)])), seed=6)
-    data = regression_data(4, 2)
+    model = mlp((4, 5, 3, 2), None, seed=6)
+    data = make_data(2, "mse", (3, 5, 2), (4,), seed=1)
     loss_fn = FixedVarianceGaussianNLL(reduction=reduction)
     factors = kronfac.compute_factors(model, loss_fn, data, fisher="type-2")
     # S = Bᵀ (I/σ²) B / D summed over the N data: closed form for the last layer (B = I)
@@ -369,8 +338,8 @@ def test_custom_loss_type2_exact_on_deep_linear(gaussian_nll, reduction) -> None
 
 def test_custom_loss_samples_its_predictive(gaussian_nll) -> None:
     """MC: ``E[g gᵀ]`` over the sampled labels is the type-2 ``S`` (statistically)."""
-    model = init(nn.Sequential(nn.Linear(4, 3)), seed=7)
-    data = regression_data(4, 3, batch_sizes=(6,))
+    model = mlp((4, 3), seed=7)
+    data = make_data(3, "mse", (6,), (4,), seed=1)
     loss_fn = FixedVarianceGaussianNLL()
     type2 = kronfac.compute_factors(model, loss_fn, data, fisher="type-2")
     mc = kronfac.compute_factors(model, loss_fn, data, fisher="mc", mc_samples=4000)
@@ -378,8 +347,8 @@ def test_custom_loss_samples_its_predictive(gaussian_nll) -> None:
 
 
 def test_unregistered_custom_loss_is_unsupported(gaussian_nll) -> None:
-    model = init(nn.Sequential(nn.Linear(4, 2)), seed=8)
-    data = regression_data(4, 2)
+    model = mlp((4, 2), seed=8)
+    data = make_data(2, "mse", (3, 5, 2), (4,), seed=1)
     loss_fn = FixedVarianceGaussianNLL()
     assert isinstance(get_likelihood(loss_fn), FixedVarianceGaussianLikelihood)
 

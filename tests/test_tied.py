@@ -2,25 +2,11 @@
 
 import pytest
 import torch
+from helpers import DT, CalledTwice, gen, randn
 from reference import ggn
 from torch import nn
 
 import kronfac
-
-DT = torch.float64
-
-
-class CalledTwice(nn.Module):
-    """One Linear applied to both halves of the input; both outputs go straight to the loss."""
-
-    def __init__(self, shared: nn.Linear, other: nn.Linear | None = None) -> None:
-        super().__init__()
-        self.lin = shared
-        self.other = other
-
-    def forward(self, x):
-        second = self.lin if self.other is None else self.other
-        return torch.cat([self.lin(x[:, :3]), second(x[:, 3:])], dim=1)
 
 
 class OneCall(nn.Module):
@@ -40,9 +26,8 @@ def make(seed=0):
 
 
 def data(n=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 6, generator=g, dtype=DT)
-    y = torch.randn(n, 4, generator=g, dtype=DT)
+    g = gen(seed)
+    X, y = randn(n, 6, g=g), randn(n, 4, g=g)
     return [(X[:2], y[:2]), (X[2:], y[2:])]
 
 
@@ -71,7 +56,7 @@ def test_two_modules_sharing_weight_and_bias_are_one_block():
     lin = make()
     other = nn.Linear(3, 2).to(DT)
     other.weight, other.bias = lin.weight, lin.bias
-    model = CalledTwice(lin, other)
+    model = CalledTwice(lin, other=other)
     shared = kronfac.compute_factors(model, nn.MSELoss(), data(), fisher="type-2")
     assert list(shared) == ["lin"]
     once = kronfac.compute_factors(OneCall(lin), nn.MSELoss(), data(), fisher="type-2")

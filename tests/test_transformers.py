@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import lm_logits, next_token_batches, tiny_llama
 from torch import nn
 
 import kronfac
@@ -19,17 +19,6 @@ def llama():
     return model, ids
 
 
-def logits(model, X):
-    return model(**X).logits.transpose(1, 2)  # [N, V, T] for token-level cross-entropy
-
-
-def batches(ids, size):
-    return [
-        ({"input_ids": ids[i : i + size, :-1]}, ids[i : i + size, 1:])
-        for i in range(0, len(ids), size)
-    ]
-
-
 @pytest.mark.parametrize("fisher", ["type-2", "empirical"])
 def test_lm_head_factors_equal_closed_form(llama, fisher):
     """lm_head's output at position t only feeds term t: S = Σ_t H_t / (N·T) exactly."""
@@ -37,9 +26,9 @@ def test_lm_head_factors_equal_closed_form(llama, fisher):
     factors = kronfac.compute_factors(
         model,
         nn.CrossEntropyLoss(),
-        batches(ids, 2),
+        next_token_batches(ids, 2),
         fisher=fisher,
-        forward=logits,
+        forward=lm_logits,
         modules=["lm_head"],
     )
     with torch.no_grad():
@@ -61,14 +50,11 @@ def test_lm_head_factors_equal_closed_form(llama, fisher):
 def test_decoder_layers_batching_invariance_and_shared_inputs(llama):
     model, ids = llama
     loss = nn.CrossEntropyLoss()
+    options = {"fisher": "type-2", "forward": lm_logits, "modules": ["layers."]}
     with pytest.warns(kronfac.UncoveredParameterWarning, match="input_layernorm"):
-        one = kronfac.compute_factors(
-            model, loss, batches(ids, 5), fisher="type-2", forward=logits, modules=["layers."]
-        )
+        one = kronfac.compute_factors(model, loss, next_token_batches(ids, 5), **options)
     with pytest.warns(kronfac.UncoveredParameterWarning):
-        many = kronfac.compute_factors(
-            model, loss, batches(ids, 2), fisher="type-2", forward=logits, modules=["layers."]
-        )
+        many = kronfac.compute_factors(model, loss, next_token_batches(ids, 2), **options)
     linears = [n for n, m in model.named_modules() if "layers." in n and isinstance(m, nn.Linear)]
     assert list(one) == linears
     for name in linears:
@@ -83,4 +69,6 @@ def test_decoder_layers_batching_invariance_and_shared_inputs(llama):
 def test_model_output_without_forward_is_a_clear_error(llama):
     model, ids = llama
     with pytest.raises(TypeError, match="forward="):
-        kronfac.compute_factors(model, nn.CrossEntropyLoss(), batches(ids, 5), modules=["lm_head"])
+        kronfac.compute_factors(
+            model, nn.CrossEntropyLoss(), next_token_batches(ids, 5), modules=["lm_head"]
+        )
