@@ -23,6 +23,7 @@ test:
 lint:
 	ruff check src tests benchmarks
 	ruff format --check src tests benchmarks
+	mypy src/kronfac
 
 bench:
 	$(PYTHON) benchmarks/factors.py

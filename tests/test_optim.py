@@ -731,6 +731,13 @@ def test_load_state_of_another_model_or_options_raises():
     with pytest.raises(ValueError, match="'kfac' entry is missing"):
         opt.load_state_dict(torch.optim.SGD(mlp((6, 8, 3)).parameters(), lr=0.1).state_dict())
     KFACPreconditioner(mlp((6, 8, 3)), loss_fn=CE).load_state_dict(state)  # the matching one loads
+    # S of forward-only is the identity: not interchangeable with a running S matrix
+    identity = trained(mlp((6, 8, 3)), fisher="forward-only").state_dict()
+    with pytest.raises(ValueError, match=r"S of module '0' is the identity"):
+        KFACPreconditioner(mlp((6, 8, 3)), loss_fn=CE, fisher="mc").load_state_dict(identity)
+    with pytest.raises(ValueError, match=r"S of module '0' is a matrix"):
+        KFACPreconditioner(mlp((6, 8, 3)), loss_fn=CE, fisher="forward-only").load_state_dict(state)
+    KFACPreconditioner(mlp((6, 8, 3)), loss_fn=CE, fisher="mc").load_state_dict(state)
 
 
 # -- 10. non-finite statistics --------------------------------------------------------------------

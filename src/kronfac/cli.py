@@ -283,6 +283,8 @@ def _factor_table(factors: kronfac.KroneckerFactors) -> str:
     torch.linalg.eigvalsh(torch.eye(2, dtype=torch.float64))  # load LAPACK outside the timings
     rows = []
     for name, (A, S) in factors.items():
+        # the MLP's factors, computed without rank=, are dense tensors (never low-rank)
+        assert isinstance(A, Tensor) and isinstance(S, Tensor)
         start = time.perf_counter()
         eig_A = torch.linalg.eigvalsh(A.double())
         eig_S = torch.linalg.eigvalsh(S.double())

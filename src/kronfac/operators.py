@@ -55,7 +55,8 @@ class CurvatureOperator:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        self._slots, self._blocks = list(slots), list(blocks)
+        self._slots: list[Slot] = list(slots)
+        self._blocks: Sequence[Block] = list(blocks)
         self._shapes = dict(param_shapes)
         self.param_names = list(param_shapes)
         P = sum(math.prod(s) for s in param_shapes.values())
@@ -96,10 +97,10 @@ class CurvatureOperator:
             kind, shapes = type(v), list(self._shapes.values())
             cols = _columns(v, shapes)
             if cols is None:
-                expected = [tuple(s) for s in shapes]
+                expected_shapes = [tuple(s) for s in shapes]
                 got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in v]
                 raise ValueError(
-                    f"Expected tensors of shapes {expected} (each with the same trailing "
+                    f"Expected tensors of shapes {expected_shapes} (each with the same trailing "
                     f"column dimension k, or none), got {got}."
                 )
             k = cols or 1
@@ -325,6 +326,8 @@ class KFAC(_FactorOperator):
         factors: The Kronecker factors.
     """
 
+    _blocks: Sequence[KroneckerBlock]  # what _setup builds
+
     def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable[Any], **options: Any):
         self._setup(factor_pass(model, loss_fn, data, **options)[0], model)
 
@@ -332,7 +335,8 @@ class KFAC(_FactorOperator):
         self, factors: KroneckerFactors, model: nn.Module, order: Sequence[str] | None = None
     ) -> None:
         slots, shapes = _layout(factors, model, order)
-        flat_slots, blocks = [], []
+        flat_slots: list[Slot] = []
+        blocks: list[KroneckerBlock] = []
         for mod, (A, S) in factors.items():
             # one Factor per stored factor, shared by a weight's and its separate bias's blocks
             diagonal = slots[mod][0].adapter.diagonal_input
@@ -343,10 +347,7 @@ class KFAC(_FactorOperator):
                     blocks.append(KroneckerBlock(fS, None, mod, heuristic_A=fA))
                 else:
                     blocks.append(KroneckerBlock(fS, fA, mod))
-        order = sorted(range(len(flat_slots)), key=lambda i: _slot_start(flat_slots[i]))
-        super().__init__(
-            [flat_slots[i] for i in order], [blocks[i] for i in order], shapes, fA.dtype, fA.device
-        )
+        super().__init__(*_by_start(flat_slots, blocks), shapes, fA.dtype, fA.device)
         self.factors = factors
 
     def inverse(
@@ -378,7 +379,7 @@ class KFAC(_FactorOperator):
         return self._with_blocks(
             [
                 b.inverse(damping, heuristic=heuristic, min_damping=min_damping, exact=exact)
-                for b in self._blocks  # type: ignore[attr-defined]
+                for b in self._blocks
             ]
         )
 
@@ -396,6 +397,8 @@ class EKFAC(_FactorOperator):
     Attributes:
         factors: The Kronecker factors with their corrections.
     """
+
+    _blocks: Sequence[EigenBlock]  # what _setup builds
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable[Any], **options: Any):
         check_reiterable(data, "EKFAC")
@@ -415,25 +418,20 @@ class EKFAC(_FactorOperator):
                 "These factors carry no EKFAC corrections: build kronfac.EKFAC(model, loss_fn, "
                 "data, ...) or use kronfac.KFAC.from_factors."
             )
-        flat_slots, blocks = [], []
+        flat_slots: list[Slot] = []
+        blocks: list[EigenBlock] = []
         for mod in factors:
             Q_A, Q_S, lam, bias_lam, c, c_bias = factors.corrections[mod]
             for slot in slots[mod]:
                 flat_slots.append(slot)
-                if slot.weight is None:  # separate bias
+                if slot.weight is None:  # separate bias: its corrections carry bias_eigenvalues
+                    assert bias_lam is not None
                     rest = 0.0 if c_bias is None else float(c_bias)
                     blocks.append(EigenBlock(Q_S, None, bias_lam[..., None], mod, rest))
                 else:
                     rest = 0.0 if c is None else float(c)
                     blocks.append(EigenBlock(Q_S, Q_A, lam, mod, rest))
-        order = sorted(range(len(flat_slots)), key=lambda i: _slot_start(flat_slots[i]))
-        super().__init__(
-            [flat_slots[i] for i in order],
-            [blocks[i] for i in order],
-            shapes,
-            Q_S.dtype,
-            Q_S.device,
-        )
+        super().__init__(*_by_start(flat_slots, blocks), shapes, Q_S.dtype, Q_S.device)
         self.factors = factors
 
     def inverse(self, damping: float = 0.0) -> CurvatureOperator:
@@ -444,8 +442,19 @@ class EKFAC(_FactorOperator):
             NotPSDError: An eigenvalue of ``E + δI`` that is not positive, naming the module.
         """
         _check_damping(damping)
-        return self._with_blocks([b.inverse(damping) for b in self._blocks])  # type: ignore[attr-defined]
+        return self._with_blocks([b.inverse(damping) for b in self._blocks])
+
+
+_B = TypeVar("_B", bound=Block)
+
+
+def _by_start(slots: list[Slot], blocks: list[_B]) -> tuple[list[Slot], list[_B]]:
+    """The slots and their blocks in the order of the slots in the flat vector."""
+    perm = sorted(range(len(slots)), key=lambda i: _slot_start(slots[i]))
+    return [slots[i] for i in perm], [blocks[i] for i in perm]
 
 
 def _slot_start(slot: Slot) -> int:
-    return (slot.weight if slot.weight is not None else slot.bias).start  # type: ignore[union-attr]
+    part = slot.weight if slot.weight is not None else slot.bias
+    assert part is not None  # a slot holds a weight, a bias or both
+    return part.start

@@ -7,16 +7,19 @@ a key, and can take a key out again (tests register layers and losses of their o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 __all__ = ["Registry"]
 
+K = TypeVar("K")
 T = TypeVar("T", bound=type)
 
 
-class Registry(Generic[T]):
+class Registry(Generic[K, T]):
     """Classes that implement a base class, by key, in registration order.
+
+    Type parameters: ``K``, the keys (hashable); ``T``, the registered classes.
 
     Args:
         base: The base class every registered class must subclass.
@@ -28,13 +31,13 @@ class Registry(Generic[T]):
     """
 
     def __init__(
-        self, base: type, kind: str, description: str, stem: str, name: Callable[[Hashable], str]
+        self, base: type, kind: str, description: str, stem: str, name: Callable[[K], str]
     ) -> None:
-        self._entries: dict[Hashable, T] = {}
+        self._entries: dict[K, T] = {}
         self._base, self._kind, self._description, self._stem = base, kind, description, stem
         self._name = name
 
-    def register(self, key: Hashable) -> Callable[[T], T]:
+    def register(self, key: K) -> Callable[[T], T]:
         """A class decorator registering the decorated class for ``key``.
 
         Registering the same class again changes nothing.
@@ -60,7 +63,7 @@ class Registry(Generic[T]):
 
         return decorate
 
-    def unregister(self, key: Hashable) -> T:
+    def unregister(self, key: K) -> T:
         """Remove and return the class of ``key``.
 
         Raises:
@@ -74,7 +77,7 @@ class Registry(Generic[T]):
                 f"Registered: {', '.join(self.names())}."
             ) from None
 
-    def get(self, key: Hashable) -> T | None:
+    def get(self, key: K) -> T | None:
         """The class of ``key``, or ``None``."""
         return self._entries.get(key)
 
@@ -82,5 +85,5 @@ class Registry(Generic[T]):
         """The registered keys as they read in messages, in registration order."""
         return tuple(self._name(k) for k in self._entries)
 
-    def __iter__(self) -> Iterator[Hashable]:
+    def __iter__(self) -> Iterator[K]:
         return iter(self._entries)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kronfac.factors import compute_factors
+from kronfac.factors import KroneckerFactors, compute_factors
 from kronfac.factors.data_pass import check_reiterable
 from kronfac.factors.ekfac import compute_corrections
 from kronfac.layers import get_adapter, supported_layers
@@ -80,8 +80,8 @@ def _resolve_params(model: nn.Module, params: Mapping[str, Tensor] | Sequence[Te
         raise ValueError("params is empty: there is no curvature to approximate.")
     first = {id(p): n for n, p in model.named_parameters()}
     aliases: dict[int, set[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), set()).add(n)
+    for n, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), set()).add(n)
     names = []
     for key, p in items:
         if not isinstance(p, Tensor) or id(p) not in first:
@@ -247,6 +247,7 @@ class KFACLinearOperator(_Operator):
     """
 
     _EKFAC = False
+    _op: KFAC | EKFAC  # the operator __init__ builds
 
     def __init__(
         self,
@@ -273,7 +274,7 @@ class KFACLinearOperator(_Operator):
                 "model_func must be an nn.Module: kronfac finds the layers through the module "
                 f"tree; got {type(model_func).__name__}."
             )
-        options = {
+        options: dict[str, Any] = {
             "fisher": _option(FisherType, fisher_type, "fisher_type"),
             "approx": _option(KFACType, kfac_approx, "kfac_approx"),
             "mc_samples": mc_samples,
@@ -295,7 +296,7 @@ class KFACLinearOperator(_Operator):
             factors = compute_factors(model_func, loss_func, data, **options)
             if self._EKFAC:
                 factors = compute_corrections(model_func, loss_func, data, factors, **options)
-                operator: CurvatureOperator = EKFAC.from_factors(factors, model_func, order=names)
+                operator: KFAC | EKFAC = EKFAC.from_factors(factors, model_func, order=names)
             else:
                 operator = KFAC.from_factors(factors, model_func, order=names)
         super().__init__(operator)
@@ -321,13 +322,14 @@ class KFACLinearOperator(_Operator):
                 "Separate (input, gradient) dampings are not supported; pass one float."
             )
         heuristic, exact = use_heuristic_damping, use_exact_damping
-        op = self._op.inverse(damping, heuristic=heuristic, min_damping=min_damping, exact=exact)  # type: ignore[call-arg]
+        assert isinstance(self._op, KFAC)  # EKFACLinearOperator overrides inverse
+        op = self._op.inverse(damping, heuristic=heuristic, min_damping=min_damping, exact=exact)
         return _Operator(op)
 
     @property
-    def factors(self) -> Any:
+    def factors(self) -> KroneckerFactors:
         """The :class:`kronfac.KroneckerFactors` (save them, load them, build other operators)."""
-        return self._op.factors  # type: ignore[attr-defined]
+        return self._op.factors
 
 
 class EKFACLinearOperator(KFACLinearOperator):
@@ -356,4 +358,5 @@ class EKFACLinearOperator(KFACLinearOperator):
         del min_damping, retry_double_precision
         if use_heuristic_damping or not use_exact_damping:
             raise ValueError("Only exact damping is supported for EKFAC.")
-        return _Operator(self._op.inverse(damping))  # type: ignore[call-arg]
+        assert isinstance(self._op, EKFAC)  # what __init__ builds with _EKFAC
+        return _Operator(self._op.inverse(damping))

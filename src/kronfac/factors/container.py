@@ -170,15 +170,22 @@ class KroneckerFactors(Mapping[str, FactorPair]):
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(*args, **kwargs)
 
+        factors = {
+            k: FactorPair(A.to(*args, **kwargs), S.to(*args, **kwargs))
+            for k, (A, S) in self.items()
+        }
+        corrections = None
+        if self.corrections is not None:  # (move keeps each field a tensor or None, as it was)
+            corrections = {
+                k: EigenCorrection._make(map(move, c)) for k, c in self.corrections.items()
+            }
         return KroneckerFactors(
-            {k: FactorPair(*map(move, v)) for k, v in self.items()},
+            factors,
             param_names=self.param_names,
             options=self.options,
             num_data=self.num_data,
             num_per_example_loss_terms=self.num_per_example_loss_terms,
-            corrections=None
-            if self.corrections is None
-            else {k: EigenCorrection(*map(move, v)) for k, v in self.corrections.items()},
+            corrections=corrections,
         )
 
     # -- file format ----------------------------------------------------------------------------
@@ -537,14 +544,20 @@ def _correction(
         "complement": (),
         "bias_complement": (),
     }
-    fields = {f: tensors.get(f"{module}/{f}") for f in EigenCorrection._fields}
+    fields = {f: tensors[k] for f in EigenCorrection._fields if (k := f"{module}/{f}") in tensors}
     for f, t in fields.items():
-        if t is None:
-            continue
         if tuple(t.shape) != shapes[f]:
             raise FactorFileError(
                 f"{module}/{f} must have shape {shapes[f]}, got {tuple(t.shape)}."
             )
         if f not in ("Q_A", "Q_S"):
             _check_nonnegative(f"{module}/{f}", t)
-    return EigenCorrection(**fields)
+    get = fields.get  # Q_S and the eigenvalues are there: _parse checked the file's tensors
+    return EigenCorrection(
+        get("Q_A"),
+        fields["Q_S"],
+        fields["eigenvalues"],
+        get("bias_eigenvalues"),
+        get("complement"),
+        get("bias_complement"),
+    )

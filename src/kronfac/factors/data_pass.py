@@ -19,7 +19,7 @@ in expectation), the usual K-FAC treatment of shared layers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -390,7 +390,7 @@ def run_pass(
     tally = PassTally(setup)
     batches = tqdm(
         data,
-        total=len(data) if hasattr(data, "__len__") else None,  # type: ignore[arg-type]
+        total=len(data) if isinstance(data, Sized) else None,
         disable=not setup.options.progress,
         desc=desc,
         unit="batch",
@@ -799,8 +799,9 @@ def _input_rows(
             x = _cat_calls(parts, dim=1)
             if not adapters[name].diagonal_input:
                 x = x.to(dtype)
-                if masks[name] is not None:
-                    x = x * masks[name][..., None]  # type: ignore[index]
+                mask = masks[name]
+                if mask is not None:
+                    x = x * mask[..., None]
             cache[key] = x
         rows[name] = cache[key]
     return rows
@@ -860,7 +861,8 @@ def grad_rows(
     out = {}
     for name, gs in per_module.items():
         g = _cat_calls(gs, dim=2).to(dtype)
-        out[name] = g if masks[name] is None else g * masks[name][None, ..., None]  # type: ignore[index]
+        mask = masks[name]
+        out[name] = g if mask is None else g * mask[None, ..., None]
     return out
 
 

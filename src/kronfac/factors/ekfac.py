@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from kronfac.errors import warn
 from kronfac.factors.container import EigenCorrection, KroneckerFactors
 from kronfac.factors.data_pass import BatchRows, PassResult, PassSetup, random_modules, run_pass
-from kronfac.factors.engine import check_finite
+from kronfac.factors.engine import check_finite, sum_tensors
 from kronfac.layers import LayerAdapter
 from kronfac.linalg import LowRankFactor, eigh
 
@@ -88,9 +88,14 @@ def _token_second_moment(gt: Tensor, idx: Tensor, adapter: LayerAdapter) -> Tens
 
 def _basis(F: Tensor | LowRankFactor, name: str) -> Tensor | None:
     """Eigenvectors of a factor (partial for a low-rank one; ``None``: identity, diagonal)."""
-    if isinstance(F, LowRankFactor):
-        return F.U
-    return None if F.ndim == 1 else eigh(F, name)[1]
+    if isinstance(F, Tensor) and F.ndim == 1:
+        return None
+    return _eigenvectors(F, name)
+
+
+def _eigenvectors(F: Tensor | LowRankFactor, name: str) -> Tensor:
+    """Eigenvectors of a dense or low-rank factor (partial for a low-rank one)."""
+    return F.U if isinstance(F, LowRankFactor) else eigh(F, name)[1]
 
 
 def compute_corrections(
@@ -198,9 +203,9 @@ class CorrectionSums:
     @classmethod
     def from_factors(cls, setup: PassSetup, factors: KroneckerFactors) -> CorrectionSums:
         """The sums in the eigenbases of K-FAC ``factors``."""
-        bases = {n: (_basis(A, n), _basis(S, n)) for n, (A, S) in factors.items()}
+        bases = {n: (_basis(A, n), _eigenvectors(S, n)) for n, (A, S) in factors.items()}
         low = {n for n, pair in factors.items() if any(isinstance(F, LowRankFactor) for F in pair)}
-        return cls(setup, bases, low)  # type: ignore[arg-type]
+        return cls(setup, bases, low)
 
     def add(self, rows: BatchRows) -> None:
         """Add one batch's per-example second moments (NaN / Inf raise, naming the module)."""
@@ -257,12 +262,12 @@ class CorrectionSums:
         G = adapter.groups  # one block per group: no products across groups
         gs = g.reshape(*g.shape[:-1], G, -1)
         xs = x.reshape(*x.shape[:-1], G, -1)
-        return sum(
+        return sum_tensors(
             rotated_second_moment(gs[..., j, :], _joined(adapter, xs[..., j, :], joint, mask)).sum()
             for j in range(G)
         )
 
-    def corrections(self, divisor: int) -> dict[str, EigenCorrection]:
+    def corrections(self, divisor: float) -> dict[str, EigenCorrection]:
         """The corrected eigenvalues: the sums over ``D``, zero for modules never reached."""
         out = {}
         for name, (Q_A, Q_S) in self.bases.items():

@@ -16,6 +16,7 @@ al., 2023).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -60,12 +61,11 @@ class FactorSums:
     ) -> None:
         d_in, d_out, g = adapter.in_features, adapter.out_features, adapter.groups
         lead = (g,) if g > 1 else ()
-        low_A = rank is not None and not adapter.diagonal_input and d_in + joint_bias >= threshold
-        low_S = rank is not None and d_out >= threshold
-        self.A_stream = (
-            StreamingLowRank(d_in + joint_bias, rank, device, oversample, g) if low_A else None  # type: ignore[arg-type]
-        )
-        self.S_stream = StreamingLowRank(d_out, rank, device, oversample, g) if low_S else None  # type: ignore[arg-type]
+        self.A_stream: StreamingLowRank | None = None
+        if not adapter.diagonal_input:
+            self.A_stream = _stream(d_in + joint_bias, rank, threshold, device, oversample, g)
+        self.S_stream = _stream(d_out, rank, threshold, device, oversample, g)
+        low_A, low_S = self.A_stream is not None, self.S_stream is not None
         self.groups = g
         gram_shape = (d_in,) if adapter.diagonal_input else (d_in, d_in)
         if low_A:
@@ -85,6 +85,10 @@ class FactorSums:
         """``A`` from the running sums, with the bias row/column when ``with_bias``."""
         if self.A_stream is not None:
             return self.A_stream.result(1.0 / num_data, self.gram.dtype)
+        return self.dense_input_factor(with_bias, num_data)
+
+    def dense_input_factor(self, with_bias: bool, num_data: int) -> Tensor:
+        """:meth:`input_factor` of a side summed densely (no ``A_stream``)."""
         if not with_bias or self.diagonal_input:
             return self.gram / num_data
         d = self.gram.shape[-1]
@@ -110,6 +114,30 @@ class FactorSums:
         return self.ggT / divisor
 
 
+def _stream(
+    side: int,
+    rank: int | None,
+    threshold: int,
+    device: torch.device,
+    oversample: int | None,
+    groups: int,
+) -> StreamingLowRank | None:
+    """The low-rank accumulator of a side at least ``threshold`` long (with ``rank``), or None."""
+    if rank is None or side < threshold:
+        return None
+    return StreamingLowRank(side, rank, device, oversample, groups)
+
+
+def _row_weights(mask: Tensor | None, weight: Tensor | None) -> Tensor | None:
+    """Per row (data point, then position) ``mask / T_n`` under padding; ``None`` without.
+
+    ``weight`` (``1/T_n`` per data point) is ``None`` exactly when ``mask`` is.
+    """
+    if mask is None or weight is None:
+        return None
+    return (mask * weight[:, None]).reshape(-1)
+
+
 def _stream_rows(
     adapter: LayerAdapter,
     x: Tensor,
@@ -128,11 +156,8 @@ def _stream_rows(
         w = rows.new_ones(n)
     else:
         rows = x.reshape(-1, d)
-        w = (
-            rows.new_full((n * T,), 1.0 / T)
-            if mask is None
-            else (mask * weight[:, None]).reshape(-1)
-        )  # type: ignore[index]
+        masked = _row_weights(mask, weight)
+        w = rows.new_full((n * T,), 1.0 / T) if masked is None else masked
     g = adapter.groups
     rows = rows.reshape(rows.shape[0], g, d // g)  # [m, g, d_group]
     if joint_bias:
@@ -179,6 +204,11 @@ def _diagonal(M: Tensor) -> Tensor:
     return M if M.ndim == 1 else M.diagonal(dim1=-2, dim2=-1)
 
 
+def sum_tensors(ts: Iterable[Tensor]) -> Tensor:
+    """``t_1 + t_2 + ...`` of a non-empty iterable (a Tensor, where the builtin ``sum`` adds 0)."""
+    return functools.reduce(lambda a, b: a + b, ts)
+
+
 def check_finite(sums: Mapping[str, list[Tensor]], b: int, what: str) -> None:
     """Raise :class:`NonFiniteError` naming the module and batch if a running sum is not finite.
 
@@ -187,7 +217,7 @@ def check_finite(sums: Mapping[str, list[Tensor]], b: int, what: str) -> None:
     """
     if not sums:
         return
-    flags = torch.isfinite(torch.stack([sum(t.sum() for t in ts) for ts in sums.values()]))
+    flags = torch.isfinite(torch.stack([sum_tensors(t.sum() for t in ts) for ts in sums.values()]))
     if bool(flags.all()):
         return
     name = next(n for n, ok in zip(sums, flags.tolist(), strict=True) if not ok)
@@ -384,7 +414,8 @@ class FactorAccumulator:
             x = rows.inputs[names[0]]
             dense = []
             for name in names:
-                if self.sums[name].A_stream is None:
+                stream = self.sums[name].A_stream
+                if stream is None:
                     dense.append(name)
                     continue
                 r = _stream_rows(
@@ -395,7 +426,7 @@ class FactorAccumulator:
                     self.setup.options.approx,
                     self.setup.joint_bias(name),
                 )
-                _update_stream(self.sums[name].A_stream, r, name, rows.index, "inputs")  # type: ignore[arg-type]
+                _update_stream(stream, r, name, rows.index, "inputs")
                 self.sums[name].count += rows.n
             if dense:
                 self._add_dense_inputs(dense, x, mask, weight, rows)
@@ -414,7 +445,7 @@ class FactorAccumulator:
         """``Σ a aᵀ / T`` (weighted by ``1/T_n`` under padding) of modules fed the same ``x``."""
         adapter, T = self.setup.adapters[names[0]], x.shape[1]
         if adapter.diagonal_input:
-            w = None if mask is None else (mask * weight[:, None]).reshape(-1)  # type: ignore[index]
+            w = _row_weights(mask, weight)
             for name in names:
                 counts = self.setup.adapters[name].input_diagonal(x, w).to(rows.dtype)
                 self.sums[name].gram += counts if w is not None else counts / T

@@ -70,7 +70,9 @@ def install_call_hooks(
     counter = itertools.count()
 
     def make_hook(name: str, adapter: LayerAdapter) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any):
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+        ) -> None:
             if active is not None and not (
                 active() and isinstance(out, Tensor) and out.requires_grad
             ):

@@ -120,7 +120,9 @@ class FactorOptions:
         object.__setattr__(self, "exclude", name_patterns("exclude", self.exclude))
 
     @classmethod
-    def of(cls, options: FactorOptions | Mapping[str, Any] | None = None, **kwargs: Any):
+    def of(
+        cls, options: FactorOptions | Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> FactorOptions:
         """Options from an instance, a mapping and / or keyword arguments (later ones win).
 
         Raises:

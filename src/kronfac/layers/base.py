@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +50,8 @@ class LayerAdapter(ABC):
     @property
     def weight(self) -> nn.Parameter:
         """The weight parameter (default: ``module.weight``)."""
-        return self.module.weight  # type: ignore[return-value]
+        # nn.Module.__getattr__ is typed Tensor | Module; a supported layer's weight is a Parameter
+        return cast(nn.Parameter, self.module.weight)
 
     @property
     def bias(self) -> nn.Parameter | None:
@@ -239,7 +240,7 @@ def supported_layers() -> tuple[str, ...]:
     return _REGISTRY.names()
 
 
-def _layer_name(module_type: type[nn.Module] | str) -> str:
+def _layer_name(module_type: type | str) -> str:
     """``nn.Linear`` for torch's layers, the qualified name for others (or the name given)."""
     if isinstance(module_type, str):
         return module_type
@@ -248,10 +249,11 @@ def _layer_name(module_type: type[nn.Module] | str) -> str:
     return f"{module_type.__module__}.{module_type.__qualname__}"
 
 
-_REGISTRY: Registry[type[LayerAdapter]] = Registry(
+# keyed by module type or qualified name (get_adapter looks up each class of an MRO)
+_REGISTRY: Registry[type | str, type[LayerAdapter]] = Registry(
     LayerAdapter,
     "adapter",
     "layer adapter",
     "layer",
-    _layer_name,  # type: ignore[arg-type]
+    _layer_name,
 )

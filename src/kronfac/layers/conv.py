@@ -71,11 +71,12 @@ def patches(x: Tensor, conv: nn.modules.conv._ConvNd, buffer: Tensor | None = No
     else:
         out = x.new_empty(shape)
     for j, offset in enumerate(itertools.product(*(range(k) for k in ks))):
-        window = tuple(
+        window = (
             slice(o * dil, o * dil + s * (n - 1) + 1, s)
             for o, dil, s, n in zip(offset, dils, strides, L, strict=True)
         )
-        out[:, :, j] = x[(slice(None), slice(None), *window)]
+        index = (slice(None), slice(None), *window)
+        out[:, :, j] = x[index]
     return out.reshape(N, C * math.prod(ks), math.prod(L))
 
 

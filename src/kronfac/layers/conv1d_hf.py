@@ -21,15 +21,17 @@ __all__ = ["Conv1DAdapter"]
 class Conv1DAdapter(LinearAdapter):
     """Adapter of ``transformers.pytorch_utils.Conv1D`` (see the module docstring)."""
 
-    module: nn.Module
+    # Conv1D is no nn.Linear: it subclasses LinearAdapter (which bayesian_lora's coverage checks
+    # with isinstance) and overrides every member that reads the module as an nn.Linear
+    module: nn.Module  # type: ignore[assignment]
 
     @property
     def in_features(self) -> int:  # noqa: D102
-        return self.module.weight.shape[0]
+        return self.weight.shape[0]
 
     @property
     def out_features(self) -> int:  # noqa: D102
-        return self.module.weight.shape[1]
+        return self.weight.shape[1]
 
     def weight_to_matrix(self, w: Tensor) -> Tensor:  # noqa: D102
         return w.reshape(self.in_features, self.out_features, -1).transpose(0, 1)

@@ -124,12 +124,12 @@ class Likelihood(ABC):
         """
 
 
-_REGISTRY: Registry[type[Likelihood]] = Registry(
+_REGISTRY: Registry[type[nn.Module], type[Likelihood]] = Registry(
     Likelihood,
     "likelihood",
     "likelihood",
     "likelihood",
-    lambda t: t.__name__,  # type: ignore[attr-defined]
+    lambda t: t.__name__,
 )
 
 

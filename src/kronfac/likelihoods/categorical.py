@@ -27,6 +27,7 @@ class CategoricalLikelihood(Likelihood):
     """Categorical likelihood of :class:`torch.nn.CrossEntropyLoss` (module docstring)."""
 
     entries_per_term = 1
+    loss_fn: nn.CrossEntropyLoss  # the registered loss type
 
     def __init__(self, loss_fn: nn.Module) -> None:
         super().__init__(loss_fn)

@@ -41,7 +41,7 @@ into a :class:`Factor`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -414,7 +414,7 @@ class LowRankFactor(NamedTuple):
             return as_factor(self).matmul(X)
         return as_factor(self).matmul(X[None])[0]
 
-    def to(self, *args, **kwargs) -> LowRankFactor:  # type: ignore[no-untyped-def]
+    def to(self, *args: Any, **kwargs: Any) -> LowRankFactor:
         """The factor with its tensors moved / cast by ``Tensor.to``."""
         return LowRankFactor(
             self.U.to(*args, **kwargs), self.eigenvalues.to(*args, **kwargs), self.shift

@@ -32,6 +32,8 @@ bias kept apart from its weight: its ``A`` is the constant ``1``, never damped.
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 from torch import Tensor
 
@@ -109,8 +111,9 @@ class KroneckerBlock(Block):
                 )
         # one group of dense factors: a single vector (an optimizer step) takes two plain GEMMs
         fS, fA = self.factor_S, self.factor_A
-        dense = isinstance(fS, DenseFactor) and isinstance(fA, DenseFactor) and g == 1
-        self._gemm = (fS.M[0], fA.M[0]) if dense else None
+        self._gemm: tuple[Tensor, Tensor] | None = None
+        if isinstance(fS, DenseFactor) and isinstance(fA, DenseFactor) and g == 1:
+            self._gemm = (fS.M[0], fA.M[0])
 
     @property
     def S(self) -> Tensor:
@@ -210,6 +213,21 @@ class KroneckerBlock(Block):
         bS, bA = bases
         lam = bS.values[:, :, None] * bA.values[:, None, :]
         return EigenBlock(bS.vectors, bA.vectors, lam, self.name)
+
+    @overload
+    def inverse(
+        self,
+        damping: float = ...,
+        *,
+        heuristic: bool = ...,
+        min_damping: float = ...,
+        exact: Literal[False] = ...,
+    ) -> KroneckerBlock: ...
+
+    @overload
+    def inverse(
+        self, damping: float = ..., *, heuristic: bool = ..., min_damping: float = ..., exact: bool
+    ) -> Block: ...
 
     def inverse(
         self,

@@ -87,7 +87,7 @@ class KFAC(torch.optim.Optimizer):
         return float(self.param_groups[0]["lr"])
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Precondition the gradients and take the momentum step (module docstring).
 
         A step whose K-FAC statistics hold NaN / Inf is skipped with a warning naming the
@@ -114,21 +114,24 @@ class KFAC(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._momentum_step(p, group["lr"], group["momentum"], group["weight_decay"])
+                    lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+                    self._momentum_step(p, p.grad, lr, mu, wd)
         return loss
 
-    def _momentum_step(self, p: torch.Tensor, lr: float, mu: float, wd: float) -> None:
-        """``m ← μ m + (v + λθ)`` (the first step sets ``m``), ``θ ← θ − η m``."""
-        d = p.grad if wd == 0 else p.grad.add(p, alpha=wd)  # type: ignore[union-attr]
+    def _momentum_step(
+        self, p: torch.Tensor, grad: torch.Tensor, lr: float, mu: float, wd: float
+    ) -> None:
+        """``m ← μ m + (v + λθ)`` (the first step sets ``m``), ``θ ← θ − η m``; ``v``: ``grad``."""
+        d = grad if wd == 0 else grad.add(p, alpha=wd)
         if mu:
             state = self.state[p]
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = state["momentum_buffer"] = d.detach().clone()  # type: ignore[union-attr]
+                buf = state["momentum_buffer"] = d.detach().clone()
             else:
                 buf.mul_(mu).add_(d)
             d = buf
-        p.add_(d, alpha=-lr)  # type: ignore[arg-type]
+        p.add_(d, alpha=-lr)
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state (momentum buffers, groups) plus the preconditioner's."""

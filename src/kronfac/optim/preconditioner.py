@@ -62,7 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from kronfac.errors import NonFiniteError, UncoveredParameterWarning, warn
-from kronfac.factors import FactorPair, KroneckerFactors
+from kronfac.factors import EigenCorrection, FactorPair, KroneckerFactors
 from kronfac.factors.data_pass import (
     BatchInfo,
     BatchRows,
@@ -352,7 +352,9 @@ class KFACPreconditioner:
     def _scale_step(self) -> bool:
         return self.ekfac and self.steps % self.scale_every == 0
 
-    def _record_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict) -> None:
+    def _record_input(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         """A new forward pass: its input, and none of the previous pass's calls."""
         if self._records_now():
             self._inputs = kwargs if kwargs and not args else args[0] if len(args) == 1 else args
@@ -384,7 +386,7 @@ class KFACPreconditioner:
         return False
 
     def _record_loss(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict, loss: Tensor
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], loss: Tensor
     ) -> None:
         values = [*args, *kwargs.values()]
         if len(values) >= 2 and isinstance(values[0], Tensor) and values[0].requires_grad:
@@ -601,7 +603,7 @@ class KFACPreconditioner:
             if acc.A_stream is not None:
                 A = acc.A_stream.Y / num_data
             else:
-                A = acc.input_factor(layer.joint, num_data)  # type: ignore[assignment]
+                A = acc.dense_input_factor(layer.joint, num_data)
             S = None
             if not identity:
                 S = acc.S_stream.Y * scale if acc.S_stream is not None else acc.ggT * scale
@@ -611,25 +613,22 @@ class KFACPreconditioner:
                 continue
             layer.A.mul_(eps).add_(A, alpha=1 - eps)
             if S is not None:
-                layer.S.mul_(eps).add_(S, alpha=1 - eps)  # type: ignore[union-attr]
+                assert layer.S is not None  # S is the identity (None) at every step or at none
+                layer.S.mul_(eps).add_(S, alpha=1 - eps)
 
     def _factor(self, layer: _Layer, side: str) -> Tensor | LowRankFactor:
         """A running factor as :class:`~kronfac.KroneckerFactors` holds it."""
-        options, adapter = self.setup.options, layer.adapter
-        value = layer.A if side == "A" else layer.S
+        options, adapter, A = self.setup.options, layer.adapter, layer.A
+        assert A is not None  # asked for layers with statistics only
+        value = A if side == "A" else layer.S
         d = adapter.in_features + layer.joint if side == "A" else adapter.out_features
         if value is None:  # forward-only: S = I, as compute_factors returns it
-            eye = torch.eye(d, dtype=layer.A.dtype, device=layer.A.device)  # type: ignore[union-attr]
+            eye = torch.eye(d, dtype=A.dtype, device=A.device)
             return eye if adapter.groups == 1 else eye.expand(adapter.groups, d, d).clone()
         if not layer.sketched["AS".index(side)]:
             return value
-        stream = StreamingLowRank(
-            d,
-            options.rank,
-            value.device,
-            options.oversample,
-            adapter.groups,  # type: ignore[arg-type]
-        )
+        assert options.rank is not None  # a side is sketched with rank= only
+        stream = StreamingLowRank(d, options.rank, value.device, options.oversample, adapter.groups)
         stream.Y = value
         return stream.result(1.0, self._dtype(layer))
 
@@ -672,19 +671,22 @@ class KFACPreconditioner:
                 continue
             layer.decomposed, layer.cache = parts, None
             if self.ekfac:  # the scales restart from K-FAC's eigenvalues in the new basis
-                self._reset_scales(layer)
+                self._reset_scales(layer, parts)
 
     def _bases(self, layer: _Layer) -> tuple[Tensor | None, Tensor]:
         """``(Q_A, Q_S)`` of the decomposition (the weight's block), per group if grouped."""
-        S, A = layer.decomposed[0]  # type: ignore[index]
-        bases = (A.eigenbasis().vectors, S.eigenbasis().vectors)  # type: ignore[union-attr]
+        assert layer.decomposed is not None  # called for decomposed layers only
+        S, A = layer.decomposed[0]
+        assert A is not None  # the weight's block has both factors
+        Q_A, Q_S = A.eigenbasis().vectors, S.eigenbasis().vectors
+        assert Q_S is not None  # EKFAC's S is never the identity (no forward-only)
         if layer.adapter.groups == 1:
-            return tuple(None if Q is None else Q[0] for Q in bases)  # type: ignore[return-value]
-        return bases  # type: ignore[return-value]
+            return None if Q_A is None else Q_A[0], Q_S[0]
+        return Q_A, Q_S
 
-    def _reset_scales(self, layer: _Layer) -> None:
+    def _reset_scales(self, layer: _Layer, decomposed: list[tuple[Factor, Factor | None]]) -> None:
         scales, complements = [], []
-        for S, A in layer.decomposed:  # type: ignore[union-attr]
+        for S, A in decomposed:
             s, a = S.eigenbasis(), None if A is None else A.eigenbasis()
             if a is None:
                 scales.append(s.values)
@@ -713,15 +715,15 @@ class KFACPreconditioner:
             )
         for name, corr in sums.corrections(1.0).items():
             layer = self._layers.get(name)
-            if layer is None or layer.scales is None:
+            if layer is None or layer.scales is None or layer.complements is None:
                 continue
-            fresh = [corr.eigenvalues] + ([corr.bias_eigenvalues] if len(layer.slots) == 2 else [])
             rest = [corr.complement, corr.bias_complement]
-            for i, lam in enumerate(fresh):
+            for i, lam in enumerate(_slot_eigenvalues(corr, len(layer.slots))):
                 lam = lam if lam.ndim == layer.scales[i].ndim else lam[None]
                 layer.scales[i].mul_(eps).add_(lam, alpha=(1 - eps) * scale)
-                if rest[i] is not None:
-                    layer.complements[i].mul_(eps).add_(rest[i], alpha=(1 - eps) * scale)  # type: ignore[index]
+                c = rest[i]
+                if c is not None:
+                    layer.complements[i].mul_(eps).add_(c, alpha=(1 - eps) * scale)
             layer.cache = None
 
     def _inverse_blocks(self, layer: _Layer, damping: float) -> list[Block]:
@@ -740,14 +742,7 @@ class KFACPreconditioner:
             if self.inverse_method == "cholesky":
                 out.append(KroneckerBlock(S, A, layer.name))
             elif self.ekfac:
-                Q_A = None if A is None else A.eigenbasis().vectors
-                lam = layer.scales[i] + damping  # type: ignore[index]
-                rest = float(layer.complements[i].max()) + damping  # type: ignore[index]
-                lam = lam[..., None] if A is None else lam
-                Q_S = S.eigenbasis().vectors
-                out.append(
-                    EigenBlock(Q_S, Q_A, lam.reciprocal(), layer.name, 1 / rest if rest else 0.0)
-                )
+                out.append(_scaled_inverse(layer, i, S, A, damping))
             else:
                 block = KroneckerBlock(
                     S, A, layer.name, heuristic_A=weight_A if A is None else None
@@ -770,31 +765,25 @@ class KFACPreconditioner:
         return out
 
     def _precondition(self, damping: float) -> None:
-        updates: list[tuple[_Layer, Tensor, Tensor]] = []
+        updates: list[tuple[list[Tensor], Tensor, Tensor]] = []  # (.grad tensors, flat, update)
         for layer in self._layers.values():
-            if layer.decomposed is None or layer.weight.grad is None:
+            grads = _grads(layer)
+            if layer.decomposed is None or grads is None:
                 continue
-            if layer.bias is not None and layer.bias.grad is None:
-                continue
-            parts = [layer.weight.grad.reshape(-1)]
-            if layer.bias is not None:
-                parts.append(layer.bias.grad.reshape(-1))  # type: ignore[union-attr]
-            grad = torch.cat(parts)[:, None].to(self._dtype(layer))
+            grad = torch.cat([g.reshape(-1) for g in grads])[:, None].to(self._dtype(layer))
             out = torch.empty_like(grad)
             for slot, block in zip(layer.slots, self._inverse_blocks(layer, damping), strict=True):
                 slot.scatter(block.matmat(slot.gather(grad)), out)
-            updates.append((layer, grad[:, 0], out[:, 0]))
+            updates.append((grads, grad[:, 0], out[:, 0]))
         nu = 1.0
         if self.kl_clip is not None and self.lr is not None and updates:
             lr = self._value("lr", self.lr)
             vg = sum(float((v * g).sum()) for _, g, v in updates) * lr * lr
             if vg != 0:
                 nu = min(1.0, math.sqrt(self.kl_clip / abs(vg)))
-        for layer, _, v in updates:
-            nw = layer.weight.numel()
-            layer.weight.grad.copy_(v[:nw].reshape(layer.weight.shape)).mul_(nu)  # type: ignore[union-attr]
-            if layer.bias is not None:
-                layer.bias.grad.copy_(v[nw:].reshape(layer.bias.shape)).mul_(nu)  # type: ignore[union-attr]
+        for grads, _, v in updates:
+            for g, part in zip(grads, v.split([g.numel() for g in grads]), strict=True):
+                g.copy_(part.reshape(g.shape)).mul_(nu)
 
     # -- the factors as an operator ---------------------------------------------------------
     def factors(self) -> KroneckerFactors:
@@ -851,11 +840,28 @@ class KFACPreconditioner:
             "joint": {n: layer.joint for n, layer in self._layers.items()},
         }
 
+    def _check_state_S(self, layers: dict[str, Any]) -> None:
+        """Refuse saved ``S`` factors of the other kind than this preconditioner's.
+
+        The identity (``None``, forward-only) where the updates continue a running matrix, or
+        a matrix where the identity stays (and the matrix would be used, never updated).
+        """
+        identity = self.fisher == "forward-only"
+        for name, saved in layers.items():
+            if saved["A"] is not None and (saved["S"] is None) != identity:
+                kind = "a matrix" if identity else 'the identity (fisher="forward-only")'
+                raise ValueError(
+                    f"The state's S of module {name!r} is {kind}; this preconditioner has "
+                    f"fisher={self.fisher!r}."
+                )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (tensors are copied to the covered weights' devices).
 
         Raises:
-            ValueError: If the state was saved for other modules or options.
+            ValueError: If the state was saved for other modules or options, or its ``S``
+                factors are the identity (``fisher="forward-only"``) and this preconditioner's
+                are not, or the other way round.
         """
         if set(state.get("layers", {})) != set(self._layers):
             raise ValueError(
@@ -867,6 +873,7 @@ class KFACPreconditioner:
                 f"The state was saved with options {state.get('options')}, this preconditioner "
                 f"has {self._options()}."
             )
+        self._check_state_S(state["layers"])
 
         def copy(t: Any, like: Tensor) -> Any:
             if t is None or isinstance(t, (bool, int, float, str)):
@@ -878,15 +885,12 @@ class KFACPreconditioner:
         for name, layer in self._layers.items():
             saved = state["layers"][name]
             layer.A, layer.S = copy(saved["A"], layer.weight), copy(saved["S"], layer.weight)
-            layer.sketched = tuple(saved["sketched"])  # type: ignore[assignment]
+            layer.sketched = tuple(saved["sketched"])
             decomposed = saved["decomposed"]
             layer.decomposed = (
                 None
                 if decomposed is None
-                else [
-                    tuple(_factor_from_state(copy(F, layer.weight), name) for F in pair)
-                    for pair in decomposed
-                ]  # type: ignore[misc]
+                else [_pair_from_state(copy(pair, layer.weight), name) for pair in decomposed]
             )
             layer.scales = copy(saved["scales"], layer.weight)
             layer.complements = copy(saved["complements"], layer.weight)
@@ -906,9 +910,42 @@ def _copy(F: Tensor | LowRankFactor) -> Tensor | LowRankFactor:
 
 def _capture(store: list[Tensor | None], i: int) -> Callable[[Tensor], None]:
     def hook(g: Tensor) -> None:
-        store[i] = g if store[i] is None else store[i] + g
+        previous = store[i]
+        store[i] = g if previous is None else previous + g
 
     return hook
+
+
+def _grads(layer: _Layer) -> list[Tensor] | None:
+    """The ``.grad`` of the layer's weight (and bias); ``None`` while one is missing."""
+    grads = []
+    for p in (layer.weight, layer.bias):
+        if p is not None:
+            if p.grad is None:
+                return None
+            grads.append(p.grad)
+    return grads
+
+
+def _slot_eigenvalues(corr: EigenCorrection, slots: int) -> list[Tensor]:
+    """EKFAC's corrected eigenvalues per slot: the weight's, then a separate bias's."""
+    if slots == 1:
+        return [corr.eigenvalues]
+    assert corr.bias_eigenvalues is not None  # a separate bias's corrections carry them
+    return [corr.eigenvalues, corr.bias_eigenvalues]
+
+
+def _scaled_inverse(
+    layer: _Layer, i: int, S: Factor, A: Factor | None, damping: float
+) -> EigenBlock:
+    """EKFAC's damped inverse of slot ``i``: its running scales in the basis of ``(S, A)``."""
+    assert layer.scales is not None and layer.complements is not None  # set with the basis
+    Q_A = None if A is None else A.eigenbasis().vectors
+    lam = layer.scales[i] + damping
+    rest = float(layer.complements[i].max()) + damping
+    lam = lam[..., None] if A is None else lam
+    Q_S = S.eigenbasis().vectors
+    return EigenBlock(Q_S, Q_A, lam.reciprocal(), layer.name, 1 / rest if rest else 0.0)
 
 
 def _eigen_form(F: Factor) -> Factor:
@@ -916,7 +953,8 @@ def _eigen_form(F: Factor) -> Factor:
     if not isinstance(F, DenseFactor):
         return F
     basis = F.eigenbasis()
-    return ShiftedLowRankFactor(basis.vectors, basis.values, basis.complement, F.name)  # type: ignore[arg-type]
+    assert basis.vectors is not None  # a dense factor's basis is a matrix, never the identity
+    return ShiftedLowRankFactor(basis.vectors, basis.values, basis.complement, F.name)
 
 
 def _densified(F: Factor) -> Factor:
@@ -937,10 +975,17 @@ def _factor_state(F: Factor | None) -> tuple[Any, ...] | None:
     return ("diagonal", F.diagonal())
 
 
-def _factor_from_state(state: tuple[Any, ...] | None, name: str) -> Factor | None:
-    if state is None:
-        return None
+def _pair_from_state(
+    pair: tuple[tuple[Any, ...], tuple[Any, ...] | None], name: str
+) -> tuple[Factor, Factor | None]:
+    """A decomposition's ``(S, A)`` from :func:`_factor_state` (``A``: ``None``, no factor)."""
+    S, A = pair
+    return _factor_from_state(S, name), None if A is None else _factor_from_state(A, name)
+
+
+def _factor_from_state(state: tuple[Any, ...], name: str) -> Factor:
     kind, *tensors = state
     if kind == "lowrank":
-        return ShiftedLowRankFactor(*tensors, name)
+        U, eigenvalues, shift = tensors
+        return ShiftedLowRankFactor(U, eigenvalues, shift, name)
     return as_factor(tensors[0], name, diagonal=kind == "diagonal")
