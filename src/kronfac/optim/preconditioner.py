@@ -458,7 +458,7 @@ class KFACPreconditioner:
         self.observe(output, targets)
 
     def _new_step(self) -> _Step:
-        tally = PassTally(self.setup)
+        tally = PassTally(self.setup, fingerprint=False)
         tally.generator = self._generator
         sums = FactorAccumulator(self.setup) if self._factor_step() else None
         self._step = _Step(tally, sums, [] if self._scale_step() else None)
