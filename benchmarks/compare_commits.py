@@ -5,6 +5,10 @@ the package ``kronfac_<rev>``, so both versions run side by side on the same dat
 threads and the same load: every configuration is timed in rounds that alternate the two
 versions, and the medians are reported as a ratio (this checkout / the earlier commit).
 
+Rounds alternate the order of the versions. Comparing a commit with itself
+(``--rev HEAD`` on a clean checkout) shows the noise of the machine: 0.93–1.07 on the shared
+2-core machine of BENCHMARKS.md.
+
 Configurations: ``compute_factors`` on W1 (MLP 784-512-512-10, 2048 samples in batches of 256,
 mc and empirical) and W3 (the Llama of benchmarks/factors.py, mc), and one training step of
 the K-FAC optimizer on W1 (batch 256, ``inverse_every=10``: the median over a window of steps
@@ -69,6 +73,11 @@ def optimizer(lib: ModuleType, model: nn.Module, loss_fn: nn.Module) -> torch.op
     return KFAC(model, 0.1, inverse_every=10, **extra)
 
 
+def _order(names: list[str], r: int) -> list[str]:
+    """The versions in round ``r``'s order: alternated, so neither always runs first."""
+    return names if r % 2 else names[::-1]
+
+
 def step_times(libs: dict[str, ModuleType], steps: int, rounds: int) -> dict[str, float]:
     """Median seconds per W1 training step of each version's optimizer (and of plain SGD)."""
     torch.manual_seed(0)
@@ -88,7 +97,8 @@ def step_times(libs: dict[str, ModuleType], steps: int, rounds: int) -> dict[str
         states[name] = (model, opt)
     times: dict[str, list[float]] = {k: [] for k in states}
     for r in range(rounds + 1):  # the first round warms up
-        for name, (model, opt) in states.items():
+        for name in _order(list(states), r):
+            model, opt = states[name]
             start = time.perf_counter()
             for _ in range(steps):
                 opt.zero_grad()
@@ -107,7 +117,8 @@ def factor_times(libs: dict[str, ModuleType], rounds: int) -> dict[str, dict[str
         for fisher in fishers:
             times: dict[str, list[float]] = {k: [] for k in libs}
             for r in range(rounds + 1):
-                for name, lib in libs.items():
+                for name in _order(list(libs), r):
+                    lib = libs[name]
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         start = time.perf_counter()
