@@ -154,7 +154,13 @@ def test_optimizer_on_flattened_logits(fisher):
     def train(layout):
         model, loss_fn = Tokens(), nn.CrossEntropyLoss()
         opt = KFACOptimizer(
-            model, lr=0.1, loss_fn=loss_fn, damping=1e-2, fisher=fisher, inverse_every=2
+            model,
+            lr=0.1,
+            loss_fn=loss_fn,
+            damping=1e-2,
+            fisher=fisher,
+            inverse_every=2,
+            adaptive=False,
         )
         for X, y in token_batches("plain", sizes=(3, 3, 3)):
             opt.zero_grad()

@@ -50,6 +50,9 @@ from kronfac.optim import KFAC, KFACPreconditioner
 
 TOL = 1e-10  # float64, damped systems of condition number <~1e4 (module docstring)
 CE = nn.CrossEntropyLoss()  # the loss the preconditioners watch
+# KFAC with a fixed learning rate and momentum, the plain update for uncovered parameters and
+# the empirical Fisher: the dense references of sections 6 and 7 are built for that step
+FIXED = {"adaptive": False, "uncovered": "sgd", "fisher": "empirical"}
 
 
 # -- dense references ---------------------------------------------------------------------------
@@ -442,7 +445,7 @@ def test_kfac_steps_are_momentum_sgd_on_the_preconditioned_gradients(kl_clip):
     opts = {"damping": 0.05, "kl_clip": kl_clip, "inverse_every": 1}
     model = mlp((6, 8, 3), layernorm=True, seed=9)
     ref_model = copy.deepcopy(model)
-    opt = KFAC(model, lr, loss_fn=CE, momentum=mu, weight_decay=wd, **opts)
+    opt = KFAC(model, lr, loss_fn=CE, momentum=mu, weight_decay=wd, **FIXED, **opts)
     precond = KFACPreconditioner(ref_model, loss_fn=CE, lr=lr, **opts)
     assert precond.modules == ["0", "3"]
     covered = {id(p) for p in precond.parameters()}
@@ -482,7 +485,7 @@ def test_kfac_lr_schedule_sets_the_step_size():
         return etas[k]
 
     model = mlp((6, 8, 3), seed=10)
-    opt = KFAC(model, lr, loss_fn=CE, momentum=0.0, kl_clip=None, damping=0.05)
+    opt = KFAC(model, lr, loss_fn=CE, momentum=0.0, kl_clip=None, damping=0.05, **FIXED)
     seen.clear()  # the constructor checks lr(0)
     for k in range(3):
         X, y = make_data(3, "ce", (8,), (6,), seed=80 + k)[0]
@@ -501,7 +504,7 @@ def test_kfac_reduces_the_training_loss():
     X, W = randn(64, 6, g=g), randn(6, 3, g=g)
     y = (X @ W).argmax(1)
     model = mlp((6, 8, 3), seed=11)
-    opt = KFAC(model, 0.1, loss_fn=CE, damping=0.05, inverse_every=5)
+    opt = KFAC(model, 0.1, loss_fn=CE, damping=0.05, inverse_every=5, **FIXED)
     with torch.no_grad():
         start = CE(model(X), y).item()
     for _ in range(30):
@@ -547,7 +550,7 @@ def test_checkpoint_resumes_bit_identically(ekfac, fisher, how):
 
     def fresh(seed):
         model = mlp((6, 8, 3), seed=seed, dtype=torch.float32)
-        return model, KFAC(model, 0.05, loss_fn=CE, **opts)
+        return model, KFAC(model, 0.05, loss_fn=CE, adaptive=False, uncovered="sgd", **opts)
 
     model, opt = fresh(0)
     _train(model, opt, batches[:20], fisher)
@@ -673,7 +676,7 @@ def test_options_of_other_kinds_raise(options, match):
 )
 def test_kfac_bad_arguments_raise(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        KFAC(mlp((6, 8, 3)), *args, loss_fn=CE, **kwargs)
+        KFAC(mlp((6, 8, 3)), *args, loss_fn=CE, **FIXED, **kwargs)
 
 
 def test_kfac_lr_passed_twice_is_a_type_error():
@@ -765,7 +768,7 @@ def test_non_finite_statistics_skip_the_preconditioner_step():
 
 def test_non_finite_statistics_skip_the_kfac_step():
     model = mlp((6, 8, 3), layernorm=True, seed=15)
-    opt = KFAC(model, 0.1, loss_fn=CE, damping=0.05)
+    opt = KFAC(model, 0.1, loss_fn=CE, damping=0.05, **FIXED)
     X, y = make_data(3, "ce", (8,), (6,), seed=150)[0]
     CE(model(X), y).backward()
     opt.step()

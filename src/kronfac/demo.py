@@ -54,6 +54,8 @@ METHODS: dict[str, tuple[float, ...]] = {
     "ekfac": (0.1, 0.3, 0.5),
 }
 KFAC_OPTIONS: dict[str, Any] = {
+    "adaptive": False,
+    "uncovered": "sgd",
     "damping": 0.1,
     "factor_decay": 0.95,
     "inverse_every": 10,

@@ -6,7 +6,8 @@ likelihood flattens the output into terms ``[M, C]``, and for the **sum** of the
 provides
 
 - ``gradient(f, y)``: ``∂ℓ/∂f`` per term (empirical Fisher, and MC at sampled labels);
-- ``hessian_sqrt(f)``: ``B`` with ``B Bᵀ = ∇²_f ℓ`` per term (type-2);
+- ``hessian_sqrt(f)``: ``B`` with ``B Bᵀ = ∇²_f ℓ`` per term (type-2), and ``hessian_matvec(f, u)``:
+  ``∇²_f ℓ u`` per term without forming it (the Gauss-Newton matrix's products);
 - ``sample(f, n, generator)``: ``n`` labels per term from the predictive distribution (MC),
   for which ``E[∇ℓ ∇ℓᵀ] = ∇²_f ℓ``;
 - ``mean_divisor(num_terms, num_classes)``: the number of entries torch averages over with
@@ -114,6 +115,16 @@ class Likelihood(ABC):
     @abstractmethod
     def hessian_sqrt(self, terms: Tensor) -> Tensor:
         """``B [M, C, K]`` with ``B_m B_mᵀ = ∇²_f ℓ_m`` for every term ``m`` of ``terms [M, C]``."""
+
+    def hessian_matvec(self, terms: Tensor, u: Tensor) -> Tensor:
+        """``∇²_f ℓ_m u_m`` for every term: ``terms [M, C]``, ``u [..., M, C]`` → ``u``'s shape.
+
+        The loss Hessian in output space applied to ``u``, for the Gauss-Newton matrix's
+        products ``Jᵀ H J v``: here ``B (Bᵀ u)`` through :meth:`hessian_sqrt`; the built-in
+        likelihoods apply ``H`` directly in ``O(M·C)``.
+        """
+        B = self.hessian_sqrt(terms)  # [M, C, K]
+        return torch.einsum("mck,mdk,...md->...mc", B, B, u)
 
     @abstractmethod
     def sample(self, terms: Tensor, num_samples: int, generator: torch.Generator) -> Tensor:

@@ -42,6 +42,10 @@ class BernoulliLikelihood(EntrywiseLikelihood):
         p = torch.sigmoid(terms)
         return torch.diag_embed((p * (1 - p)).sqrt())
 
+    def hessian_matvec(self, terms: Tensor, u: Tensor) -> Tensor:  # noqa: D102
+        p = torch.sigmoid(terms)
+        return p * (1 - p) * u
+
     def sample(  # noqa: D102
         self, terms: Tensor, num_samples: int, generator: torch.Generator
     ) -> Tensor:

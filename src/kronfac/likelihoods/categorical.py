@@ -4,7 +4,8 @@ Logits ``[N, C]`` or ``[N, C, d1, ...]`` (torch's shape rules) hold ``R = d1·�
 data point; each term ``f ∈ ℝ^C`` with ``p = softmax(f)`` has
 
 - loss ``ℓ = −log p_y``, gradient ``∂ℓ/∂f = p − e_y``;
-- Hessian ``diag(p) − p pᵀ``, square root ``B = diag(√p) − p √pᵀ``
+- Hessian ``diag(p) − p pᵀ`` (applied as ``p ∘ u − p (pᵀu)``), square root
+  ``B = diag(√p) − p √pᵀ``
   (``B Bᵀ = diag(p) − 2 p pᵀ + p pᵀ Σ_k p_k = diag(p) − p pᵀ``);
 - sampling ``y ~ Categorical(p)``.
 
@@ -99,6 +100,10 @@ class CategoricalLikelihood(Likelihood):
         sqrt_p = p.sqrt()
         # B[m, i, k] = √p_k (δ_ik − p_i)
         return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+
+    def hessian_matvec(self, terms: Tensor, u: Tensor) -> Tensor:  # noqa: D102
+        p = torch.softmax(terms, dim=-1)  # (diag(p) − p pᵀ) u = p ∘ u − p (pᵀu)
+        return p * u - p * (p * u).sum(-1, keepdim=True)
 
     def sample(  # noqa: D102
         self, terms: Tensor, num_samples: int, generator: torch.Generator

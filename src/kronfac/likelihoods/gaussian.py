@@ -32,6 +32,9 @@ class GaussianLikelihood(EntrywiseLikelihood):
         eye = torch.eye(C, dtype=terms.dtype, device=terms.device) * math.sqrt(2.0)
         return eye.expand(M, C, C)
 
+    def hessian_matvec(self, terms: Tensor, u: Tensor) -> Tensor:  # noqa: D102
+        return 2.0 * u
+
     def sample(  # noqa: D102
         self, terms: Tensor, num_samples: int, generator: torch.Generator
     ) -> Tensor:

@@ -54,7 +54,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,7 @@ from kronfac.linalg import (
     StreamingLowRank,
     as_factor,
 )
+from kronfac.optim.quadratic import RecordedBatch, rng_state
 
 __all__ = ["KFACPreconditioner"]
 
@@ -289,6 +291,12 @@ class KFACPreconditioner:
         self._generator: torch.Generator | None = None  # on the outputs' device, at first use
         self._calls: dict[str, list[Call]] = {name: [] for name in self.setup.adapters}
         self._inputs: Any = None  # the model's latest input (the batch's N, padding)
+        self._call: tuple[tuple[Any, ...], dict[str, Any], Any] | None = None  # args, kwargs, RNG
+        # with keep_batches, every batch of the step (the adaptive step re-runs them)
+        self.keep_batches = False
+        self.batches: list[RecordedBatch] = []
+        self._kept: set[int] = set()  # ids of the outputs kept this step
+        self._quiet = False
         self._step: _Step | None = None
         self._recorded = False
         self._model_outputs: set[Any] = set()  # autograd nodes of the latest forward's outputs
@@ -344,7 +352,20 @@ class KFACPreconditioner:
     # -- recording --------------------------------------------------------------------------
     def _records_now(self) -> bool:
         """Whether this step's passes feed the factors or the EKFAC scales."""
-        return torch.is_grad_enabled() and (self._factor_step() or self._scale_step())
+        return (
+            not self._quiet
+            and torch.is_grad_enabled()
+            and (self._factor_step() or self._scale_step())
+        )
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Within the block, forward passes and loss calls are not recorded (extra passes)."""
+        self._quiet = True
+        try:
+            yield
+        finally:
+            self._quiet = False
 
     def _factor_step(self) -> bool:
         return self.steps % self.factor_every == 0
@@ -356,6 +377,10 @@ class KFACPreconditioner:
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         """A new forward pass: its input, and none of the previous pass's calls."""
+        if self._quiet or not torch.is_grad_enabled():
+            return
+        if self.keep_batches:
+            self._call = (args, kwargs, rng_state())
         if self._records_now():
             self._inputs = kwargs if kwargs and not args else args[0] if len(args) == 1 else args
             for calls in self._calls.values():
@@ -363,6 +388,8 @@ class KFACPreconditioner:
 
     def _record_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         """The autograd nodes of the model's outputs (a Tensor, or a mapping / tuple of them)."""
+        if self._quiet:
+            return
         values = (
             output.values()
             if isinstance(output, dict)
@@ -390,9 +417,9 @@ class KFACPreconditioner:
     ) -> None:
         values = [*args, *kwargs.values()]
         if len(values) >= 2 and isinstance(values[0], Tensor) and values[0].requires_grad:
-            self.observe(values[0], values[1])
+            self.observe(values[0], values[1], loss)
 
-    def observe(self, output: Tensor, targets: Tensor) -> None:
+    def observe(self, output: Tensor, targets: Tensor, loss: Tensor | None = None) -> None:
         """Record one batch: the model's ``output`` (from its latest forward pass) and targets.
 
         The loss module's call does this; a training loop that computes its loss otherwise
@@ -402,14 +429,21 @@ class KFACPreconditioner:
         modules' outputs now, keeping the graph for the training backward pass; no parameter
         ``.grad`` changes.
 
+        ``loss`` (the loss's value on the batch) is kept with the batch when the adaptive step
+        asks for the step's batches.
+
         Raises:
             ValueError: Shapes that do not fit the loss or the batch's data points.
             TypeError: Targets of the wrong dtype.
         """
-        if not self._records_now() or not output.requires_grad:
+        if self._quiet or not torch.is_grad_enabled() or not output.requires_grad:
             return
-        if not any(self._calls.values()) or not self._from_model(output):
-            return  # not an output of this model's latest recorded forward pass
+        if not self._from_model(output):
+            return  # not an output of this model's latest forward pass
+        if self.keep_batches:
+            self._keep(output, targets, loss)
+        if not self._records_now() or not any(self._calls.values()):
+            return
         step = self._step or self._new_step()
         if id(output) in step.observed:
             return
@@ -426,6 +460,31 @@ class KFACPreconditioner:
         finally:
             for calls in self._calls.values():
                 calls.clear()
+        self._recorded = True
+
+    def discard(self) -> None:
+        """Drop what this step recorded (a step that is not taken)."""
+        self._step, self.batches = None, []
+        self._kept.clear()
+
+    def _keep(self, output: Tensor, targets: Tensor, loss: Tensor | None) -> None:
+        """Keep the batch for the adaptive step (once per output)."""
+        if self._call is None or id(output) in self._kept:
+            return
+        self._kept.add(id(output))
+        likelihood = self.setup.likelihood
+        likelihood.check(output, targets)
+        keep = likelihood.term_mask(targets, output)
+        terms = likelihood.num_terms(output) if keep is None else int(keep.sum())
+        entries = likelihood.mean_divisor(terms, likelihood.num_classes(output))
+        args, kwargs, rng = self._call
+        if loss is None:
+            with self.quiet(), torch.no_grad():
+                loss = self.loss_fn(output, targets)
+        value = float(loss)
+        self.batches.append(
+            RecordedBatch(args, kwargs, output.detach(), targets, value, entries, keep, rng)
+        )
         self._recorded = True
 
     def mc_backward(

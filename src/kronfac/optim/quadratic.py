@@ -1,0 +1,197 @@
+r"""The quadratic model of a step: the exact Gauss-Newton matrix of the batch, along directions.
+
+For parameters ``θ`` (the covered ones), the training loss ``L`` of a batch, its gradient ``g``
+and the Gauss-Newton matrix ``G = Jᵀ H J`` (``J`` the Jacobian of the loss input — the model
+output — with respect to ``θ``, ``H`` the loss's Hessian in output space), a step
+``δ = Σ_i c_i t_i`` along directions ``t_i`` (the preconditioned gradient, the previous step)
+changes the loss by about
+
+.. math::
+
+    M(c) = g^\top δ + \tfrac12 δ^\top (G + λI) δ = b^\top c + \tfrac12 c^\top Q c, \qquad
+    Q_{ij} = (J t_i)^\top H (J t_j) + λ\, t_i^\top t_j, \quad b_i = g^\top t_i,
+
+minimised by ``c = −Q⁻¹ b`` with ``M = −½ bᵀ Q⁻¹ b`` (Martens & Grosse, 2015, §7: the
+learning rate and the momentum from the quadratic model). ``J t`` is a Jacobian-vector product
+of the model's forward pass: exact forward-mode differentiation (:func:`torch.func.jvp`), or a
+one-sided finite difference ``(f(θ + εt) − f(θ)) / ε`` with ``ε`` a relative step of
+``√(machine ε)``-order, one forward pass each. ``H`` is applied in output space by the
+likelihood (:meth:`~kronfac.likelihoods.Likelihood.hessian_matvec`), scaled as the loss is:
+divided by the entries a mean averages over (``ignore_index`` terms left out).
+
+The batches are re-run as they were recorded — the same arguments, the RNG state of their
+forward pass (the same dropout masks), copies of the buffers (batch-norm statistics are not
+updated) — through :func:`torch.func.functional_call`, so the model itself is never changed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from kronfac.likelihoods import Likelihood
+
+__all__ = ["GGN_PRODUCTS", "QuadraticModel", "RecordedBatch"]
+
+GGN_PRODUCTS = ("fd", "jvp")
+Params = dict[str, Tensor]
+
+
+@dataclass
+class RecordedBatch:
+    """One batch of a training step, as the quadratic model re-runs it.
+
+    Attributes:
+        args: The model's positional arguments.
+        kwargs: Its keyword arguments.
+        output: The loss input (detached).
+        targets: The targets.
+        loss: The loss value the training loop computed.
+        entries: The entries the loss averaged over (``1`` for a summed loss).
+        keep: ``[M]`` terms the loss counts (``None``: all; ``ignore_index`` drops some).
+        rng: The CPU and CUDA RNG states at the start of the forward pass.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Tensor
+    targets: Tensor
+    loss: float
+    entries: int
+    keep: Tensor | None
+    rng: tuple[Tensor, list[Tensor]]
+
+
+def rng_state() -> tuple[Tensor, list[Tensor]]:
+    """The CPU RNG state and, when CUDA is in use, every device's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return torch.get_rng_state(), cuda
+
+
+@contextmanager
+def _replayed_rng(state: tuple[Tensor, list[Tensor]]) -> Iterator[None]:
+    """Run the block with the recorded RNG state; the caller's RNG continues unchanged."""
+    cpu, cuda = state
+    devices = list(range(len(cuda)))
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(cpu)
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+        yield
+
+
+class _Call(nn.Module):
+    """``forward(model, args, kwargs)`` as a module, so its parameters can be substituted."""
+
+    def __init__(self, model: nn.Module, forward: Callable[..., Tensor] | None) -> None:
+        super().__init__()
+        self.model, self.fn = model, forward
+
+    def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        if self.fn is not None:
+            return self.fn(self.model, kwargs if kwargs and not args else args[0])
+        return self.model(*args, **kwargs)
+
+
+class QuadraticModel:
+    """Gauss-Newton products and losses of recorded batches at shifted parameters.
+
+    Args:
+        model: The model.
+        params: The parameters ``θ`` the directions live in, by name.
+        likelihood: The loss's likelihood.
+        forward: ``forward(model, X) -> loss input`` when the loss does not take the model's
+            output as it is; ``None``: ``model(*args, **kwargs)``.
+        products: ``"fd"`` (finite differences, one forward pass per direction) or ``"jvp"``
+            (exact forward-mode products).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Mapping[str, nn.Parameter],
+        likelihood: Likelihood,
+        forward: Callable[..., Tensor] | None = None,
+        products: str = "fd",
+    ) -> None:
+        if products not in GGN_PRODUCTS:
+            raise ValueError(
+                f"Unknown ggn_products {products!r}; expected one of {list(GGN_PRODUCTS)}."
+            )
+        self.call = _Call(model, forward)
+        self.params = {f"model.{k}": p for k, p in params.items()}
+        self.names = list(params)
+        self.likelihood, self.products = likelihood, products
+
+    def _state(self, shift: Params | None = None, scale: float = 1.0) -> dict[str, Tensor]:
+        """Every parameter and (copied) buffer of the call, ``θ + scale·shift`` for ``θ``."""
+        state: dict[str, Tensor] = {k: v.detach().clone() for k, v in self.call.named_buffers()}
+        state.update((k, v.detach()) for k, v in self.call.named_parameters())
+        if shift is not None:
+            for name, key in zip(self.names, self.params, strict=True):
+                state[key] = state[key] + scale * shift[name]
+        return state
+
+    def _run(self, batch: RecordedBatch, state: Mapping[str, Tensor]) -> Tensor:
+        with _replayed_rng(batch.rng):
+            return functional_call(self.call, dict(state), (batch.args, batch.kwargs))
+
+    def _products(self, batch: RecordedBatch, tangents: list[Params]) -> list[Tensor]:
+        """``J t`` for every direction: ``[*output.shape]`` each."""
+        if self.products == "jvp":
+            base = self._state()
+            primal = {k: base[k] for k in self.params}
+
+            def f(theta: dict[str, Tensor]) -> Tensor:
+                return self._run(batch, {**base, **theta})
+
+            keys = list(zip(self.params, self.names, strict=True))
+            return [jvp(f, (primal,), ({k: t[n] for k, n in keys},))[1] for t in tangents]
+        theta = math.sqrt(sum(float(p.detach().square().sum()) for p in self.params.values()))
+        rel = math.sqrt(torch.finfo(batch.output.dtype).eps) * 3.0
+        out = []
+        with torch.no_grad():
+            for t in tangents:
+                norm = math.sqrt(sum(float(v.square().sum()) for v in t.values()))
+                eps = rel * max(theta, 1.0) / max(norm, 1e-30)
+                out.append((self._run(batch, self._state(t, eps)) - batch.output) / eps)
+        return out
+
+    def curvature(self, batches: list[RecordedBatch], tangents: list[Params]) -> Tensor:
+        """``[(J t_i)ᵀ H (J t_j)]``, ``[k, k]`` in float64, of the mean (sum) over the batches.
+
+        A loss averaged over entries is read as one mean over every batch's entries (the
+        batches of a step with gradient accumulation, equal in size).
+        """
+        k = len(tangents)
+        G = torch.zeros(k, k, dtype=torch.float64)
+        total = sum(b.entries for b in batches)
+        for batch in batches:
+            Js = [self.likelihood.to_terms(J) for J in self._products(batch, tangents)]
+            terms = self.likelihood.to_terms(batch.output)
+            HJ = [self.likelihood.hessian_matvec(terms, J) for J in Js]
+            if batch.keep is not None:
+                HJ = [h * batch.keep[:, None].to(h.dtype) for h in HJ]
+            for i in range(k):
+                for j in range(i, k):
+                    G[i, j] += float((HJ[i] * Js[j]).sum(dtype=torch.float64))
+        G = torch.triu(G) + torch.triu(G, 1).T
+        return G / total
+
+    def loss(self, batches: list[RecordedBatch], shift: Params | None = None) -> float:
+        """The loss at ``θ + shift`` on the batches: their entries-weighted mean (or sum)."""
+        total = sum(b.entries for b in batches)
+        loss_fn = self.likelihood.loss_fn
+        value = 0.0
+        with torch.no_grad():
+            for batch in batches:
+                out = self._run(batch, self._state(shift))
+                value += float(loss_fn(out, batch.targets)) * batch.entries / total
+        return value
