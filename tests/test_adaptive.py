@@ -70,7 +70,7 @@ def test_step_is_the_dense_solve_of_the_quadratic_model(products, tol):
         G = dense_ggn(model, CE, X, y)
         opt.step()
         delta = -flat(p.grad for p in params.values())  # the preconditioned direction
-        directions = [delta] + ([flat(v[n] for n in params)] if v is not None else [])
+        directions = [delta] + ([v] if v is not None else [])
         T = torch.stack(directions)
         Q = T @ G @ T.T + lam * T @ T.T
         c = -torch.linalg.solve(Q, T @ g)
@@ -85,11 +85,14 @@ def test_step_is_the_dense_solve_of_the_quadratic_model(products, tol):
 class _Scripted:
     """A quadratic model whose loss after the step follows a script (the LM rule's input)."""
 
-    def __init__(self, losses):
-        self.losses = iter(losses)
+    def __init__(self, losses, param):
+        self.losses, self.params = iter(losses), [param]
 
     def loss(self, batches, shift=None):
         return next(self.losses)
+
+    def views(self, flat):
+        return [flat.view(self.params[0].shape)]
 
 
 def _batch(loss: float) -> RecordedBatch:
@@ -104,10 +107,9 @@ def test_levenberg_marquardt_rule_on_scripted_reduction_ratios():
     p = nn.Parameter(torch.zeros(2, dtype=DT))
     M = -1.0  # the model's predicted change
     # L(θ) = 1: after-losses giving ρ = 0.9, 0.5, 0.1, 0.9 (at the adapting steps 0, 2, 4, 6)
-    script = _Scripted([1 - 0.9, 1 - 0.5, 1 - 0.1, 1 - 0.9, math.nan])
+    script = _Scripted([1 - 0.9, 1 - 0.5, 1 - 0.1, 1 - 0.9, math.nan], p)
     step = AdaptiveStep(
         script,  # type: ignore[arg-type]
-        {"p": p},
         damping=1.0,
         damping_every=2,
         decay=0.5,
@@ -119,16 +121,16 @@ def test_levenberg_marquardt_rule_on_scripted_reduction_ratios():
     omega = 0.5**2
     seen = []
     for _ in range(8):
-        step.adapt([_batch(1.0)], {"p": torch.zeros(2, dtype=DT)}, M)
+        step.adapt([_batch(1.0)], torch.zeros(2, dtype=DT), M)
         seen.append(step.damping)
     expected = [omega, omega, omega, omega, 1.0, 1.0, max(omega, 0.2), max(omega, 0.2)]
     assert seen == pytest.approx(expected)
     assert step.last["rho"] == pytest.approx(0.9)
     # a non-finite loss after the step: undone, λ raised by ω⁴ (capped), momentum dropped
-    step.velocity = {"p": torch.ones(2, dtype=DT)}
+    step.velocity = torch.ones(2, dtype=DT)
     with torch.no_grad():
         p.add_(1.0)
-    step.adapt([_batch(1.0)], {"p": torch.ones(2, dtype=DT)}, M)
+    step.adapt([_batch(1.0)], torch.ones(2, dtype=DT), M)
     assert torch.equal(p.detach(), torch.zeros(2, dtype=DT))
     assert step.damping == 3.0 and step.velocity is None
 

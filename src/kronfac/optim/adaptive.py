@@ -27,26 +27,21 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from kronfac.optim.quadratic import QuadraticModel, RecordedBatch
 
 __all__ = ["AdaptiveStep"]
 
-Params = dict[str, Tensor]
-
-
-def _dots(a: Params, b: Params) -> float:
-    """``Σ ⟨a_k, b_k⟩`` over the parameters, in float64."""
-    return sum(float((a[k] * b[k]).sum(dtype=torch.float64)) for k in a)
-
 
 class AdaptiveStep:
     """The state and arithmetic of the adaptive step (module docstring).
 
+    Directions, gradients and steps are flat vectors over the covered parameters, in the order
+    of :class:`~kronfac.optim.quadratic.QuadraticModel` (its ``flatten`` / ``views``).
+
     Args:
         quadratic: The batch's quadratic model.
-        params: The covered parameters, by name.
         damping: The initial ``λ``.
         damping_every: Steps between two updates of ``λ``.
         decay: ``ω^(1/damping_every)``.
@@ -59,7 +54,6 @@ class AdaptiveStep:
     def __init__(
         self,
         quadratic: QuadraticModel,
-        params: Mapping[str, nn.Parameter],
         *,
         damping: float,
         damping_every: int,
@@ -69,12 +63,12 @@ class AdaptiveStep:
         momentum: bool,
         weight_decay: float,
     ) -> None:
-        self.quadratic, self.params = quadratic, dict(params)
+        self.quadratic = quadratic
         self.damping = float(damping)
         self.damping_every, self.omega = damping_every, decay**damping_every
         self.min_damping, self.max_damping = min_damping, max_damping
         self.momentum, self.weight_decay = momentum, weight_decay
-        self.velocity: Params | None = None
+        self.velocity: Tensor | None = None
         self.steps = 0
         self.last: dict[str, float] = {}  # the last step's α, β, M, ρ (for reports and tests)
 
@@ -89,41 +83,36 @@ class AdaptiveStep:
         self.steps += 1
 
     def coefficients(
-        self, batches: list[RecordedBatch], g: Params, delta: Params
-    ) -> tuple[list[Params], Tensor, float] | None:
-        """The directions, their coefficients ``c`` and the model's change ``M`` (or ``None``).
+        self, batches: list[RecordedBatch], g: Tensor, delta: Tensor
+    ) -> tuple[Tensor, Tensor, float] | None:
+        """The directions ``[k, P]``, their coefficients ``c`` and the model's change ``M``.
 
         ``None`` when the model predicts no decrease or is not finite.
         """
-        directions = [delta] + ([self.velocity] if self.momentum and self.velocity else [])
+        rows = [delta] + ([self.velocity] if self.momentum and self.velocity is not None else [])
+        directions = torch.stack(rows)
         G = self.quadratic.curvature(batches, directions)
-        k = len(directions)
-        T = torch.tensor(
-            [[_dots(directions[i], directions[j]) for j in range(k)] for i in range(k)],
-            dtype=torch.float64,
-        )
-        Q = G + (self.damping + self.weight_decay) * T
-        b = torch.tensor([_dots(g, t) for t in directions], dtype=torch.float64)
+        D = directions.double()
+        Q = G + (self.damping + self.weight_decay) * (D @ D.T)
+        b = D @ g.double()
         c = -torch.linalg.lstsq(Q, b[:, None]).solution[:, 0]
         change = float(0.5 * c @ Q @ c + b @ c)
+        k = len(rows)
         self.last = {"alpha": float(c[0]), "beta": float(c[1]) if k > 1 else 0.0, "M": change}
         if not math.isfinite(change) or change >= 0 or not bool(torch.isfinite(c).all()):
             return None
         return directions, c, change
 
-    def move(self, directions: list[Params], c: Tensor, scale: float) -> Params:
+    def move(self, directions: Tensor, c: Tensor, scale: float) -> Tensor:
         """``δ = scale · Σ c_i t_i`` added to the parameters; it becomes the momentum."""
-        step = {
-            n: sum(float(scale * c[i]) * t[n] for i, t in enumerate(directions))
-            for n in self.params
-        }
+        step = (scale * c).to(directions.dtype) @ directions
+        params = self.quadratic.params
         with torch.no_grad():
-            for n, p in self.params.items():
-                p.add_(step[n].to(p.dtype))  # type: ignore[union-attr]
-        self.velocity = step  # type: ignore[assignment]
-        return step  # type: ignore[return-value]
+            torch._foreach_add_(params, self.quadratic.views(step))
+        self.velocity = step
+        return step
 
-    def adapt(self, batches: list[RecordedBatch], step: Params, change: float) -> None:
+    def adapt(self, batches: list[RecordedBatch], step: Tensor, change: float) -> None:
         """Every ``damping_every`` steps, ``ρ`` on the same batches moves ``λ``.
 
         A loss that is not finite after the step undoes the step and raises ``λ`` fourfold.
@@ -135,18 +124,11 @@ class AdaptiveStep:
         before = sum(b.loss * b.entries / total for b in batches)
         after = self.quadratic.loss(batches)
         if self.weight_decay:  # the L2 term of the objective: ½ w (‖θ‖² − ‖θ − δ‖²)
-            after += (
-                0.5
-                * self.weight_decay
-                * (
-                    2 * _dots({n: p.detach() for n, p in self.params.items()}, step)
-                    - _dots(step, step)
-                )
-            )
+            theta = self.quadratic.flatten([p.detach() for p in self.quadratic.params])
+            after += 0.5 * self.weight_decay * float(2 * theta @ step - step @ step)
         if not math.isfinite(after):
             with torch.no_grad():
-                for n, p in self.params.items():
-                    p.sub_(step[n].to(p.dtype))
+                torch._foreach_sub_(self.quadratic.params, self.quadratic.views(step))
             self.velocity = None
             self.raise_damping(4.0)
             return
@@ -162,11 +144,18 @@ class AdaptiveStep:
         return {"damping": self.damping, "velocity": self.velocity, "steps": self.steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the momentum on the parameters' devices)."""
-        self.damping, self.steps = float(state["damping"]), int(state["steps"])
+        """Restore :meth:`state_dict` (the momentum on the parameters' device).
+
+        Raises:
+            ValueError: If the momentum direction does not fit the covered parameters.
+        """
         velocity = state["velocity"]
-        self.velocity = (
-            None
-            if velocity is None
-            else {n: velocity[n].detach().clone().to(p.device) for n, p in self.params.items()}
-        )
+        size = sum(self.quadratic.sizes)
+        if velocity is not None and velocity.shape != (size,):
+            raise ValueError(
+                f"The state's momentum direction has shape {tuple(velocity.shape)}, the "
+                f"covered parameters {size} entries."
+            )
+        self.damping, self.steps = float(state["damping"]), int(state["steps"])
+        device = self.quadratic.params[0].device
+        self.velocity = None if velocity is None else velocity.detach().clone().to(device)

@@ -167,7 +167,6 @@ class KFAC(torch.optim.Optimizer):
             )
             self.adaptive_step = AdaptiveStep(
                 quadratic,
-                self._covered,
                 damping=float(damping),  # type: ignore[arg-type]
                 damping_every=damping_every,
                 decay=damping_decay,
@@ -238,14 +237,14 @@ class KFAC(torch.optim.Optimizer):
             )
         if not self._checked_forward:
             self._check_forward(batches[0])
-        wd = adaptive.weight_decay
-        g = {}
-        for n, p in self._covered.items():
+        params = adaptive.quadratic.params
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if wd:
-                p.grad.add_(p, alpha=wd)
-            g[n] = p.grad.clone()
+        grads = [p.grad for p in params]
+        if adaptive.weight_decay:
+            torch._foreach_add_(grads, params, alpha=adaptive.weight_decay)  # type: ignore[arg-type]
+        g = adaptive.quadratic.flatten(grads)  # type: ignore[arg-type]
         pre.damping = self._damping_ratio * adaptive.damping
         if not all(math.isfinite(b.loss) for b in batches):
             pre.discard()
@@ -259,7 +258,7 @@ class KFAC(torch.optim.Optimizer):
         if not pre.step():
             adaptive.reject()
             return
-        delta = {n: -p.grad for n, p in self._covered.items()}  # type: ignore[operator]
+        delta = -adaptive.quadratic.flatten([p.grad for p in params])  # type: ignore[misc]
         with pre.quiet():
             found = adaptive.coefficients(batches, g, delta)
         if found is None:
@@ -275,8 +274,8 @@ class KFAC(torch.optim.Optimizer):
     def _check_forward(self, batch: Any) -> None:
         """The loss input must be what the re-run gives (``forward=`` otherwise)."""
         quadratic = self.adaptive_step.quadratic  # type: ignore[union-attr]
-        with self.preconditioner.quiet(), torch.no_grad():
-            again = quadratic._run(batch, quadratic._state())
+        with self.preconditioner.quiet():
+            again = quadratic._rerun(batch)
         same = again.shape == batch.output.shape and torch.allclose(
             again, batch.output, rtol=1e-4, atol=1e-6 * float(batch.output.abs().max())
         )

@@ -481,7 +481,7 @@ class KFACPreconditioner:
         if loss is None:
             with self.quiet(), torch.no_grad():
                 loss = self.loss_fn(output, targets)
-        value = float(loss)
+        value = float(loss.detach())
         self.batches.append(
             RecordedBatch(args, kwargs, output.detach(), targets, value, entries, keep, rng)
         )

@@ -41,7 +41,6 @@ from kronfac.likelihoods import Likelihood
 __all__ = ["GGN_PRODUCTS", "QuadraticModel", "RecordedBatch"]
 
 GGN_PRODUCTS = ("fd", "jvp")
-Params = dict[str, Tensor]
 
 
 @dataclass
@@ -103,6 +102,9 @@ class _Call(nn.Module):
 class QuadraticModel:
     """Gauss-Newton products and losses of recorded batches at shifted parameters.
 
+    Directions are flat vectors ``[P]`` over the parameters, in their order (``views`` gives
+    the parameter-shaped views of one).
+
     Args:
         model: The model.
         params: The parameters ``θ`` the directions live in, by name.
@@ -126,72 +128,101 @@ class QuadraticModel:
                 f"Unknown ggn_products {products!r}; expected one of {list(GGN_PRODUCTS)}."
             )
         self.call = _Call(model, forward)
-        self.params = {f"model.{k}": p for k, p in params.items()}
-        self.names = list(params)
+        self.keys = [f"model.{k}" for k in params]
+        self.params: list[Tensor] = list(params.values())
+        self.sizes = [p.numel() for p in self.params]
         self.likelihood, self.products = likelihood, products
 
-    def _state(self, shift: Params | None = None, scale: float = 1.0) -> dict[str, Tensor]:
-        """Every parameter and (copied) buffer of the call, ``θ + scale·shift`` for ``θ``."""
-        state: dict[str, Tensor] = {k: v.detach().clone() for k, v in self.call.named_buffers()}
-        state.update((k, v.detach()) for k, v in self.call.named_parameters())
-        if shift is not None:
-            for name, key in zip(self.names, self.params, strict=True):
-                state[key] = state[key] + scale * shift[name]
-        return state
+    def flatten(self, tensors: list[Tensor]) -> Tensor:
+        """Parameter-shaped tensors → one flat ``[P]`` vector."""
+        return torch.cat([t.reshape(-1) for t in tensors])
 
-    def _run(self, batch: RecordedBatch, state: Mapping[str, Tensor]) -> Tensor:
-        with _replayed_rng(batch.rng):
-            return functional_call(self.call, dict(state), (batch.args, batch.kwargs))
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """The parameter-shaped views of a flat vector (no copy)."""
+        pieces = flat.split(self.sizes)
+        return [v.view(p.shape) for v, p in zip(pieces, self.params, strict=True)]
 
-    def _products(self, batch: RecordedBatch, tangents: list[Params]) -> list[Tensor]:
-        """``J t`` for every direction: ``[*output.shape]`` each."""
+    def _rerun(self, batch: RecordedBatch) -> Tensor:
+        """The recorded batch through the model as it is now (no gradients, its RNG state)."""
+        with torch.no_grad(), _replayed_rng(batch.rng):
+            return self.call(batch.args, batch.kwargs)
+
+    @contextmanager
+    def shifted(self, shift: Tensor | None, scale: float = 1.0) -> Iterator[None]:
+        """The model at ``θ + scale·shift`` within the block, restored exactly after it.
+
+        The buffers (batch-norm statistics) are restored too.
+        """
+        buffers = [(b, b.detach().clone()) for b in self.call.buffers()]
+        saved = [p.detach().clone() for p in self.params] if shift is not None else []
+        try:
+            if shift is not None:
+                with torch.no_grad():
+                    torch._foreach_add_(self.params, self.views(shift), alpha=scale)
+            yield
+        finally:
+            with torch.no_grad():
+                if saved:
+                    torch._foreach_copy_(self.params, saved)
+                for b, value in buffers:
+                    b.copy_(value)
+
+    def _products(self, batch: RecordedBatch, directions: Tensor) -> list[Tensor]:
+        """``J t`` for every direction (the rows of ``directions [k, P]``)."""
         if self.products == "jvp":
-            base = self._state()
-            primal = {k: base[k] for k in self.params}
+            base = {k: v.detach() for k, v in self.call.named_buffers()}
+            base.update((k, v.detach()) for k, v in self.call.named_parameters())
+            primal = {k: base[k] for k in self.keys}
 
             def f(theta: dict[str, Tensor]) -> Tensor:
-                return self._run(batch, {**base, **theta})
+                state = {**base, **theta}
+                with _replayed_rng(batch.rng):
+                    return functional_call(self.call, state, (batch.args, batch.kwargs))
 
-            keys = list(zip(self.params, self.names, strict=True))
-            return [jvp(f, (primal,), ({k: t[n] for k, n in keys},))[1] for t in tangents]
-        theta = math.sqrt(sum(float(p.detach().square().sum()) for p in self.params.values()))
+            return [
+                jvp(f, (primal,), (dict(zip(self.keys, self.views(t), strict=True)),))[1]
+                for t in directions
+            ]
+        norms = torch.stack(torch._foreach_norm([p.detach() for p in self.params]))
+        theta = float(torch.linalg.vector_norm(norms))
         rel = math.sqrt(torch.finfo(batch.output.dtype).eps) * 3.0
         out = []
-        with torch.no_grad():
-            for t in tangents:
-                norm = math.sqrt(sum(float(v.square().sum()) for v in t.values()))
-                eps = rel * max(theta, 1.0) / max(norm, 1e-30)
-                out.append((self._run(batch, self._state(t, eps)) - batch.output) / eps)
+        for t, norm in zip(
+            directions, torch.linalg.vector_norm(directions, dim=1).tolist(), strict=True
+        ):
+            eps = rel * max(theta, 1.0) / max(norm, 1e-30)
+            with self.shifted(t, eps):
+                out.append((self._rerun(batch) - batch.output) / eps)
         return out
 
-    def curvature(self, batches: list[RecordedBatch], tangents: list[Params]) -> Tensor:
+    def curvature(self, batches: list[RecordedBatch], directions: Tensor) -> Tensor:
         """``[(J t_i)ᵀ H (J t_j)]``, ``[k, k]`` in float64, of the mean (sum) over the batches.
 
-        A loss averaged over entries is read as one mean over every batch's entries (the
-        batches of a step with gradient accumulation, equal in size).
+        ``directions``: ``[k, P]``. A loss averaged over entries is read as one mean over every
+        batch's entries (the batches of a step with gradient accumulation, equal in size).
         """
-        k = len(tangents)
+        k = directions.shape[0]
         G = torch.zeros(k, k, dtype=torch.float64)
         total = sum(b.entries for b in batches)
         for batch in batches:
-            Js = [self.likelihood.to_terms(J) for J in self._products(batch, tangents)]
+            Js = [self.likelihood.to_terms(J) for J in self._products(batch, directions)]
             terms = self.likelihood.to_terms(batch.output)
             HJ = [self.likelihood.hessian_matvec(terms, J) for J in Js]
             if batch.keep is not None:
                 HJ = [h * batch.keep[:, None].to(h.dtype) for h in HJ]
-            for i in range(k):
-                for j in range(i, k):
-                    G[i, j] += float((HJ[i] * Js[j]).sum(dtype=torch.float64))
-        G = torch.triu(G) + torch.triu(G, 1).T
-        return G / total
+            flat_HJ = torch.stack([h.reshape(-1) for h in HJ]).double()
+            flat_J = torch.stack([j.reshape(-1) for j in Js]).double()
+            G += flat_HJ @ flat_J.T
+        return (G + G.T) / (2 * total)
 
-    def loss(self, batches: list[RecordedBatch], shift: Params | None = None) -> float:
+    def loss(self, batches: list[RecordedBatch], shift: Tensor | None = None) -> float:
         """The loss at ``θ + shift`` on the batches: their entries-weighted mean (or sum)."""
         total = sum(b.entries for b in batches)
         loss_fn = self.likelihood.loss_fn
         value = 0.0
-        with torch.no_grad():
+        with self.shifted(shift):
             for batch in batches:
-                out = self._run(batch, self._state(shift))
-                value += float(loss_fn(out, batch.targets)) * batch.entries / total
+                out = self._rerun(batch)
+                with torch.no_grad():
+                    value += float(loss_fn(out, batch.targets)) * batch.entries / total
         return value
