@@ -1,27 +1,42 @@
-"""K-FAC / EKFAC against Adam and SGD: time to a training loss, and the cost of a step.
+"""The optimizer race: Adam, AdamW, SGD, Muon, K-FAC and EKFAC to Adam's loss, and step costs.
 
-1. Digits (scikit-learn's ``load_digits``, 1437 training images; ``kronfac.demo``):
-   a deep autoencoder 64-256-128-32-128-256-64 (tanh, sigmoid output, BCE) and an MLP
-   classifier 64-256-256-10. Phase 1 trains Adam for ``--steps`` steps with each learning rate
-   of its grid and ``--seeds`` seeds; the target is the median final training loss of the best
-   Adam learning rate. Phase 2 runs every method (Adam's best rate again, SGD with momentum,
-   K-FAC, EKFAC; three learning rates each) until it reaches the target or ``--steps`` steps,
-   seed by seed, methods interleaved. Reported per method (its best rate): steps and training
-   seconds to the target (median over seeds), the time relative to Adam's, the amortised step
-   time relative to Adam's, the final loss and (MLP) the test accuracy.
-2. W1 (the MLP 784-512-512-10 of the factor benchmarks, batch 256, random data): the
-   amortised seconds per training step (forward, backward, optimizer step) of K-FAC and EKFAC
-   (``inverse_every=10``) relative to Adam's, interleaved rounds of 20 steps, median.
+1. Race (``kronfac.demo.race``), per task of ``--tasks``: the deep autoencoder and the MLP
+   classifier on scikit-learn's digits (evaluated by the training loss), and a byte-level
+   transformer language model on the standard library's source (evaluated by the held-out
+   loss). Phase 1 trains Adam for ``--steps`` steps S with each learning rate of its grid and
+   each of ``--seeds`` seeds; the target is the median final evaluation of the best Adam
+   learning rate. Phase 2 runs every method of ``--methods`` with each learning rate of its
+   grid (Adam: its best) and each seed until the target or ``--max-factor`` x S steps. Each
+   method's step time (forward, backward, optimizer step) is measured apart at its best
+   learning rate: ``--rounds`` interleaved rounds of ``--round-steps`` steps on the same
+   batches, median; its ``aten::`` ops per step come from a profiled run. Reported per method
+   at its best learning rate (medians over the seeds): steps to the target, step time and
+   time to the target (steps x step time) relative to Adam's, ops per step, the final
+   evaluation and (MLP) the test accuracy. ``--plot``: the evaluation against steps and
+   seconds, one column per task.
+2. W1 (the MLP 784-512-512-10 of the factor benchmarks, batch 256 of random data): the step
+   time and ops per step of Adam, Muon, fixed K-FAC, adaptive K-FAC and EKFAC relative to
+   Adam's (the race's options).
+3. ``--stability N``: adaptive K-FAC with its defaults on each task for N seeds and S steps;
+   how many runs diverged (a non-finite evaluation, or a final one above the starting one), the
+   worst final evaluation, and how many runs warned. Nothing else runs.
 
-Usage: ``python benchmarks/optim.py [--steps 2000] [--seeds 3] [--plot benchmarks/optim.png]``.
+Usage::
+
+    python benchmarks/optim.py                          # race (3 tasks, 3 seeds, S = 500), W1
+    python benchmarks/optim.py --only w1 --threads 2
+    python benchmarks/optim.py --stability 50
+    python benchmarks/optim.py --tasks lm --methods adam,kfac --steps 20 --seeds 1 --no-plot
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
-import time
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -30,111 +45,146 @@ from torch import nn
 from tqdm import tqdm
 
 from kronfac import demo as C
-from kronfac.optim import KFAC
+
+# W1's methods and learning rates (adaptive K-FAC / EKFAC: their default step).
+W1_LRS = {"adam": 1e-3, "muon": 0.02, "kfac-fixed": 0.1, "kfac": 1.0, "ekfac": 1.0}
 
 
-def digits(steps: int, seeds: int, plot: Path | None) -> None:
-    tasks = C.digits_tasks()
-    curves, targets = {}, {}
+def race(tasks: Sequence[C.Task], methods: Sequence[str], args: argparse.Namespace) -> None:
+    grids = {m: C.METHODS[m] for m in ("adam", *methods)}
+    races = []
     for task in tasks:
-        # phase 1: Adam's grid sets the target
-        adam = [
-            C.train(task, "adam", lr, seed, steps)
-            for lr in C.METHODS["adam"]
-            for seed in range(seeds)
-        ]
-        by_lr = {lr: [r for r in adam if r.lr == lr] for lr in C.METHODS["adam"]}
-        best_lr = min(by_lr, key=lambda lr: statistics.median(r.final_loss for r in by_lr[lr]))
-        target = statistics.median(r.final_loss for r in by_lr[best_lr])
-        targets[task.name] = target
-        # phase 2: every method to the target, interleaved seed by seed
-        grids = {"adam": (best_lr,), **{m: C.METHODS[m] for m in ("sgd", "kfac", "ekfac")}}
-        total = seeds * sum(len(g) for g in grids.values())
-        runs = []
-        with tqdm(total=total, desc=f"{task.name}: runs to {target:.4g}", file=sys.stderr) as bar:
-            for seed in range(seeds):
-                for method, grid in grids.items():
-                    for lr in grid:
-                        runs.append(C.train(task, method, lr, seed, steps, target=target))
-                        bar.update(1)
-        adam_step = statistics.median(r.seconds_per_step for r in runs if r.method == "adam")
-        rows = C.summarise(runs, target, adam_step)
-        print(f"\n{task.name}: target {target:.5g} = Adam (lr {best_lr:g}) after {steps} steps")
-        print(C.format_table(C.TABLE_HEADER, rows))
-        best = {row[0]: float(row[1]) for row in rows}
-        curves[task.name] = [
-            C.median_run([r for r in runs if r.method == m and r.lr == lr], target)
-            for m, lr in best.items()
-        ]
-    if plot is not None:
-        title = f"digits, batch 256, median of {seeds} seeds (best learning rate per method)"
-        print("\n" + C.plot_runs(curves, targets, plot, title))
+        print(f"\n{task.describe()}", flush=True)
+        result = C.race(
+            task,
+            grids,
+            seeds=range(args.seeds),
+            steps=args.steps,
+            max_factor=args.max_factor,
+            eval_every=args.eval_every,
+            rounds=args.rounds,
+            round_steps=args.round_steps,
+            profile_steps=args.profile_steps,
+        )
+        print(f"\n{result.table()}", flush=True)
+        races.append(result)
+    if args.plot is not None:
+        title = (
+            f"median of {args.seeds} seeds at each method's best learning rate; "
+            f"seconds = steps x median step time"
+        )
+        print("\n" + C.plot_races(races, args.plot, title))
 
 
-def w1_step_time(rounds: int) -> None:
+def w1_task() -> C.Task:
     torch.manual_seed(0)
-    X = torch.randn(256, 784)
-    y = torch.randint(0, 10, (256,))
-    loss_fn = nn.CrossEntropyLoss()
-    setups = {
-        "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
-        "kfac": lambda m: KFAC(m, 0.1, loss_fn=loss_fn, inverse_every=10),
-        "kfac factor_every=10": lambda m: KFAC(
-            m, 0.1, loss_fn=loss_fn, inverse_every=10, factor_every=10
-        ),
-        "kfac cholesky": lambda m: KFAC(
-            m, 0.1, loss_fn=loss_fn, inverse_every=10, inverse_method="cholesky"
-        ),
-        "ekfac": lambda m: KFAC(m, 0.1, loss_fn=loss_fn, inverse_every=10, ekfac=True),
-    }
-    states = {}
-    for name, make in setups.items():
-        torch.manual_seed(0)
-        model = nn.Sequential(
+    batch = (torch.randn(256, 784), torch.randint(0, 10, (256,)))
+
+    def mlp() -> nn.Module:
+        return nn.Sequential(
             nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
         )
-        states[name] = (model, make(model))
 
-    def steps(name: str, n: int) -> float:
-        model, opt = states[name]
-        start = time.perf_counter()
-        for _ in range(n):
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(X), y).backward()
-            opt.step()
-        return (time.perf_counter() - start) / n
+    return C.Task("w1", mlp, nn.CrossEntropyLoss(), lambda seed: itertools.repeat(batch), batch)
 
-    for name in states:  # warm-up: first decompositions, allocator
-        steps(name, 10)
-    times: dict[str, list[float]] = {name: [] for name in states}
-    for _ in range(rounds):
-        for name in states:
-            times[name].append(steps(name, 20))
-    adam = statistics.median(times["adam"])
-    print(f"\nW1 784-512-512-10, batch 256: amortised step time ({rounds} rounds of 20 steps)")
+
+def w1_step_time(args: argparse.Namespace) -> None:
+    rounds, steps, profiled = args.rounds, args.round_steps, args.profile_steps
+    timings = C.time_steps(w1_task(), W1_LRS, rounds=rounds, steps=steps, profile_steps=profiled)
+    adam = timings["adam"]
+    print(
+        f"\nW1 784-512-512-10, batch 256: step time ({rounds} interleaved rounds of {steps} "
+        f"steps, median), aten ops per step ({profiled} profiled steps)"
+    )
     rows = [
-        [name, f"{1e3 * statistics.median(t):.2f}", f"{statistics.median(t) / adam:.2f}"]
-        for name, t in times.items()
+        [
+            name,
+            f"{1e3 * t.seconds:.2f}",
+            f"{t.seconds / adam.seconds:.2f}",
+            f"{t.aten_ops:.0f}",
+            f"{t.aten_ops / adam.aten_ops:.1f}",
+        ]
+        for name, t in timings.items()
     ]
-    print(C.format_table(["method", "ms / step", "x Adam"], rows))
+    print(C.format_table(["method", "ms / step", "x Adam", "aten ops / step", "ops x Adam"], rows))
+
+
+def stability(tasks: Sequence[C.Task], runs: int, args: argparse.Namespace) -> None:
+    print(f"\nAdaptive K-FAC, its defaults: {runs} seeds x {args.steps} steps per task")
+    rows, notes = [], []
+    for task in tasks:
+        results, warned, messages = [], 0, set()
+        for seed in tqdm(range(runs), desc=f"{task.name}: stability", file=sys.stderr):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                results.append(
+                    C.train(task, "kfac", 1.0, seed, args.steps, eval_every=args.eval_every)
+                )
+            warned += bool(caught)
+            messages.update(f"{w.category.__name__}: {str(w.message)[:160]}" for w in caught)
+        diverged = [r.seed for r in results if r.final_loss > r.losses[0]]  # NaN reads inf
+        finals = [r.final_loss for r in results]
+        rows.append(
+            [
+                task.name,
+                task.evaluation,
+                str(len(results)),
+                str(len(diverged)),
+                f"{statistics.median(r.losses[0] for r in results):.4g}",
+                f"{statistics.median(finals):.4g}",
+                f"{max(finals):.4g}",
+                str(warned),
+            ]
+        )
+        if diverged:
+            notes.append(f"{task.name}: diverged seeds {diverged}")
+        notes += [f"{task.name}: {m}" for m in sorted(messages)]
+    header = ["task", "evaluation", "runs", "diverged", "start", "median final", "worst final"]
+    print(C.format_table([*header, "runs that warned"], rows))
+    print("\n".join(notes))
+
+
+def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"expected some of {','.join(choices)}")
+        return names
+
+    return parse
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=500, help="Adam's steps S (default 500)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--max-factor", type=float, default=3.0, help="other runs: at most x S")
+    parser.add_argument("--tasks", type=_names(C.TASKS), default=list(C.TASKS))
+    parser.add_argument("--methods", type=_names(list(C.METHODS)), default=list(C.METHODS))
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--round-steps", type=int, default=10, help="steps per method per round")
+    parser.add_argument("--profile-steps", type=int, default=10, help="steps profiled for ops")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--plot", type=Path, default=Path(__file__).with_name("optim.png"))
-    parser.add_argument("--only", choices=("digits", "w1"))
+    parser.add_argument("--no-plot", dest="plot", action="store_const", const=None)
+    parser.add_argument("--only", choices=("race", "w1"))
+    parser.add_argument("--stability", type=int, metavar="N", help="only the stability check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine())
-    print(f"K-FAC / EKFAC options: {C.KFAC_OPTIONS}; learning-rate grids: {C.METHODS}")
-    if args.only in (None, "digits"):
-        digits(args.steps, args.seeds, args.plot)
+    tasks = C.load_tasks(args.tasks) if args.only != "w1" else []
+    if args.stability:
+        stability(tasks, args.stability, args)
+        return
+    methods = [m for m in args.methods if m != "adam"]
+    print(f"learning-rate grids: { {m: C.METHODS[m] for m in ('adam', *methods)} }")
+    print(f"kfac-fixed: {C.KFAC_FIXED_OPTIONS}; kfac, ekfac: KFAC's defaults (adaptive)")
+    if args.only in (None, "race"):
+        race(tasks, methods, args)
     if args.only in (None, "w1"):
-        w1_step_time(args.rounds)
+        w1_step_time(args)
 
 
 if __name__ == "__main__":

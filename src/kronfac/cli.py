@@ -1,16 +1,17 @@
 """The ``kronfac`` command line.
 
 Subcommands:
-    ``kronfac demo``: K-FAC and EKFAC (:class:`kronfac.optim.KFAC`) against Adam and SGD on
+    ``kronfac demo``: adaptive K-FAC (:class:`kronfac.optim.KFAC`) against Adam and Muon on
     scikit-learn's bundled digits (a deep autoencoder and an MLP classifier): progress bars,
-    a table of the steps and seconds each needs to reach Adam's final training loss, and a PNG
-    plot of the loss against training seconds when matplotlib is installed.
+    a table of the steps each needs to reach Adam's final training loss, its step time
+    (measured apart, in interleaved rounds) and the time to the target, and a PNG plot of the
+    loss against steps and seconds when matplotlib is installed.
     ``kronfac factors``: train a small MLP on the digits, compute its Kronecker factors with
     :func:`kronfac.compute_factors` and print one row per layer (factor shapes, traces,
     condition numbers) and the cost of the factor pass relative to one plain forward +
     backward pass over the same data.
 
-The digits tasks, training loops, tables and plot they share with ``benchmarks/optim.py`` are in
+The digits tasks, the race, its tables and plot they share with ``benchmarks/optim.py`` are in
 :mod:`kronfac.demo`. This module is the top of the import graph: it may import anything in
 kronfac, and nothing in kronfac imports it.
 """
@@ -18,17 +19,17 @@ kronfac, and nothing in kronfac imports it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
 
 import kronfac
 from kronfac import demo
@@ -80,12 +81,13 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo_parser = sub.add_parser(
         "demo",
-        help="K-FAC and EKFAC against Adam and SGD on the digits data",
+        help="adaptive K-FAC against Adam and Muon on the digits data",
         description=(
             "Train a deep autoencoder 64-256-128-32-128-256-64 and an MLP 64-256-256-10 on "
-            "scikit-learn's bundled digits with Adam for --steps steps, then SGD, K-FAC and "
-            "EKFAC until they reach Adam's final training loss (at most 3 x --steps steps); print "
-            "the steps and training seconds each needed and plot the losses against time."
+            "scikit-learn's bundled digits with Adam for --steps steps, then Muon and adaptive "
+            "K-FAC until they reach Adam's final training loss (at most 3 x --steps steps); "
+            "time each method's steps apart, in interleaved rounds; print the steps, step time "
+            "and time each needed and plot the losses against steps and seconds."
         ),
     )
     demo_parser.add_argument(
@@ -171,56 +173,52 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- demo ---------------------------------------------------------------------------------------
 
-# Each method's best learning rate per task in benchmarks/optim.py (BENCHMARKS.md).
-DEMO_LRS = {
-    "autoencoder": {"adam": 3e-3, "sgd": 0.3, "kfac": 0.5, "ekfac": 0.5},
-    "mlp": {"adam": 3e-3, "sgd": 0.3, "kfac": 0.3, "ekfac": 0.1},
-}
+# Adam sets the target; Muon (the usual 0.02) and adaptive K-FAC (its defaults) race to it.
+DEMO_GRIDS: dict[str, tuple[float, ...]] = {"adam": (3e-3,), "muon": (0.02,), "kfac": (1.0,)}
+
+
+@contextlib.contextmanager
+def _threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads, then restore the count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _demo(*, steps: int, seed: int, threads: int, plot: Path | None) -> int:
-    """Adam for ``steps`` steps, then SGD, K-FAC, EKFAC to Adam's loss. Returns the status."""
+    """Race Muon and adaptive K-FAC to Adam's loss on the digits. Returns the status."""
     try:
         tasks = demo.digits_tasks()
     except ImportError:
         print(_SKLEARN_MISSING.format("demo"), file=sys.stderr)
         return 2
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        curves, targets = {}, {}
+    races = []
+    timed = min(10, steps)  # steps per method per timing round, and profiled
+    print(
+        f"digits, batch 256, seed {seed}, {threads} thread(s); step times: 5 interleaved rounds "
+        f"of {timed} steps, median"
+    )
+    with _threads(threads):
         for task in tasks:
-            runs = []
-            target = None
-            for method, lr in DEMO_LRS[task.name].items():
-                limit = steps if method == "adam" else 3 * steps
-                with tqdm(total=limit, desc=f"{task.name} {method}", file=sys.stderr) as bar:
-                    run = demo.train(
-                        task,
-                        method,
-                        lr,
-                        seed,
-                        limit,
-                        eval_every=max(1, steps // 30),
-                        target=target,
-                        progress=bar.update,
-                    )
-                if method == "adam":
-                    target = run.final_loss
-                runs.append(run)
-            assert target is not None
-            targets[task.name], curves[task.name] = target, runs
-            rows = demo.summarise(runs, target, runs[0].seconds_per_step)
-            print(
-                f"\n{task.name}: to Adam's training loss after {steps} steps ({target:.4g}), "
-                f"{threads} thread(s)"
+            races.append(
+                demo.race(
+                    task,
+                    DEMO_GRIDS,
+                    seeds=[seed],
+                    steps=steps,
+                    eval_every=max(1, steps // 30),
+                    rounds=5,
+                    round_steps=timed,
+                    profile_steps=timed,
+                )
             )
-            print(demo.format_table(demo.TABLE_HEADER, rows))
+            print(f"\n{races[-1].table()}")
         if plot is not None:
-            title = f"digits, batch 256, {steps} Adam steps"
-            print("\n" + demo.plot_runs(curves, targets, plot, title))
-    finally:
-        torch.set_num_threads(previous_threads)
+            title = f"digits, batch 256, {steps} Adam steps, seed {seed}"
+            print("\n" + demo.plot_races(races, plot, title))
     return 0
 
 
@@ -313,20 +311,12 @@ def _factor_table(factors: kronfac.KroneckerFactors) -> str:
 def _factors(*, epochs: int, fisher: str, seed: int, threads: int, save: Path | None) -> int:
     """Train the MLP, compute and report its factors. Returns the exit status."""
     try:
-        mlp_task = next(t for t in demo.digits_tasks() if t.name == "mlp")
+        X_train, y_train, X_test, y_test = demo.digits_data()
     except ImportError:
         print(_SKLEARN_MISSING.format("factors"), file=sys.stderr)
         return 2
-    X_train, y_train, X_test, y_test = (
-        mlp_task.X_train,
-        mlp_task.y_train,
-        mlp_task.X_test,
-        mlp_task.y_test,
-    )
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         torch.manual_seed(seed)
         model = build_mlp()
         loss_fn = nn.CrossEntropyLoss()
@@ -364,6 +354,4 @@ def _factors(*, epochs: int, fisher: str, seed: int, threads: int, save: Path | 
         if save is not None:
             factors.save(save)
             print(f"factors saved to {save}")
-    finally:
-        torch.set_num_threads(previous_threads)
     return 0

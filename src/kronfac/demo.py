@@ -1,59 +1,101 @@
-"""Optimizer comparisons on scikit-learn's digits: the demo code of ``kronfac demo``.
+"""Optimizer races: the tasks, methods, training loop and reports of ``kronfac demo``.
 
 Demo and benchmark code, kept out of the library packages: :mod:`kronfac.cli` (``kronfac demo``,
 and ``kronfac factors`` for its data and table) and ``benchmarks/optim.py`` import it, nothing in
 the library does.
 
-Tasks (``load_digits``: 1797 images 8x8 scaled to ``[0, 1]``, a fixed 1437 / 360 split):
+Tasks (:func:`load_tasks`):
 
-- ``autoencoder``: 64-256-128-32-128-256-64 with tanh, a sigmoid output and binary
+- ``autoencoder``: scikit-learn's ``load_digits`` (1797 images 8x8 scaled to ``[0, 1]``, a fixed
+  1437 / 360 split), 64-256-128-32-128-256-64 with tanh, a sigmoid output and binary
   cross-entropy (``BCEWithLogitsLoss`` on the logits), in the style of Hinton & Salakhutdinov
-  (2006);
-- ``mlp``: a classifier 64-256-256-10 with tanh and cross-entropy; test accuracy reported.
+  (2006); batches of 256 (a fresh permutation per epoch, the last partial batch dropped);
+  evaluated by the loss on the whole training set;
+- ``mlp``: the same digits, a classifier 64-256-256-10 with tanh and cross-entropy; evaluated
+  likewise, test accuracy reported;
+- ``lm``: a byte-level decoder-only transformer (:class:`ByteTransformer`) on the Python
+  standard library's own source files (:func:`stdlib_bytes`, the last 10% held out), batches of
+  32 random windows, next-byte cross-entropy on the flattened logits ``[B·T, 256]``; evaluated
+  by the mean next-byte loss over a fixed set of held-out windows.
 
-Each run trains with batches of 256 (a fresh permutation per epoch, last partial batch dropped)
-and evaluates the loss on the whole training set every ``eval_every`` steps; the clock counts
-the training steps only (forward, backward, optimizer step), never the evaluations.
+Methods (:data:`METHODS`, :func:`make_optimizer`): Adam, AdamW, SGD with momentum, Muon on the
+hidden matrices with AdamW on the rest, K-FAC with a fixed learning rate and momentum
+(``kfac-fixed``), and the adaptive K-FAC and EKFAC of :class:`kronfac.optim.KFAC`.
+
+A race (:func:`race`) sets a target with Adam, runs every method to it, and times the methods'
+steps apart from the runs, in interleaved rounds on the same batches (:func:`time_steps`): the
+time to the target is the steps to the target times that median step time, so that a busy
+machine slows every method alike.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import os
+import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from kronfac.optim.kfac import KFAC
 
 __all__ = [
-    "KFAC_OPTIONS",
+    "KFAC_FIXED_OPTIONS",
     "METHODS",
     "TABLE_HEADER",
+    "TASKS",
+    "ByteTransformer",
+    "OptimizerChain",
+    "Race",
     "Run",
+    "Stepper",
     "Task",
+    "Timing",
+    "digits_data",
     "digits_tasks",
     "format_table",
+    "lm_task",
+    "load_tasks",
     "make_optimizer",
-    "median_run",
-    "plot_runs",
-    "summarise",
+    "plot_races",
+    "race",
+    "stdlib_bytes",
+    "time_steps",
     "train",
+    "train_step",
 ]
 
-# Learning-rate grids (3 values each) and the K-FAC settings of the comparison.
+Batch = tuple[Tensor, Tensor]
+
+TASKS = ("autoencoder", "mlp", "lm")
+
+# Learning-rate grids. Adaptive K-FAC / EKFAC: a factor on the step the quadratic model chooses.
 METHODS: dict[str, tuple[float, ...]] = {
     "adam": (3e-4, 1e-3, 3e-3),
+    "adamw": (3e-4, 1e-3, 3e-3),
     "sgd": (0.03, 0.1, 0.3),
-    "kfac": (0.1, 0.3, 0.5),
-    "ekfac": (0.1, 0.3, 0.5),
+    "muon": (0.01, 0.02, 0.05),
+    "kfac-fixed": (0.1, 0.3, 0.5),
+    "kfac": (0.5, 1.0),
+    "ekfac": (0.5, 1.0),
 }
-KFAC_OPTIONS: dict[str, Any] = {
+# AdamW's decoupled weight decay, also that of the AdamW beside Muon.
+WEIGHT_DECAY = 0.01
+# The learning rate of the AdamW that takes Muon's other parameters.
+MUON_ADAMW_LR = 3e-3
+# ``kfac-fixed``: the fixed-learning-rate K-FAC of the earlier benchmarks.
+KFAC_FIXED_OPTIONS: dict[str, Any] = {
     "adaptive": False,
     "uncovered": "sgd",
     "damping": 0.1,
@@ -65,59 +107,85 @@ KFAC_OPTIONS: dict[str, Any] = {
 }
 
 
+class Stepper(Protocol):
+    """What the training loop needs of an optimizer."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients."""
+
+    def step(self) -> Any:
+        """Update the parameters from their gradients."""
+
+
 @dataclass
 class Task:
-    """A model family, its loss and the data (training and test)."""
+    """A model family, its loss, its training batches and its evaluation.
+
+    Attributes:
+        name: The task's name.
+        build: A fresh model (the caller seeds torch).
+        loss_fn: The loss module the training loop calls (K-FAC watches it).
+        batches: Seed → the endless stream of training batches ``(X, y)``.
+        eval_data: The batch of the evaluation loss (:meth:`evaluate`).
+        evaluation: What :meth:`evaluate` measures, for the reports.
+        about: A line on the data, for the reports.
+        test_data: The test set of a classifier (:meth:`accuracy`), or ``None``.
+        forward: ``forward(model, X) -> loss input`` when the loss does not take the model's
+            output as it is (K-FAC's ``forward=``); ``None``: ``model(X)``.
+        kfac_options: Further options of every :class:`~kronfac.optim.KFAC` on the task.
+    """
 
     name: str
     build: Callable[[], nn.Module]
     loss_fn: nn.Module
-    X_train: Tensor
-    y_train: Tensor
-    X_test: Tensor
-    y_test: Tensor
-    classify: bool
+    batches: Callable[[int], Iterator[Batch]]
+    eval_data: Batch
+    evaluation: str = "training loss"
+    about: str = ""
+    test_data: Batch | None = None
+    forward: Callable[[nn.Module, Tensor], Tensor] | None = None
+    kfac_options: dict[str, Any] = field(default_factory=dict)
 
     def model(self, seed: int) -> nn.Module:
         """A fresh model with seeded initial weights."""
         torch.manual_seed(seed)
         return self.build()
 
+    def loss(self, model: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+        """The loss of ``model`` on ``(X, y)``, through :attr:`loss_fn` (K-FAC records it)."""
+        output = model(X) if self.forward is None else self.forward(model, X)
+        loss: Tensor = self.loss_fn(output, y)
+        return loss
 
-@dataclass
-class Run:
-    """One training run: the loss curve against steps and training seconds."""
+    def describe(self) -> str:
+        """A line on the task: parameters, batch shapes, evaluation, data."""
+        params = sum(p.numel() for p in self.model(0).parameters())
+        X, y = next(self.batches(0))
+        line = (
+            f"{self.name}: {params:,} parameters, batches X {tuple(X.shape)} y {tuple(y.shape)}, "
+            f"evaluated by the {self.evaluation}"
+        )
+        return f"{line}; {self.about}" if self.about else line
 
-    task: str
-    method: str
-    lr: float
-    seed: int
-    steps: list[int] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    test_accuracy: float | None = None
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> float:
+        """The loss on :attr:`eval_data` (K-FAC records nothing without gradients)."""
+        return float(self.loss(model, *self.eval_data))
 
-    @property
-    def final_loss(self) -> float:
-        """The last evaluated training loss (``inf`` if it diverged)."""
-        loss = self.losses[-1] if self.losses else math.inf
-        return loss if math.isfinite(loss) else math.inf
-
-    def reached(self, target: float) -> tuple[int, float] | None:
-        """``(steps, seconds)`` at the first evaluation with loss <= ``target``, or ``None``."""
-        for s, t, loss in zip(self.steps, self.seconds, self.losses, strict=True):
-            if loss <= target:
-                return s, t
-        return None
-
-    @property
-    def seconds_per_step(self) -> float:
-        """Amortised training seconds per step."""
-        return self.seconds[-1] / self.steps[-1] if self.steps and self.steps[-1] else math.nan
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module) -> float | None:
+        """The accuracy on :attr:`test_data` (``None`` without)."""
+        if self.test_data is None:
+            return None
+        X, y = self.test_data
+        return float((model(X).argmax(dim=-1) == y).float().mean())
 
 
-def digits_tasks() -> list[Task]:
-    """The autoencoder and the classifier on the digits (needs scikit-learn).
+# -- the digits ---------------------------------------------------------------------------------
+
+
+def digits_data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``X_train, y_train, X_test, y_test`` of the digits: 1437 / 360, pixels in ``[0, 1]``.
 
     Raises:
         ImportError: Without scikit-learn (``pip install 'kronfac[demo]'``).
@@ -129,6 +197,30 @@ def digits_tasks() -> list[Task]:
     y = torch.as_tensor(y_np, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, test = perm[:1437], perm[1437:]
+    return X[train], y[train], X[test], y[test]
+
+
+def _epochs(X: Tensor, y: Tensor, batch_size: int) -> Callable[[int], Iterator[Batch]]:
+    """Seed → batches of a fresh permutation per epoch, the last partial batch dropped."""
+
+    def batches(seed: int) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            for idx in torch.randperm(len(X), generator=g).split(batch_size):
+                if len(idx) == batch_size:
+                    yield X[idx], y[idx]
+
+    return batches
+
+
+def digits_tasks(batch_size: int = 256) -> list[Task]:
+    """The autoencoder and the classifier on the digits (needs scikit-learn).
+
+    Raises:
+        ImportError: Without scikit-learn (``pip install 'kronfac[demo]'``).
+    """
+    X_train, y_train, X_test, y_test = digits_data()
+    about = f"digits, {len(X_train)} training / {len(X_test)} test images"
 
     def autoencoder() -> nn.Module:
         sizes = [64, 256, 128, 32, 128, 256, 64]
@@ -145,35 +237,271 @@ def digits_tasks() -> list[Task]:
         )
 
     return [
-        Task("autoencoder", autoencoder, nn.BCEWithLogitsLoss(), X[train], X[train], X[test],
-             X[test], classify=False),
-        Task("mlp", mlp, nn.CrossEntropyLoss(), X[train], y[train], X[test], y[test],
-             classify=True),
+        Task("autoencoder", autoencoder, nn.BCEWithLogitsLoss(),
+             _epochs(X_train, X_train, batch_size), (X_train, X_train), about=about),
+        Task("mlp", mlp, nn.CrossEntropyLoss(), _epochs(X_train, y_train, batch_size),
+             (X_train, y_train), about=about, test_data=(X_test, y_test)),
     ]  # fmt: skip
 
 
-def make_optimizer(
-    method: str, model: nn.Module, lr: float, loss_fn: nn.Module
-) -> torch.optim.Optimizer:
-    """``"adam"``, ``"sgd"`` (momentum 0.9), ``"kfac"`` or ``"ekfac"`` (:data:`KFAC_OPTIONS`).
+# -- the byte-level language model --------------------------------------------------------------
 
-    K-FAC watches ``loss_fn``, the loss module the training loop calls.
+
+def stdlib_bytes(max_bytes: int = 4_000_000) -> Tensor:
+    """The standard library's ``Lib/*.py`` files, sorted by name, concatenated, capped.
+
+    Args:
+        max_bytes: At most this many bytes (from the start).
+
+    Returns:
+        A ``uint8`` tensor of the bytes.
+    """
+    files = sorted(Path(os.__file__).parent.glob("*.py"))
+    data = bytearray()
+    for path in files:
+        data += path.read_bytes()
+        if len(data) >= max_bytes:
+            break
+    return torch.frombuffer(data[:max_bytes], dtype=torch.uint8).clone()
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention and a 2-layer GELU MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.up = nn.Linear(width, 4 * width)
+        self.down = nn.Linear(4 * width, width)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """``[B, T, d] -> [B, T, d]``."""
+        B, T, d = h.shape
+        x = self.norm1(h)
+        q, k, v = (
+            p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.out(a.transpose(1, 2).reshape(B, T, d))
+        return h + self.down(F.gelu(self.up(self.norm2(h))))
+
+
+class ByteTransformer(nn.Module):
+    """A decoder-only transformer over bytes: logits ``[B, T, 256]`` for inputs ``[B, T]``.
+
+    Byte embedding plus a learned position embedding (one ``[1, T, d]`` output shared across
+    the batch, which K-FAC leaves to AdamW), pre-norm blocks, a final LayerNorm and a linear
+    head (the last module, so that Muon's selection leaves it out).
+
+    Args:
+        context: The longest input ``T``.
+        width: The model width ``d``.
+        heads: Attention heads per block.
+        blocks: Number of blocks.
+    """
+
+    def __init__(self, context: int = 64, width: int = 64, heads: int = 4, blocks: int = 2) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(256, width)
+        self.pos = nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*(_Block(width, heads) for _ in range(blocks)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 256)
+        self.register_buffer("positions", torch.arange(context)[None], persistent=False)
+
+    def forward(self, X: Tensor) -> Tensor:
+        """Next-byte logits ``[B, T, 256]`` of the bytes ``X`` ``[B, T]``."""
+        positions: Tensor = self.positions[:, : X.shape[1]]  # type: ignore[index]
+        h = self.tok(X) + self.pos(positions)
+        logits: Tensor = self.head(self.norm(self.blocks(h)))
+        return logits
+
+
+def _flat_logits(model: nn.Module, X: Tensor) -> Tensor:
+    """The LM's loss input: logits ``[B·T, 256]``."""
+    logits: Tensor = model(X)
+    return logits.reshape(-1, 256)
+
+
+def _windows(data: Tensor, starts: Tensor, context: int) -> Batch:
+    """Inputs ``[n, T]`` and next-byte targets ``[n·T]`` of the windows at ``starts``."""
+    window = data[starts[:, None] + torch.arange(context + 1)].long()
+    return window[:, :-1], window[:, 1:].reshape(-1)
+
+
+def lm_task(
+    *,
+    context: int = 64,
+    width: int = 64,
+    heads: int = 4,
+    blocks: int = 2,
+    batch_size: int = 32,
+    max_bytes: int = 4_000_000,
+    eval_windows: int = 128,
+) -> Task:
+    """The byte-level transformer on the standard library's source (module docstring).
+
+    Args:
+        context: Window length ``T`` (and the model's context).
+        width: Model width.
+        heads: Attention heads.
+        blocks: Transformer blocks.
+        batch_size: Windows per training batch, drawn uniformly from the training bytes by a
+            generator of the run's seed.
+        max_bytes: Cap on the text (:func:`stdlib_bytes`); the last 10% is held out.
+        eval_windows: Held-out windows of the evaluation, evenly spaced.
+    """
+    data = stdlib_bytes(max_bytes)
+    split = len(data) - len(data) // 10
+    train, held_out = data[:split], data[split:]
+    last = len(held_out) - context - 1
+    eval_data = _windows(held_out, torch.linspace(0, last, eval_windows).long(), context)
+
+    def batches(seed: int) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            starts = torch.randint(0, len(train) - context, (batch_size,), generator=g)
+            yield _windows(train, starts, context)
+
+    return Task(
+        "lm",
+        lambda: ByteTransformer(context, width, heads, blocks),
+        nn.CrossEntropyLoss(),
+        batches,
+        eval_data,
+        evaluation="held-out loss",
+        about=(
+            f"Lib/*.py of Python {platform.python_version()}: {len(train):,} training bytes, "
+            f"{len(held_out):,} held out ({eval_windows} windows of {context} evaluated)"
+        ),
+        forward=_flat_logits,
+        kfac_options={"exclude": ["pos"]},  # shared across the batch: no per-example gradients
+    )
+
+
+def load_tasks(names: Sequence[str] = TASKS) -> list[Task]:
+    """The tasks of ``names`` (:data:`TASKS`), in that order.
+
+    Raises:
+        ValueError: For an unknown name.
+        ImportError: For a digits task without scikit-learn.
+    """
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"Unknown task(s) {unknown}; expected some of {list(TASKS)}.")
+    tasks = {t.name: t for t in digits_tasks()} if {"autoencoder", "mlp"} & set(names) else {}
+    if "lm" in names:
+        tasks["lm"] = lm_task()
+    return [tasks[n] for n in names]
+
+
+# -- the methods --------------------------------------------------------------------------------
+
+
+class OptimizerChain:
+    """Several optimizers over disjoint parameters, stepped and cleared as one."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every optimizer's gradients."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        """Step every optimizer."""
+        for opt in self.optimizers:
+            opt.step()
+
+
+def _muon(model: nn.Module, lr: float) -> OptimizerChain:
+    """Muon on the hidden matrices, AdamW (:data:`MUON_ADAMW_LR`) on every other parameter.
+
+    The hidden matrices are the weights of the ``nn.Linear`` modules but the last one (the
+    output head); embeddings, the head and 1-D parameters go to AdamW.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    hidden = [m.weight for m in linears[:-1]]
+    ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return OptimizerChain(
+        torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, momentum=0.95, nesterov=True),
+        torch.optim.AdamW(rest, lr=MUON_ADAMW_LR, weight_decay=WEIGHT_DECAY),
+    )
+
+
+def make_optimizer(method: str, model: nn.Module, lr: float, task: Task) -> Stepper:
+    """The optimizer of ``method`` (:data:`METHODS`) for ``model`` on ``task``.
+
+    ``adam``; ``adamw`` (:data:`WEIGHT_DECAY`); ``sgd`` (momentum 0.9); ``muon`` (Muon with
+    momentum 0.95, Nesterov, no weight decay, on the hidden matrices; AdamW on the rest);
+    ``kfac-fixed`` (:data:`KFAC_FIXED_OPTIONS`); ``kfac`` and ``ekfac``: adaptive
+    :class:`~kronfac.optim.KFAC` with its defaults, ``lr`` a factor on the chosen step. The
+    K-FAC ones watch ``task.loss_fn`` and get ``task.forward`` and ``task.kfac_options``.
 
     Raises:
         ValueError: For an unknown method.
     """
+    kfac = {"loss_fn": task.loss_fn, "forward": task.forward, **task.kfac_options}
     if method == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
+    if method == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     if method == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    if method == "muon":
+        return _muon(model, lr)
+    if method == "kfac-fixed":
+        return KFAC(model, lr, **kfac, **KFAC_FIXED_OPTIONS)
     if method in ("kfac", "ekfac"):
-        return KFAC(model, lr, loss_fn=loss_fn, ekfac=method == "ekfac", **KFAC_OPTIONS)
+        return KFAC(model, lr, **kfac, ekfac=method == "ekfac")
     raise ValueError(f"Unknown method {method!r}; expected one of {list(METHODS)}.")
 
 
-@torch.no_grad()
-def _evaluate(task: Task, model: nn.Module) -> float:
-    return float(task.loss_fn(model(task.X_train), task.y_train))
+# -- training -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One training run: the evaluation loss against steps."""
+
+    task: str
+    method: str
+    lr: float
+    seed: int
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    test_accuracy: float | None = None
+
+    @property
+    def final_loss(self) -> float:
+        """The last evaluation loss (``inf`` if it diverged)."""
+        loss = self.losses[-1] if self.losses else math.inf
+        return loss if math.isfinite(loss) else math.inf
+
+    def reached(self, target: float) -> int | None:
+        """The steps at the first evaluation with loss <= ``target``, or ``None``."""
+        pairs = zip(self.steps, self.losses, strict=True)
+        return next((s for s, loss in pairs if loss <= target), None)
+
+    def steps_to(self, target: float) -> float:
+        """:meth:`reached` as a float: ``inf`` when not reached."""
+        hit = self.reached(target)
+        return math.inf if hit is None else hit
+
+
+def train_step(task: Task, model: nn.Module, optimizer: Stepper, batch: Batch) -> None:
+    """One training step: clear the gradients, forward, backward, optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    task.loss(model, *batch).backward()  # K-FAC records the batch at the loss call
+    optimizer.step()
 
 
 def train(
@@ -185,122 +513,283 @@ def train(
     *,
     eval_every: int = 25,
     target: float | None = None,
-    batch_size: int = 256,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> Run:
-    """Train one model; stop after ``max_steps`` or once the loss is at most ``target``.
+    """Train one model; stop after ``max_steps`` or once the evaluation is at most ``target``.
 
-    A loss that turns NaN / Inf ends the run (it diverged; its final loss reads ``inf``).
+    The model's initial weights and the batches come from ``seed``. An evaluation that turns
+    NaN / Inf ends the run (it diverged; its final loss reads ``inf``).
+
+    Args:
+        task: The task.
+        method: A key of :data:`METHODS`.
+        lr: The learning rate.
+        seed: The seed.
+        max_steps: The most steps.
+        eval_every: Steps between evaluations (and after the last step).
+        target: Stop at the first evaluation at most this.
+        progress: Called with 1 after each step.
     """
     model = task.model(seed)
-    optimizer = make_optimizer(method, model, lr, task.loss_fn)
-    g = torch.Generator().manual_seed(seed)
-    n = len(task.X_train)
-    run = Run(task.name, method, lr, seed, [0], [0.0], [_evaluate(task, model)])
-    order: list[Tensor] = []
-    elapsed, step = 0.0, 0
-    while step < max_steps:
-        if not order:
-            order = list(torch.randperm(n, generator=g).split(batch_size))
-            if len(order[-1]) < batch_size:
-                order.pop()
-        idx = order.pop(0)
-        X, y = task.X_train[idx], task.y_train[idx]
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = task.loss_fn(model(X), y)  # K-FAC records the batch here (MC labels drawn)
-        loss.backward()
-        optimizer.step()
-        elapsed += time.perf_counter() - start
-        step += 1
+    optimizer = make_optimizer(method, model, lr, task)
+    run = Run(task.name, method, lr, seed, [0], [task.evaluate(model)])
+    for step, batch in enumerate(itertools.islice(task.batches(seed), max_steps), 1):
+        train_step(task, model, optimizer, batch)
         if progress is not None:
             progress(1)
-        if step % eval_every == 0 or step == max_steps:
-            run.steps.append(step)
-            run.seconds.append(elapsed)
-            run.losses.append(_evaluate(task, model))
-            if not math.isfinite(run.losses[-1]):
-                break
-            if target is not None and run.losses[-1] <= target:
-                break
-    if task.classify:
-        with torch.no_grad():
-            predicted = model(task.X_test).argmax(dim=-1)
-        run.test_accuracy = float((predicted == task.y_test).float().mean())
+        if step % eval_every and step != max_steps:
+            continue
+        run.steps.append(step)
+        run.losses.append(task.evaluate(model))
+        if not math.isfinite(run.losses[-1]) or (target is not None and run.losses[-1] <= target):
+            break
+    run.test_accuracy = task.accuracy(model)
     return run
 
 
-def median_run(runs: Sequence[Run], target: float | None = None) -> Run:
-    """The run with the median time to ``target`` (or median final loss without one)."""
-
-    def key(r: Run) -> float:
-        if target is None:
-            return r.final_loss
-        hit = r.reached(target)
-        return math.inf if hit is None else hit[1]
-
-    ranked = sorted(runs, key=key)
-    return ranked[(len(ranked) - 1) // 2]
+# -- step times ---------------------------------------------------------------------------------
 
 
-def summarise(runs: Iterable[Run], target: float, adam_seconds_per_step: float) -> list[list[str]]:
-    """One row per method at its best learning rate (least median time to ``target``).
+@dataclass
+class Timing:
+    """A method's cost per training step (forward, backward, optimizer step)."""
 
-    Cells: method, learning rate, median steps and seconds to the target (``-`` unless most
-    seeds reach it), that time over Adam's, the median step time over ``adam_seconds_per_step``,
-    the median final loss and (classifiers) the median test accuracy, as :data:`TABLE_HEADER`.
+    seconds: float
+    aten_ops: float
+
+
+def _aten_ops(steps: Callable[[], None]) -> int:
+    """The ``aten::`` operator calls (nested ones included) that ``steps()`` dispatches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        steps()
+    return sum(event.name.startswith("aten::") for event in prof.events())
+
+
+def time_steps(
+    task: Task,
+    lrs: Mapping[str, float],
+    *,
+    rounds: int = 7,
+    steps: int = 10,
+    profile_steps: int = 10,
+    seed: int = 0,
+) -> dict[str, Timing]:
+    """Each method's median seconds and ``aten::`` op count per training step on ``task``.
+
+    One model and optimizer per method (``seed``), all on the same ``steps`` batches. After a
+    warm-up round, ``rounds`` rounds in which every method takes the ``steps`` steps in turn
+    (the order reversed every other round); a method's time is the median over the rounds.
+    The op count comes from a profiled run of ``profile_steps`` more steps.
+
+    Args:
+        task: The task.
+        lrs: Method → learning rate.
+        rounds: Timed rounds.
+        steps: Steps per method per round.
+        profile_steps: Profiled steps per method (cover ``inverse_every`` for the amortised
+            count).
+        seed: The models' and the batches' seed.
     """
-    by_method: dict[str, dict[float, list[Run]]] = {}
-    for r in runs:
-        by_method.setdefault(r.method, {}).setdefault(r.lr, []).append(r)
-    best: dict[str, tuple[float, list[Run], float]] = {}
-    for method, per_lr in by_method.items():
-        lr, group = min(
-            per_lr.items(),
-            key=lambda kv: (
-                _median_time(kv[1], target),
-                statistics.median(r.final_loss for r in kv[1]),
-            ),
-        )
-        best[method] = (lr, group, _median_time(group, target))
-    adam_time = best["adam"][2] if "adam" in best else math.nan
-    rows = []
-    for method, (lr, group, secs) in best.items():
-        hits = [h for h in (r.reached(target) for r in group) if h is not None]
-        reached = math.isfinite(secs)
-        per_step = statistics.median(r.seconds_per_step for r in group)
-        accs = [r.test_accuracy for r in group if r.test_accuracy is not None]
-        rows.append(
-            [
-                method,
-                f"{lr:g}",
-                f"{statistics.median(h[0] for h in hits):.0f}" if reached else "-",
-                f"{secs:.2f}" if reached else "-",
-                f"{secs / adam_time:.2f}" if reached and math.isfinite(adam_time) else "-",
-                f"{per_step / adam_seconds_per_step:.2f}",
-                f"{statistics.median(r.final_loss for r in group):.4g}",
-                f"{100 * statistics.median(accs):.1f}" if accs else "",
-            ]
-        )
-    return rows
+    batches = list(itertools.islice(task.batches(seed), steps))
+    states = {}
+    for method, lr in lrs.items():
+        model = task.model(seed)
+        states[method] = (model, make_optimizer(method, model, lr, task))
 
+    def run(method: str, n: int) -> None:
+        model, optimizer = states[method]
+        for i in range(n):
+            train_step(task, model, optimizer, batches[i % steps])
+
+    names = list(states)
+    for method in names:
+        run(method, steps)
+    times: dict[str, list[float]] = {m: [] for m in names}
+    for r in range(rounds):
+        for method in names if r % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            run(method, steps)
+            times[method].append((time.perf_counter() - start) / steps)
+    return {
+        m: Timing(
+            statistics.median(times[m]),
+            _aten_ops(functools.partial(run, m, profile_steps)) / profile_steps,
+        )
+        for m in names
+    }
+
+
+# -- races --------------------------------------------------------------------------------------
 
 TABLE_HEADER = [
     "method",
     "lr",
     "steps to target",
-    "s to target",
-    "time / Adam's",
+    "ms / step",
     "step time / Adam's",
+    "time to target / Adam's",
+    "aten ops / step",
     "final loss",
     "test acc %",
 ]
 
 
-def _median_time(runs: Sequence[Run], target: float) -> float:
-    """Median seconds to ``target`` over ``runs`` (``inf`` unless most runs reach it)."""
-    times = [h[1] if (h := r.reached(target)) is not None else math.inf for r in runs]
-    return statistics.median(times)
+@dataclass
+class Race:
+    """Every method against Adam's target on one task (:func:`race`).
+
+    Attributes:
+        task: The task.
+        steps: Adam's steps ``S`` that set the target.
+        adam_lr: Adam's best learning rate over its grid.
+        target: The median final evaluation of Adam at ``adam_lr`` after ``S`` steps.
+        runs: Phase 2: every method, learning rate and seed, to the target or the limit.
+        best: Method → its best learning rate (least median steps to the target, then least
+            median final loss).
+        timings: Method → its step cost (:func:`time_steps`, at its best learning rate).
+    """
+
+    task: Task
+    steps: int
+    adam_lr: float
+    target: float
+    runs: list[Run]
+    best: dict[str, float]
+    timings: dict[str, Timing]
+
+    def group(self, method: str, lr: float | None = None) -> list[Run]:
+        """The runs of ``method`` at ``lr`` (default: its best)."""
+        lr = self.best[method] if lr is None else lr
+        return [r for r in self.runs if r.method == method and r.lr == lr]
+
+    def steps_to_target(self, method: str) -> float:
+        """Median steps to the target at the best lr (``inf`` unless most seeds reach it)."""
+        return statistics.median(r.steps_to(self.target) for r in self.group(method))
+
+    def seconds_to_target(self, method: str) -> float:
+        """:meth:`steps_to_target` times the method's median step time."""
+        return self.steps_to_target(method) * self.timings[method].seconds
+
+    def curve(self, method: str) -> Run:
+        """The run of the median seed (steps to the target, then final loss)."""
+        ranked = sorted(self.group(method), key=lambda r: (r.steps_to(self.target), r.final_loss))
+        return ranked[(len(ranked) - 1) // 2]
+
+    def heading(self) -> str:
+        """A line naming the task, its evaluation and the target."""
+        return (
+            f"{self.task.name}: target {self.target:.5g} ({self.task.evaluation}) = Adam "
+            f"(lr {self.adam_lr:g}) after {self.steps} steps"
+        )
+
+    def rows(self) -> list[list[str]]:
+        """One row per method at its best learning rate, the cells of :data:`TABLE_HEADER`."""
+        adam = self.timings["adam"]
+        adam_time = self.seconds_to_target("adam")
+        rows = []
+        for method, lr in self.best.items():
+            group, timing = self.group(method), self.timings[method]
+            steps, secs = self.steps_to_target(method), self.seconds_to_target(method)
+            accs = [r.test_accuracy for r in group if r.test_accuracy is not None]
+            rows.append(
+                [
+                    method,
+                    f"{lr:g}",
+                    f"{steps:.0f}" if math.isfinite(steps) else "-",
+                    f"{1e3 * timing.seconds:.3g}",
+                    f"{timing.seconds / adam.seconds:.2f}",
+                    f"{secs / adam_time:.2f}" if math.isfinite(secs / adam_time) else "-",
+                    f"{timing.aten_ops:.0f}",
+                    f"{statistics.median(r.final_loss for r in group):.4g}",
+                    f"{100 * statistics.median(accs):.1f}" if accs else "",
+                ]
+            )
+        return rows
+
+    def table(self) -> str:
+        """:meth:`heading` and the table of :meth:`rows`."""
+        return f"{self.heading()}\n{format_table(TABLE_HEADER, self.rows())}"
+
+
+def _best_lrs(runs: Sequence[Run], target: float) -> dict[str, float]:
+    """Method → the lr of least median steps to ``target``, then least median final loss."""
+    groups: dict[str, dict[float, list[Run]]] = {}
+    for r in runs:
+        groups.setdefault(r.method, {}).setdefault(r.lr, []).append(r)
+
+    def key(group: list[Run]) -> tuple[float, float]:
+        return (
+            statistics.median(r.steps_to(target) for r in group),
+            statistics.median(r.final_loss for r in group),
+        )
+
+    return {m: min(per_lr, key=lambda lr: key(per_lr[lr])) for m, per_lr in groups.items()}
+
+
+def race(
+    task: Task,
+    grids: Mapping[str, Sequence[float]],
+    *,
+    seeds: Sequence[int],
+    steps: int,
+    max_factor: float = 3.0,
+    eval_every: int = 25,
+    rounds: int = 7,
+    round_steps: int = 10,
+    profile_steps: int = 10,
+    progress: bool = True,
+) -> Race:
+    """Race the methods of ``grids`` (it must hold ``"adam"``) on ``task``.
+
+    Phase 1: Adam with each learning rate of its grid and each seed for ``steps`` steps; the
+    target is the median final evaluation of the best one. Phase 2: every method with each
+    learning rate of its grid (Adam: its best) and each seed until the target or
+    ``max_factor · steps`` steps, seed by seed. Then the step times at each method's best
+    learning rate (:func:`time_steps`).
+
+    Args:
+        task: The task.
+        grids: Method → learning rates.
+        seeds: The seeds.
+        steps: Adam's steps ``S``.
+        max_factor: The other runs' limit, a multiple of ``S``.
+        eval_every: Steps between evaluations.
+        rounds: Timed rounds of :func:`time_steps`.
+        round_steps: Steps per method per round.
+        profile_steps: Profiled steps per method.
+        progress: Show a progress bar (stderr).
+    """
+    limit = max(steps, math.ceil(max_factor * steps))
+    plan = [("adam", lr, s, steps) for lr in grids["adam"] for s in seeds]
+    others = sum(len(grid) for method, grid in grids.items() if method != "adam")
+    total = len(plan) * steps + len(seeds) * (1 + others) * limit
+    with tqdm(total=total, desc=f"{task.name}: Adam", file=sys.stderr, disable=not progress) as bar:
+
+        def run(method: str, lr: float, seed: int, max_steps: int, to: float | None) -> Run:
+            result = train(task, method, lr, seed, max_steps, eval_every=eval_every, target=to,
+                           progress=bar.update)  # fmt: skip
+            bar.update(max_steps - result.steps[-1])
+            return result
+
+        adam = [run(*p, None) for p in plan]
+        adam_lr = _best_lrs(adam, -math.inf)["adam"]  # no target: the least final loss
+        target = statistics.median(r.final_loss for r in adam if r.lr == adam_lr)
+        bar.set_description(f"{task.name}: to {target:.4g}")
+        phase2 = {**grids, "adam": (adam_lr,)}
+        runs = [
+            run(method, lr, seed, limit, target)
+            for seed in seeds
+            for method, grid in phase2.items()
+            for lr in grid
+        ]
+    best = _best_lrs(runs, target)
+    timings = time_steps(task, best, rounds=rounds, steps=round_steps, profile_steps=profile_steps)
+    return Race(task, steps, adam_lr, target, runs, best, timings)
+
+
+# -- reports ------------------------------------------------------------------------------------
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -317,14 +806,14 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def plot_runs(
-    curves: dict[str, list[Run]], targets: dict[str, float], path: Any, title: str = ""
-) -> str:
-    """Training loss against training seconds, one panel per task (needs matplotlib).
+def plot_races(races: Sequence[Race], path: Any, title: str = "") -> str:
+    """The evaluation loss against steps (top) and seconds (bottom), one column per task.
+
+    One line per method: the median seed at its best learning rate; seconds are steps times
+    the method's median step time. Needs matplotlib.
 
     Args:
-        curves: Task name → the runs to draw (one line each, labelled by method and lr).
-        targets: Task name → the target loss (a dashed line).
+        races: The races to draw.
         path: Where to write the PNG.
         title: The figure's title.
 
@@ -338,17 +827,20 @@ def plot_runs(
         import matplotlib.pyplot as plt
     except ImportError:
         return "(matplotlib not installed: pip install 'kronfac[plot]' for the plot)"
-    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False)
-    for ax, (task, runs) in zip(axes[0], curves.items(), strict=True):
-        for r in runs:
-            ax.plot(r.seconds, r.losses, label=f"{r.method} (lr {r.lr:g})")
-        if task in targets:
-            ax.axhline(targets[task], color="gray", linestyle="--", linewidth=1, label="target")
-        ax.set_yscale("log")
-        ax.set_xlabel("training seconds")
-        ax.set_ylabel("training loss")
-        ax.set_title(task)
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(2, len(races), figsize=(6 * len(races), 8), squeeze=False)
+    for col, rc in enumerate(races):
+        for row, unit in enumerate(("steps", "seconds (steps x median step time)")):
+            ax = axes[row][col]
+            for method, lr in rc.best.items():
+                curve = rc.curve(method)
+                scale = 1.0 if row == 0 else rc.timings[method].seconds
+                ax.plot([s * scale for s in curve.steps], curve.losses, label=f"{method} ({lr:g})")
+            ax.axhline(rc.target, color="gray", linestyle="--", linewidth=1, label="target")
+            ax.set_yscale("log")
+            ax.set_xlabel(unit)
+            ax.set_ylabel(rc.task.evaluation)
+            ax.set_title(rc.task.name)
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

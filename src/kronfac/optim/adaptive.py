@@ -92,9 +92,9 @@ class AdaptiveStep:
         rows = [delta] + ([self.velocity] if self.momentum and self.velocity is not None else [])
         directions = torch.stack(rows)
         G = self.quadratic.curvature(batches, directions)
-        D = directions.double()
-        Q = G + (self.damping + self.weight_decay) * (D @ D.T)
-        b = D @ g.double()
+        # inner products in the parameters' dtype (accumulated in it), the 2x2 algebra in float64
+        Q = G + (self.damping + self.weight_decay) * (directions @ directions.T).double()
+        b = (directions @ g).double()
         c = -torch.linalg.lstsq(Q, b[:, None]).solution[:, 0]
         change = float(0.5 * c @ Q @ c + b @ c)
         k = len(rows)

@@ -210,9 +210,9 @@ class QuadraticModel:
             HJ = [self.likelihood.hessian_matvec(terms, J) for J in Js]
             if batch.keep is not None:
                 HJ = [h * batch.keep[:, None].to(h.dtype) for h in HJ]
-            flat_HJ = torch.stack([h.reshape(-1) for h in HJ]).double()
-            flat_J = torch.stack([j.reshape(-1) for j in Js]).double()
-            G += flat_HJ @ flat_J.T
+            flat_HJ = torch.stack([h.reshape(-1) for h in HJ])
+            flat_J = torch.stack([j.reshape(-1) for j in Js])
+            G += (flat_HJ @ flat_J.T).double()
         return (G + G.T) / (2 * total)
 
     def loss(self, batches: list[RecordedBatch], shift: Tensor | None = None) -> float:
