@@ -135,6 +135,56 @@ def test_levenberg_marquardt_rule_on_scripted_reduction_ratios():
     assert step.damping == 3.0 and step.velocity is None
 
 
+class _Curvature(_Scripted):
+    """A quadratic model with a given Gauss-Newton matrix in the directions' space."""
+
+    def __init__(self, G, param):
+        super().__init__([], param)
+        self.G = G
+
+    def curvature(self, batches, directions):
+        return directions.double() @ self.G @ directions.double().T
+
+
+def test_a_decrease_below_the_loss_floor_raises_the_damping():
+    """Every supported loss is >= 0: a model predicting ``−M > L(θ) + ½w‖θ‖²`` is outside its
+    trust region; λ rises by ``1/ω`` until ``−M`` is within it (the 1-D case in closed form:
+    ``M(λ) = −½ (gᵀt)² / (tᵀGt + λ tᵀt)``)."""
+    p = nn.Parameter(torch.full((2,), 3.0, dtype=DT))
+    G = torch.diag(torch.tensor([1e-6, 1e-6], dtype=DT))  # nearly flat: a huge predicted drop
+    g = torch.tensor([1.0, 0.0], dtype=DT)
+    t = -g
+    w, loss = 0.01, 0.2
+    floor = loss + 0.5 * w * 18.0  # L + ½ w ‖θ‖², ‖θ‖² = 18
+    step = AdaptiveStep(
+        _Curvature(G, p),  # type: ignore[arg-type]
+        damping=1e-4,
+        damping_every=1,
+        decay=0.5,
+        min_damping=1e-8,
+        max_damping=1e4,
+        momentum=False,
+        weight_decay=w,
+    )
+
+    def M(lam):
+        return -0.5 / (1e-6 + lam + w)
+
+    assert -M(1e-4) > floor  # the guard has work to do
+    found = step.coefficients([_batch(loss)], g, t)
+    assert found is not None
+    _, c, change = found
+    lam = step.damping
+    assert float(c[0]) == pytest.approx(1 / (1e-6 + lam + w), rel=1e-12)
+    assert change == pytest.approx(M(lam), rel=1e-12)
+    assert -change <= floor < -M(lam * 0.5)  # the smallest λ·2^k within the floor
+    assert math.log2(lam / 1e-4) == pytest.approx(round(math.log2(lam / 1e-4)))
+    # within the floor already: λ unchanged
+    step.damping = 10.0
+    step.coefficients([_batch(loss)], g, t)
+    assert step.damping == 10.0
+
+
 def test_non_finite_loss_leaves_the_parameters_and_raises_the_damping():
     model = mlp((4, 6, 3), "tanh", seed=3)
     opt = KFAC(model, loss_fn=CE, damping=0.1)

@@ -15,6 +15,11 @@ the objective). Every ``damping_every`` steps the reduction ratio
 (Martens & Grosse, 2015, §6.5): ``λ ← ωλ`` when ``ρ > ¾``, ``λ ← λ/ω`` when ``ρ < ¼``, with
 ``ω = decay^damping_every``, within ``[min_damping, max_damping]``.
 
+Every supported loss is ``≥ 0``, so no step can decrease the objective ``L + ½w‖θ‖²`` by more
+than its value: a model predicting ``−M`` beyond it is outside the region it describes (a
+nearly flat Gauss-Newton matrix early in training), and ``λ`` rises by ``1/ω`` until the
+prediction is within it — at no cost (``G`` is kept, only the 2x2 system is solved again).
+
 A step is rejected — the parameters stay, the momentum restarts and the damping rises by
 ``1/ω`` — when a batch's loss is not finite, the statistics hold NaN / Inf, the model predicts
 no decrease (``M(δ) ≥ 0``) or the loss after the step is not finite (then the step is undone).
@@ -32,6 +37,12 @@ from torch import Tensor
 from kronfac.optim.quadratic import QuadraticModel, RecordedBatch
 
 __all__ = ["AdaptiveStep"]
+
+
+def recorded_loss(batches: list[RecordedBatch]) -> float:
+    """The step's loss as the training loop computed it: the entries-weighted batch mean."""
+    total = sum(b.entries for b in batches)
+    return sum(b.loss * b.entries / total for b in batches)
 
 
 class AdaptiveStep:
@@ -93,15 +104,29 @@ class AdaptiveStep:
         directions = torch.stack(rows)
         G = self.quadratic.curvature(batches, directions)
         # inner products in the parameters' dtype (accumulated in it), the 2x2 algebra in float64
-        Q = G + (self.damping + self.weight_decay) * (directions @ directions.T).double()
+        DD = (directions @ directions.T).double()
         b = (directions @ g).double()
-        c = -torch.linalg.lstsq(Q, b[:, None]).solution[:, 0]
-        change = float(0.5 * c @ Q @ c + b @ c)
+        bound = self._objective(batches)
+        while True:
+            Q = G + (self.damping + self.weight_decay) * DD
+            c = -torch.linalg.lstsq(Q, b[:, None]).solution[:, 0]
+            change = float(0.5 * c @ Q @ c + b @ c)
+            if not -change > bound or self.damping >= self.max_damping:
+                break
+            self.raise_damping()  # a decrease below the loss's floor: outside the trust region
         k = len(rows)
         self.last = {"alpha": float(c[0]), "beta": float(c[1]) if k > 1 else 0.0, "M": change}
         if not math.isfinite(change) or change >= 0 or not bool(torch.isfinite(c).all()):
             return None
         return directions, c, change
+
+    def _objective(self, batches: list[RecordedBatch]) -> float:
+        """The objective before the step, ``L + ½ w ‖θ‖²``: the most any step can decrease it."""
+        value = recorded_loss(batches)
+        if self.weight_decay:
+            norms = torch._foreach_norm([p.detach() for p in self.quadratic.params])
+            value += 0.5 * self.weight_decay * float(torch.stack(norms).square().sum())
+        return value
 
     def move(self, directions: Tensor, c: Tensor, scale: float) -> Tensor:
         """``δ = scale · Σ c_i t_i`` added to the parameters; it becomes the momentum."""
@@ -120,8 +145,7 @@ class AdaptiveStep:
         self.steps += 1
         if (self.steps - 1) % self.damping_every:
             return
-        total = sum(b.entries for b in batches)
-        before = sum(b.loss * b.entries / total for b in batches)
+        before = recorded_loss(batches)
         after = self.quadratic.loss(batches)
         if self.weight_decay:  # the L2 term of the objective: ½ w (‖θ‖² − ‖θ − δ‖²)
             theta = self.quadratic.flatten([p.detach() for p in self.quadratic.params])
