@@ -124,8 +124,9 @@ class AdaptiveStep:
         """The objective before the step, ``L + ½ w ‖θ‖²``: the most any step can decrease it."""
         value = recorded_loss(batches)
         if self.weight_decay:
-            norms = torch._foreach_norm([p.detach() for p in self.quadratic.params])
-            value += 0.5 * self.weight_decay * float(torch.stack(norms).square().sum())
+            with torch.no_grad():
+                norms = torch.stack(torch._foreach_norm(self.quadratic.params))
+            value += 0.5 * self.weight_decay * float(norms.square().sum())
         return value
 
     def move(self, directions: Tensor, c: Tensor, scale: float) -> Tensor:

@@ -132,6 +132,7 @@ class QuadraticModel:
         self.params: list[Tensor] = list(params.values())
         self.sizes = [p.numel() for p in self.params]
         self.likelihood, self.products = likelihood, products
+        self._backup: list[Tensor] | None = None  # θ while shifted (not re-entrant)
 
     def flatten(self, tensors: list[Tensor]) -> Tensor:
         """Parameter-shaped tensors → one flat ``[P]`` vector."""
@@ -151,21 +152,24 @@ class QuadraticModel:
     def shifted(self, shift: Tensor | None, scale: float = 1.0) -> Iterator[None]:
         """The model at ``θ + scale·shift`` within the block, restored exactly after it.
 
-        The buffers (batch-norm statistics) are restored too.
+        The buffers (batch-norm statistics) are restored too. Not re-entrant.
         """
-        buffers = [(b, b.detach().clone()) for b in self.call.buffers()]
-        saved = [p.detach().clone() for p in self.params] if shift is not None else []
+        buffers = list(self.call.buffers())
+        kept = [b.clone() for b in buffers]
         try:
-            if shift is not None:
-                with torch.no_grad():
+            with torch.no_grad():
+                if shift is not None:
+                    if self._backup is None:
+                        self._backup = [torch.empty_like(p) for p in self.params]
+                    torch._foreach_copy_(self._backup, self.params)
                     torch._foreach_add_(self.params, self.views(shift), alpha=scale)
             yield
         finally:
             with torch.no_grad():
-                if saved:
-                    torch._foreach_copy_(self.params, saved)
-                for b, value in buffers:
-                    b.copy_(value)
+                if shift is not None:
+                    torch._foreach_copy_(self.params, self._backup)  # type: ignore[arg-type]
+                if buffers:
+                    torch._foreach_copy_(buffers, kept)
 
     def _products(self, batch: RecordedBatch, directions: Tensor) -> list[Tensor]:
         """``J t`` for every direction (the rows of ``directions [k, P]``)."""
@@ -183,8 +187,8 @@ class QuadraticModel:
                 jvp(f, (primal,), (dict(zip(self.keys, self.views(t), strict=True)),))[1]
                 for t in directions
             ]
-        norms = torch.stack(torch._foreach_norm([p.detach() for p in self.params]))
-        theta = float(torch.linalg.vector_norm(norms))
+        with torch.no_grad():
+            theta = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.params))))
         rel = math.sqrt(torch.finfo(batch.output.dtype).eps) * 3.0
         out = []
         for t, norm in zip(
