@@ -46,6 +46,7 @@ from helpers import (
 from torch import Tensor, nn
 
 import kronfac
+from kronfac.likelihoods.categorical import CategoricalLikelihood
 from kronfac.optim import KFAC, KFACPreconditioner
 
 TOL = 1e-10  # float64, damped systems of condition number <~1e4 (module docstring)
@@ -901,6 +902,16 @@ def seq_batch(loss: str, seed: int = 150):
     return X, y
 
 
+def optimizer_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compute_factors`` draws the optimizer's MC labels: the likelihood's ``sample_fast``.
+
+    The optimizer samples cross-entropy's labels by the inverse CDF, ``compute_factors`` (for
+    curvlinops' labels per seed) with ``torch.multinomial``; with this, the same seed draws the
+    same labels in both, and their factors must agree exactly.
+    """
+    monkeypatch.setattr(CategoricalLikelihood, "sample", CategoricalLikelihood.sample_fast)
+
+
 def seq_forward(loss: str):
     if loss == "ce":
         return lambda m, X: m(**X).transpose(1, 2)
@@ -910,11 +921,12 @@ def seq_forward(loss: str):
 @pytest.mark.parametrize("fisher", ["empirical", "mc", "type-2"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_factors_after_one_step_equal_compute_factors(loss, reduction, fisher):
+def test_factors_after_one_step_equal_compute_factors(loss, reduction, fisher, monkeypatch):
     """``factor_decay=0``: the running factors are those of ``compute_factors`` on the batch.
 
     Sequences with an attention mask (padded positions leave the factors and ``D``) and, for
-    cross-entropy, ``ignore_index`` targets; the same seed draws the same MC labels.
+    cross-entropy, ``ignore_index`` targets; the same seed draws the same MC labels (the
+    optimizer's sampler in both: :func:`optimizer_labels`).
     """
     if loss != "ce" and fisher == "empirical":  # padded MSE / BCE terms are in the user's loss
         X, y = seq_batch(loss)
@@ -929,6 +941,7 @@ def test_factors_after_one_step_equal_compute_factors(loss, reduction, fisher):
     )
     loss_fn(forward(model, X), y).backward()
     assert precond.step() is True
+    optimizer_labels(monkeypatch)
     ref = kronfac.compute_factors(model, loss_fn, [(X, y)], fisher=fisher, forward=forward, seed=5)
     ours = precond.factors()
     for name in ("net.0", "net.2"):
@@ -973,9 +986,10 @@ CASES = {
 
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_grouped_conv_embedding_and_low_rank_are_preconditioned(case, fisher):
-    """Covered like every layer: the factors are compute_factors', and the step applies the
-    damped inverse of ``kronfac.KFAC.from_factors(precond.factors(), model)``."""
+def test_grouped_conv_embedding_and_low_rank_are_preconditioned(case, fisher, monkeypatch):
+    """Covered like every layer: the factors are compute_factors' (with the optimizer's MC
+    labels, :func:`optimizer_labels`), and the step applies the damped inverse of
+    ``kronfac.KFAC.from_factors(precond.factors(), model)``."""
     model, loss_fn, X, y = CASES[case]()
     options = {"rank": 4, "rank_threshold": 20} if case == "low-rank" else {}
     precond = KFACPreconditioner(
@@ -995,6 +1009,7 @@ def test_grouped_conv_embedding_and_low_rank_are_preconditioned(case, fisher):
     loss_fn(model(X), y).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert precond.step() is True
+    optimizer_labels(monkeypatch)
     ref = kronfac.compute_factors(model, loss_fn, [(X, y)], fisher=fisher, seed=3, **options)
     ours = precond.factors()
     for name in ref:

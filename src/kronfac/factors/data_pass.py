@@ -271,10 +271,12 @@ def _backprop_vectors(
     dtype: torch.dtype,
     per_term: bool = False,
     term_mask: Tensor | None = None,
+    fast_sampling: bool = False,
 ) -> Tensor:
     """The ``K`` vectors ``[K, *output.shape]`` whose backpropagation gives the ``g``'s.
 
-    Terms outside ``term_mask`` (``ignore_index`` targets, padding) get zero vectors.
+    Terms outside ``term_mask`` (``ignore_index`` targets, padding) get zero vectors. MC labels
+    come from the likelihood's ``sample``, or with ``fast_sampling`` its ``sample_fast``.
 
     With ``per_term=True`` and ``R > 1`` terms per data point, type-2 gets one vector per
     (term position, Hessian-root column), ``K = R·C``, each supported on a single term, so that
@@ -304,7 +306,8 @@ def _backprop_vectors(
             vectors = root.permute(2, 0, 1)
     elif fisher == "mc":
         assert generator is not None
-        samples = likelihood.sample(terms, mc_samples, generator)
+        sample = likelihood.sample_fast if fast_sampling else likelihood.sample
+        samples = sample(terms, mc_samples, generator)
         vectors = likelihood.gradient(terms, samples) / math.sqrt(mc_samples)
     else:  # empirical
         targets = likelihood.targets_to_terms(y, output)
@@ -440,10 +443,16 @@ class PassTally:
         setup: The pass's options and modules.
         fingerprint: Whether to take the first batch's checksums (three reductions; a
             training loop, which compares no passes, does without).
+        fast_sampling: Draw MC labels with the likelihood's ``sample_fast`` (the same
+            distribution, other labels per seed than :func:`kronfac.compute_factors` and
+            curvlinops draw; a training loop's choice).
     """
 
-    def __init__(self, setup: PassSetup, fingerprint: bool = True) -> None:
+    def __init__(
+        self, setup: PassSetup, fingerprint: bool = True, fast_sampling: bool = False
+    ) -> None:
         self.setup, self._fingerprint = setup, fingerprint
+        self._fast_sampling = fast_sampling
         self.total = self.terms = self.R = 0
         self.C: int | None = None
         self.called = dict.fromkeys(setup.adapters, 0)
@@ -526,6 +535,7 @@ class PassTally:
             batch.dtype,
             per_term,
             batch.term_mask,
+            self._fast_sampling,
         )
         return _grad_rows(
             adapters,

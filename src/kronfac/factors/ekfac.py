@@ -228,11 +228,12 @@ class CorrectionSums:
                 _accumulate(self.bias_sums, name, gt.sum(2).square().sum((0, 1)))  # [p], [g, p]
         check_finite(
             {
-                n: [s.sum(), *([self.bias_sums[n]] if n in self.bias_sums else [])]
-                for n, s in self.sums.items()
+                "per-example gradients": {
+                    n: [s.sum(), *([self.bias_sums[n]] if n in self.bias_sums else [])]
+                    for n, s in self.sums.items()
+                }
             },
             rows.index,
-            "per-example gradients",
         )
 
     def _rotated(self, name: str, gt: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:

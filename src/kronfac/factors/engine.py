@@ -17,7 +17,7 @@ al., 2023).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,7 +46,9 @@ class FactorSums:
     For a diagonal-input layer ``gram`` holds only the diagonal ``[d_in]`` (token counts / T);
     for ``g > 1`` groups every sum has a leading group dimension. A side at least
     ``rank_threshold`` long (with ``rank``) is accumulated as a :class:`StreamingLowRank`
-    instead, and its dense sum is never allocated.
+    instead, and its dense sum is never allocated. With a joint bias the dense input sums live
+    in the ``[d + 1, d + 1]`` matrix of ``A``: ``gram`` is its leading block and ``colsum`` its
+    last row, so ``A`` takes the last column and corner only.
     """
 
     def __init__(
@@ -68,36 +70,48 @@ class FactorSums:
         low_A, low_S = self.A_stream is not None, self.S_stream is not None
         self.groups = g
         gram_shape = (d_in,) if adapter.diagonal_input else (d_in, d_in)
+        self.colsum: Tensor | None = None  # Σ a / T, with a joint bias (a bias column)
+        self._augmented: Tensor | None = None  # [.., d + 1, d + 1]: the sums in A's layout
         if low_A:
-            gram_shape = (0, 0)
-        self.gram = torch.zeros(*lead, *gram_shape, dtype=dtype, device=device)
-        self.colsum = torch.zeros(*lead, 0 if low_A else d_in, dtype=dtype, device=device)
+            self.gram = torch.zeros(*lead, 0, 0, dtype=dtype, device=device)
+        elif joint_bias and not adapter.diagonal_input:
+            self._augmented = torch.zeros(*lead, d_in + 1, d_in + 1, dtype=dtype, device=device)
+            self.gram = self._augmented[..., :d_in, :d_in]
+            self.colsum = self._augmented[..., d_in, :d_in]
+        else:
+            self.gram = torch.zeros(*lead, *gram_shape, dtype=dtype, device=device)
         self.count = 0
         side = 0 if low_S else d_out
         self.ggT = torch.zeros(*lead, side, side, dtype=dtype, device=device)
-        self.diagonal_input = adapter.diagonal_input
 
     def add_output_grads(self, g: Tensor, groups: int = 1) -> None:
         """Add output gradients ``g: [K, n, T, d_out]`` to ``Σ g gᵀ``."""
         add_gram_(self.ggT, g.flatten(0, 1), groups, 1.0)
 
-    def input_factor(self, with_bias: bool, num_data: int) -> Tensor | LowRankFactor:
-        """``A`` from the running sums, with the bias row/column when ``with_bias``."""
+    def input_factor(self, num_data: int) -> Tensor | LowRankFactor:
+        """``A`` from the running sums, with the bias row and column for a joint bias."""
         if self.A_stream is not None:
             return self.A_stream.result(1.0 / num_data, self.gram.dtype)
-        return self.dense_input_factor(with_bias, num_data)
+        return self.dense_input_sums() / num_data
 
-    def dense_input_factor(self, with_bias: bool, num_data: int) -> Tensor:
-        """:meth:`input_factor` of a side summed densely (no ``A_stream``)."""
-        if not with_bias or self.diagonal_input:
-            return self.gram / num_data
+    def dense_input_sums(self) -> Tensor:
+        """``N·A`` of a side summed densely (no ``A_stream``): the sums in the layout of ``A``.
+
+        The buffer itself (no copy), valid until the next :meth:`FactorAccumulator.reset`.
+        """
+        A = self._augmented
+        if A is None:
+            return self.gram
         d = self.gram.shape[-1]
-        A = self.gram.new_empty(*self.gram.shape[:-2], d + 1, d + 1)
-        A[..., :d, :d] = self.gram
-        A[..., :d, d] = self.colsum
-        A[..., d, :d] = self.colsum
+        assert self.colsum is not None  # a view of A's last row
+        A[..., :d, d] = self.colsum  # the last row holds the sums; the column mirrors it
         A[..., d, d] = self.count
-        return A / num_data
+        return A
+
+    def buffers(self) -> list[Tensor]:
+        """The tensors holding the sums (zeroed by :meth:`FactorAccumulator.reset`)."""
+        sums = [self.gram if self._augmented is None else self._augmented, self.ggT]
+        return sums + [st.Y for st in (self.A_stream, self.S_stream) if st is not None]
 
     def output_factor(self, divisor: int, side: int, identity: bool) -> Tensor | LowRankFactor:
         """``S``: ``Σ g gᵀ / D``, or the identity for ``fisher="forward-only"``."""
@@ -126,6 +140,28 @@ def _stream(
     if rank is None or side < threshold:
         return None
     return StreamingLowRank(side, rank, device, oversample, groups)
+
+
+def _reduce_positions(
+    x: Tensor, weight: Tensor | None, approx: str, colsum: bool
+) -> tuple[Tensor, int, Tensor | None]:
+    """Rows ``x: [n, T, d]`` ready for one Gram ``Σ a aᵀ / T``, and ``Σ a / T`` if ``colsum``.
+
+    ``"reduce"`` averages the (unmasked) positions first (``T = 1``); padding weights ``w_n``
+    (``1/T_n``) scale row ``n`` by ``√w_n`` so that the Gram is ``Σ_n w_n Σ_t a aᵀ`` (``T = 1``).
+
+    Returns:
+        The rows, the ``T`` dividing their Gram, and the column sums (``None`` unless asked).
+    """
+    T = x.shape[1]
+    if approx == "reduce":  # inputs averaged over the (unmasked) positions
+        x = x.mean(dim=1) if weight is None else x.sum(dim=1) * weight[:, None]
+        return x, 1, x.sum(0) if colsum else None
+    if weight is None:
+        total = x.sum(dim=(0, 1)) if colsum else None
+        return x, T, total.div_(T) if total is not None and T > 1 else total
+    total = (x.sum(1) * weight[:, None]).sum(0) if colsum else None
+    return x * weight.sqrt()[:, None, None], 1, total
 
 
 def _row_weights(mask: Tensor | None, weight: Tensor | None) -> Tensor | None:
@@ -209,21 +245,23 @@ def sum_tensors(ts: Iterable[Tensor]) -> Tensor:
     return functools.reduce(lambda a, b: a + b, ts)
 
 
-def check_finite(sums: Mapping[str, list[Tensor]], b: int, what: str) -> None:
-    """Raise :class:`NonFiniteError` naming the module and batch if a running sum is not finite.
+def check_finite(checks: Mapping[str, Mapping[str, Sequence[Tensor]]], b: int) -> None:
+    """Raise :class:`NonFiniteError` naming the sum, module and batch if a sum is not finite.
 
-    Pass the diagonals of ``Σ a aᵀ`` / ``Σ g gᵀ``-like sums: a NaN or Inf in any row ``a`` reaches
-    the diagonal through ``a_j²``, so the check costs ``O(d)``, not ``O(d²)``.
+    ``checks`` maps what is summed (``"inputs"``, ...) to each module's tensors, checked with
+    one synchronisation. Pass the diagonals of ``Σ a aᵀ`` / ``Σ g gᵀ``-like sums: a NaN or Inf in
+    any row ``a`` reaches the diagonal through ``a_j²``, so the check costs ``O(d)``, not
+    ``O(d²)``.
     """
-    if not sums:
+    parts = [t.reshape(-1) for group in checks.values() for ts in group.values() for t in ts]
+    if not parts or bool(torch.isfinite(torch.cat(parts)).all()):
         return
-    flags = torch.isfinite(torch.stack([sum_tensors(t.sum() for t in ts) for ts in sums.values()]))
-    if bool(flags.all()):
-        return
-    name = next(n for n, ok in zip(sums, flags.tolist(), strict=True) if not ok)
-    raise NonFiniteError(
-        f"Non-finite values (NaN or Inf) in the {what} of module {name!r} at batch {b}."
-    )
+    for what, group in checks.items():
+        for name, ts in group.items():
+            if not all(bool(torch.isfinite(t).all()) for t in ts):
+                raise NonFiniteError(
+                    f"Non-finite values (NaN or Inf) in the {what} of module {name!r} at batch {b}."
+                )
 
 
 def compute_factors(
@@ -379,14 +417,39 @@ class FactorAccumulator:
         self.setup = setup
         self.sums: dict[str, FactorSums] = {}
 
+    def reset(self) -> None:
+        """Empty every module's sums for another pass, keeping the buffers."""
+        if not self.sums:
+            return
+        torch._foreach_zero_([t for acc in self.sums.values() for t in acc.buffers()])
+        for acc in self.sums.values():
+            acc.count = 0
+
     def add(self, rows: BatchRows) -> None:
         """Add one batch's inputs and output gradients (NaN / Inf raise, naming the module)."""
         if not rows.inputs:  # no covered module was called in this batch
             return
-        if not self.sums:
-            self._start(rows.dtype, next(iter(rows.inputs.values())).device)
+        device = next(iter(rows.inputs.values())).device
+        if not self.sums or self._restart(rows.dtype, device):
+            self._start(rows.dtype, device)
         self._add_inputs(rows)
         self._add_grads(rows)
+        # a NaN / Inf in a's coordinate j reaches Σ a aᵀ's diagonal (a_j²), and Σ a with it
+        checks = {"inputs": {n: [_diagonal(a.gram)] for n, a in self.sums.items()}}
+        if rows.grads:
+            checks["output gradients"] = {
+                n: [a.ggT.diagonal(dim1=-2, dim2=-1)]
+                + [st.sigma for st in (a.S_stream, a.A_stream) if st is not None]
+                for n, a in self.sums.items()
+            }
+        check_finite(checks, rows.index)
+
+    def _restart(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether empty sums (after :meth:`reset`) are of another dtype or device than rows."""
+        acc = next(iter(self.sums.values()))
+        if (acc.ggT.dtype, acc.ggT.device) == (dtype, device):
+            return False
+        return all(a.count == 0 for a in self.sums.values())
 
     def _start(self, dtype: torch.dtype, device: torch.device) -> None:
         options = self.setup.options
@@ -430,9 +493,6 @@ class FactorAccumulator:
                 self.sums[name].count += rows.n
             if dense:
                 self._add_dense_inputs(dense, x, mask, weight, rows)
-        check_finite(
-            {n: [_diagonal(a.gram), a.colsum] for n, a in self.sums.items()}, rows.index, "inputs"
-        )
 
     def _add_dense_inputs(
         self,
@@ -451,16 +511,8 @@ class FactorAccumulator:
                 self.sums[name].gram += counts if w is not None else counts / T
                 self.sums[name].count += rows.n
             return
-        if self.setup.options.approx == "reduce":  # inputs averaged over the (unmasked) positions
-            x = x.mean(dim=1) if weight is None else x.sum(dim=1) * weight[:, None]
-            T = 1
-            colsum = x.sum(0)
-        elif weight is None:
-            colsum = x.sum(dim=(0, 1)).div_(T)
-        else:  # Σ_n 1/T_n Σ_t a aᵀ as one Gram of the rows weighted by 1/√T_n
-            colsum = (x.sum(1) * weight[:, None]).sum(0)
-            x, T = x * weight.sqrt()[:, None, None], 1
-        colsum = colsum.reshape(self.sums[names[0]].colsum.shape)
+        bias = any(self.sums[n].colsum is not None for n in names)  # a bias column
+        x, T, colsum = _reduce_positions(x, weight, self.setup.options.approx, bias)
         gram = None
         if len(names) > 1:
             gram = torch.zeros_like(self.sums[names[0]].gram)
@@ -471,7 +523,9 @@ class FactorAccumulator:
                 add_gram_(acc.gram, x, adapter.groups, 1.0 / T)
             else:
                 acc.gram += gram
-            acc.colsum += colsum
+            if acc.colsum is not None:
+                assert colsum is not None  # computed for the modules with a bias column
+                acc.colsum += colsum.reshape(acc.colsum.shape)
             acc.count += rows.n
 
     def _add_grads(self, rows: BatchRows) -> None:
@@ -491,16 +545,6 @@ class FactorAccumulator:
                 )
             else:
                 self.sums[name].add_output_grads(g, self.setup.adapters[name].groups)
-        if rows.grads:
-            check_finite(
-                {
-                    n: [a.ggT.diagonal(dim1=-2, dim2=-1)]
-                    + [st.sigma for st in (a.S_stream, a.A_stream) if st is not None]
-                    for n, a in self.sums.items()
-                },
-                rows.index,
-                "output gradients",
-            )
 
     def factors(
         self, num_data: int, divisor: int, left_out: Iterable[str] = ()
@@ -517,7 +561,7 @@ class FactorAccumulator:
         for name, acc in self.sums.items():
             if name in left_out:
                 continue
-            A = acc.input_factor(self.setup.joint_bias(name), num_data)
+            A = acc.input_factor(num_data)
             side = self.setup.adapters[name].out_features
             out[name] = FactorPair(A, acc.output_factor(divisor, side, identity=identity))
         return out

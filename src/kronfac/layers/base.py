@@ -170,20 +170,42 @@ class Slot:
 
     def gather(self, V: Tensor) -> Tensor:
         """``[P, k]`` → the block's ``[p, q, k]``."""
-        parts = []
-        if self.weight is not None:
-            parts.append(self.adapter.weight_to_matrix(V[self.weight]))
-        if self.bias is not None:
-            parts.append(V[self.bias].unsqueeze(1))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.join(
+            None if self.weight is None else V[self.weight],
+            None if self.bias is None else V[self.bias],
+        )
 
     def scatter(self, M: Tensor, out: Tensor) -> None:
         """Write the block's ``[p, q, k]`` back into ``out: [P, k]``."""
+        weight, bias = self.split(M)
+        if weight is not None:
+            out[self.weight] = weight
+        if bias is not None:
+            out[self.bias] = bias
+
+    def join(self, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """The block's ``[p, q, k]`` from its parts (``None`` for a part the slot does not hold).
+
+        The parts are the weight's ``[numel(W), k]`` and the bias's ``[p, k]``. A view of a
+        lone part where the adapter's layout allows one; one copy for both.
+        """
+        parts = []
         if self.weight is not None:
-            W = M[:, :-1] if self.bias is not None else M
-            out[self.weight] = self.adapter.matrix_to_weight(W)
+            assert weight is not None  # the slot holds the weight
+            parts.append(self.adapter.weight_to_matrix(weight))
         if self.bias is not None:
-            out[self.bias] = M[:, -1]
+            assert bias is not None  # the slot holds the bias
+            parts.append(bias.unsqueeze(1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def split(self, M: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Inverse of :meth:`join`: the block's ``[p, q, k]`` → ``([numel(W), k], [p, k])``."""
+        weight = bias = None
+        if self.weight is not None:
+            weight = self.adapter.matrix_to_weight(M[:, :-1] if self.bias is not None else M)
+        if self.bias is not None:
+            bias = M[:, -1]
+        return weight, bias
 
 
 def register_layer(

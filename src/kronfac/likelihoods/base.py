@@ -9,7 +9,9 @@ provides
 - ``hessian_sqrt(f)``: ``B`` with ``B Bᵀ = ∇²_f ℓ`` per term (type-2), and ``hessian_matvec(f, u)``:
   ``∇²_f ℓ u`` per term without forming it (the Gauss-Newton matrix's products);
 - ``sample(f, n, generator)``: ``n`` labels per term from the predictive distribution (MC),
-  for which ``E[∇ℓ ∇ℓᵀ] = ∇²_f ℓ``;
+  for which ``E[∇ℓ ∇ℓᵀ] = ∇²_f ℓ``, the same labels as curvlinops for a seed; and
+  ``sample_fast``, labels of the same distribution by the cheapest exact sampler (the
+  optimizer's, which compares its labels with no other library's);
 - ``mean_divisor(num_terms, num_classes)``: the number of entries torch averages over with
   ``reduction="mean"``.
 
@@ -133,6 +135,14 @@ class Likelihood(ABC):
         Returns:
             ``[num_samples, M]`` class indices or ``[num_samples, M, C]`` values.
         """
+
+    def sample_fast(self, terms: Tensor, num_samples: int, generator: torch.Generator) -> Tensor:
+        """:meth:`sample`'s distribution by the cheapest exact sampler, with other labels per seed.
+
+        For callers that compare their labels with no reference (the optimizer); the default is
+        :meth:`sample` itself.
+        """
+        return self.sample(terms, num_samples, generator)
 
 
 _REGISTRY: Registry[type[nn.Module], type[Likelihood]] = Registry(

@@ -7,7 +7,9 @@ data point; each term ``f ∈ ℝ^C`` with ``p = softmax(f)`` has
 - Hessian ``diag(p) − p pᵀ`` (applied as ``p ∘ u − p (pᵀu)``), square root
   ``B = diag(√p) − p √pᵀ``
   (``B Bᵀ = diag(p) − 2 p pᵀ + p pᵀ Σ_k p_k = diag(p) − p pᵀ``);
-- sampling ``y ~ Categorical(p)``.
+- sampling ``y ~ Categorical(p)``: ``sample`` with ``torch.multinomial`` (one exponential per
+  class, the labels of curvlinops for a seed), ``sample_fast`` by the inverse CDF (one uniform
+  ``u`` per draw, the first class whose cumulative probability exceeds ``u``).
 
 torch's mean averages over the ``N·R`` terms, less those whose target is ``ignore_index``
 (dropped from the loss, its mean and the curvature alike).
@@ -115,3 +117,16 @@ class CategoricalLikelihood(Likelihood):
             for _ in range(num_samples)
         ]
         return torch.cat(draws, dim=1).T
+
+    def sample_fast(  # noqa: D102
+        self, terms: Tensor, num_samples: int, generator: torch.Generator
+    ) -> Tensor:
+        cdf = torch.softmax(terms, dim=-1).cumsum(dim=-1)  # [M, C], non-decreasing
+        u = torch.rand(
+            terms.shape[0], num_samples, generator=generator, dtype=cdf.dtype, device=cdf.device
+        )
+        u = u * cdf[:, -1:]  # [M, num_samples] below the total (1 up to round-off), as u < 1
+        # the first class whose cdf exceeds u: class k with probability p_k / total (a product
+        # u·total rounded up to the total, probability ~ε, gives the last class: the clamp)
+        labels = torch.searchsorted(cdf, u, right=True).clamp_(max=terms.shape[-1] - 1)
+        return labels.T

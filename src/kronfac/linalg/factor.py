@@ -372,8 +372,11 @@ class ShiftedLowRankFactor(Factor):
         )
 
     def to_dense(self) -> Tensor:  # noqa: D102
+        out = (self.U * self.eigenvalues[:, None, :]) @ self.U.mT
+        if not self._shifted:
+            return out
         eye = torch.eye(self.side, dtype=self.dtype, device=self.device)
-        return (self.U * self.eigenvalues[:, None, :]) @ self.U.mT + self.shift[:, None, None] * eye
+        return out + self.shift[:, None, None] * eye
 
     def _eigenpairs(self) -> Eigenbasis:
         return Eigenbasis(self.eigenvalues + self.shift[:, None], self.U, self.shift)

@@ -19,7 +19,9 @@ gradient accumulation). The gradients ``g`` are
 
 - ``fisher="mc"`` (and ``"type-2"``): backpropagated by the preconditioner itself from labels
   sampled from the model (the Hessian's square root), at the loss call, to the covered
-  modules' outputs only (the graph is kept for the training backward pass);
+  modules' outputs only (the graph is kept for the training backward pass). The labels come
+  from the likelihood's ``sample_fast`` (cross-entropy: by the inverse CDF), the distribution
+  :func:`kronfac.compute_factors` samples, with other labels per seed;
 - ``fisher="empirical"``: those the training backward pass leaves at the outputs. They carry
   the loss's own scale: for a mean over ``D'`` entries (``D'`` counts the entries the loss
   averaged, ``ignore_index`` excluded, padding included) ``g = g_sum / D'``, so the step uses
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -139,7 +142,8 @@ class _Step:
         default_factory=list
     )  # empirical: rows waiting for the training backward pass's gradients
     failed: str | None = None  # a NaN / Inf met while recording
-    observed: set[int] = field(default_factory=set)  # model outputs already read
+    # model outputs already read (weak references: a new output may reuse a freed one's id)
+    observed: list[weakref.ReferenceType[Tensor]] = field(default_factory=list)
 
 
 def _check_schedule(name: str, value: Any, positive: bool) -> None:
@@ -205,7 +209,8 @@ class KFACPreconditioner:
         grad_scaler: The ``torch.amp.GradScaler`` scaling the backward pass, if any.
         fisher: ``"empirical"`` (the training gradients), ``"mc"`` (sampled labels),
             ``"type-2"`` or ``"forward-only"`` (``S = I``).
-        seed: Seed of the generator drawing the labels of ``fisher="mc"``.
+        seed: Seed of the generator drawing the labels of ``fisher="mc"`` (the likelihood's
+            ``sample_fast``: other labels than :func:`kronfac.compute_factors` draws for it).
         **factor_options: The engine's options (:class:`~kronfac.factors.FactorOptions`):
             ``modules``, ``exclude``, ``bias``, ``approx``, ``mc_samples``, ``rank``,
             ``rank_threshold``, ``oversample``, ``batch_size_fn``, ``strict``.
@@ -289,13 +294,14 @@ class KFACPreconditioner:
         self.loss_fn = loss_fn
         self._layers = self._covered(model)
         self._generator: torch.Generator | None = None  # on the outputs' device, at first use
+        self._sums = FactorAccumulator(self.setup)  # the factor steps' sums (buffers reused)
         self._calls: dict[str, list[Call]] = {name: [] for name in self.setup.adapters}
         self._inputs: Any = None  # the model's latest input (the batch's N, padding)
         self._call: tuple[tuple[Any, ...], dict[str, Any], Any] | None = None  # args, kwargs, RNG
         # with keep_batches, every batch of the step (the adaptive step re-runs them)
         self.keep_batches = False
         self.batches: list[RecordedBatch] = []
-        self._kept: set[int] = set()  # ids of the outputs kept this step
+        self._kept: list[weakref.ReferenceType[Tensor]] = []  # the outputs kept this step
         self._quiet = False
         self._step: _Step | None = None
         self._recorded = False
@@ -445,9 +451,9 @@ class KFACPreconditioner:
         if not self._records_now() or not any(self._calls.values()):
             return
         step = self._step or self._new_step()
-        if id(output) in step.observed:
+        if _seen(step.observed, output):
             return
-        step.observed.add(id(output))
+        step.observed.append(weakref.ref(output))
         b = len(step.observed) - 1
         n, source = batch_size(self._inputs, targets, self.setup.options.batch_size_fn, b)
         batch = step.tally.read(b, self._inputs, targets, output, n, source)
@@ -469,9 +475,9 @@ class KFACPreconditioner:
 
     def _keep(self, output: Tensor, targets: Tensor, loss: Tensor | None) -> None:
         """Keep the batch for the adaptive step (once per output)."""
-        if self._call is None or id(output) in self._kept:
+        if self._call is None or _seen(self._kept, output):
             return
-        self._kept.add(id(output))
+        self._kept.append(weakref.ref(output))
         likelihood = self.setup.likelihood
         likelihood.check(output, targets)
         keep = likelihood.term_mask(targets, output)
@@ -507,7 +513,7 @@ class KFACPreconditioner:
                 "are drawn from the loss given to the preconditioner."
             )
         step = self._step
-        if step is not None and id(output) in step.observed:
+        if step is not None and _seen(step.observed, output):
             return
         if targets is None:
             raise ValueError(
@@ -517,9 +523,12 @@ class KFACPreconditioner:
         self.observe(output, targets)
 
     def _new_step(self) -> _Step:
-        tally = PassTally(self.setup, fingerprint=False)
+        tally = PassTally(self.setup, fingerprint=False, fast_sampling=True)
         tally.generator = self._generator
-        sums = FactorAccumulator(self.setup) if self._factor_step() else None
+        sums = None
+        if self._factor_step():
+            sums = self._sums
+            sums.reset()
         self._step = _Step(tally, sums, [] if self._scale_step() else None)
         return self._step
 
@@ -653,27 +662,41 @@ class KFACPreconditioner:
         return c
 
     def _update_factors(self, sums: FactorAccumulator, num_data: int, scale: float) -> None:
-        """EMA of the step's normalised factor sums (sketches for low-rank sides)."""
+        """EMA of the step's normalised factor sums (sketches for low-rank sides), in place.
+
+        The sums are normalised in the accumulator's buffers, which the next step empties.
+        """
         eps, identity = self.factor_decay, self.fisher == "forward-only"
+        updated: list[_Layer] = []
+        A_new: list[Tensor] = []
+        S_new: list[Tensor] = []
         for name, acc in sums.sums.items():
             layer = self._layers.get(name)
             if layer is None or acc.count == 0:
                 continue
-            if acc.A_stream is not None:
-                A = acc.A_stream.Y / num_data
-            else:
-                A = acc.dense_input_factor(layer.joint, num_data)
-            S = None
+            updated.append(layer)
+            A_new.append(acc.A_stream.Y if acc.A_stream is not None else acc.dense_input_sums())
             if not identity:
-                S = acc.S_stream.Y * scale if acc.S_stream is not None else acc.ggT * scale
+                S_new.append(acc.S_stream.Y if acc.S_stream is not None else acc.ggT)
             layer.sketched = (acc.A_stream is not None, acc.S_stream is not None)
-            if layer.A is None:
-                layer.A, layer.S = A, S
+        _scalar_op_(torch._foreach_div_, A_new, num_data)
+        _scalar_op_(torch._foreach_mul_, S_new, scale)
+        running: list[Tensor] = []
+        fresh: list[Tensor] = []
+        for i, layer in enumerate(updated):
+            A, S = A_new[i], None if identity else S_new[i]
+            if layer.A is None:  # the first update initialises (a copy: the buffers are reused)
+                layer.A, layer.S = A.clone(), None if S is None else S.clone()
                 continue
-            layer.A.mul_(eps).add_(A, alpha=1 - eps)
+            running.append(layer.A)
+            fresh.append(A)
             if S is not None:
                 assert layer.S is not None  # S is the identity (None) at every step or at none
-                layer.S.mul_(eps).add_(S, alpha=1 - eps)
+                running.append(layer.S)
+                fresh.append(S)
+        if running:
+            _scalar_op_(torch._foreach_mul_, running, eps)
+            torch._foreach_add_(running, fresh, alpha=1 - eps)
 
     def _factor(self, layer: _Layer, side: str) -> Tensor | LowRankFactor:
         """A running factor as :class:`~kronfac.KroneckerFactors` holds it."""
@@ -824,25 +847,44 @@ class KFACPreconditioner:
         return out
 
     def _precondition(self, damping: float) -> None:
-        updates: list[tuple[list[Tensor], Tensor, Tensor]] = []  # (.grad tensors, flat, update)
+        """Overwrite the decomposed layers' ``.grad`` by the damped inverses' products, clipped.
+
+        Each block reads its matrix straight from the ``.grad`` tensors (a joint bias: one
+        copy) and its product is copied back into them once; KL clipping's ``ν`` stays on the
+        device (no synchronisation).
+        """
+        clip = self.kl_clip is not None and self.lr is not None
+        products: list[tuple[Slot, Tensor, Tensor, Tensor | None]] = []  # slot, v, .grads
+        inner: list[Tensor] = []  # ⟨v, ∇⟩ per block (KL clipping)
         for layer in self._layers.values():
             grads = _grads(layer)
             if layer.decomposed is None or grads is None:
                 continue
-            grad = torch.cat([g.reshape(-1) for g in grads])[:, None].to(self._dtype(layer))
-            out = torch.empty_like(grad)
-            for slot, block in zip(layer.slots, self._inverse_blocks(layer, damping), strict=True):
-                slot.scatter(block.matmat(slot.gather(grad)), out)
-            updates.append((grads, grad[:, 0], out[:, 0]))
-        nu = 1.0
-        if self.kl_clip is not None and self.lr is not None and updates:
+            weight, bias = grads
+            parts = (weight.reshape(-1, 1), None if bias is None else bias.reshape(-1, 1))
+            dtype = self._dtype(layer)
+            blocks = self._inverse_blocks(layer, damping)
+            for slot, block in zip(layer.slots, blocks, strict=True):
+                V = slot.join(*parts)
+                V = V if V.dtype == dtype else V.to(dtype)
+                v = block.matmat(V)
+                products.append((slot, v, weight, bias))
+                if clip:
+                    inner.append((v * V).sum())
+        written = []
+        for slot, v, weight, bias in products:
+            for grad, part in zip((weight, bias), slot.split(v), strict=True):
+                if part is not None:
+                    assert grad is not None  # the slot holds this parameter
+                    written.append(grad.copy_(part.reshape(grad.shape)))
+        if clip and inner:
+            assert self.kl_clip is not None and self.lr is not None  # (clip)
             lr = self._value("lr", self.lr)
-            vg = sum(float((v * g).sum()) for _, g, v in updates) * lr * lr
-            if vg != 0:
-                nu = min(1.0, math.sqrt(self.kl_clip / abs(vg)))
-        for grads, _, v in updates:
-            for g, part in zip(grads, v.split([g.numel() for g in grads]), strict=True):
-                g.copy_(part.reshape(g.shape)).mul_(nu)
+            device = inner[0].device
+            vg = torch.stack([t if t.device == device else t.to(device) for t in inner])
+            vg = vg.sum(dtype=torch.float64) * lr * lr
+            nu = (self.kl_clip / vg.abs()).sqrt().clamp(max=1.0)  # 1 where ⟨v, ∇⟩ = 0
+            _scalar_op_(torch._foreach_mul_, written, nu)
 
     # -- the factors as an operator ---------------------------------------------------------
     def factors(self) -> KroneckerFactors:
@@ -967,6 +1009,27 @@ def _copy(F: Tensor | LowRankFactor) -> Tensor | LowRankFactor:
     return F.clone() if isinstance(F, Tensor) else F
 
 
+def _scalar_op_(
+    op: Callable[[list[Tensor], Tensor], None], tensors: list[Tensor], value: float | Tensor
+) -> None:
+    """``op(tensors, value)`` in place (``torch._foreach_mul_`` / ``_foreach_div_``).
+
+    The value becomes one 0-d tensor per dtype (at least float32) and device, with which each
+    product is one kernel (a Python number is converted for every tensor); the products are
+    those of the number.
+    """
+    kinds: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        kinds.setdefault((torch.promote_types(t.dtype, torch.float32), t.device), []).append(t)
+    for (dtype, device), group in kinds.items():
+        op(group, torch.as_tensor(value, dtype=dtype, device=device))
+
+
+def _seen(refs: list[weakref.ReferenceType[Tensor]], output: Tensor) -> bool:
+    """Whether ``output`` is one of the (live) tensors of ``refs``."""
+    return any(ref() is output for ref in refs)
+
+
 def _capture(store: list[Tensor | None], i: int) -> Callable[[Tensor], None]:
     def hook(g: Tensor) -> None:
         previous = store[i]
@@ -975,15 +1038,12 @@ def _capture(store: list[Tensor | None], i: int) -> Callable[[Tensor], None]:
     return hook
 
 
-def _grads(layer: _Layer) -> list[Tensor] | None:
-    """The ``.grad`` of the layer's weight (and bias); ``None`` while one is missing."""
-    grads = []
-    for p in (layer.weight, layer.bias):
-        if p is not None:
-            if p.grad is None:
-                return None
-            grads.append(p.grad)
-    return grads
+def _grads(layer: _Layer) -> tuple[Tensor, Tensor | None] | None:
+    """The ``.grad`` of the weight and bias (``None``: no bias); ``None`` if one is unset."""
+    weight = layer.weight.grad
+    if weight is None or (layer.bias is not None and layer.bias.grad is None):
+        return None
+    return weight, None if layer.bias is None else layer.bias.grad
 
 
 def _slot_eigenvalues(corr: EigenCorrection, slots: int) -> list[Tensor]:
