@@ -289,7 +289,7 @@ def test_a_loss_on_a_transformed_output_needs_forward():
         loss = CE(model(X).reshape(-1, 5), y.reshape(-1))
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
 
 

@@ -52,8 +52,15 @@ from kronfac.optim import KFAC, KFACPreconditioner
 TOL = 1e-10  # float64, damped systems of condition number <~1e4 (module docstring)
 CE = nn.CrossEntropyLoss()  # the loss the preconditioners watch
 # KFAC with a fixed learning rate and momentum, the plain update for uncovered parameters and
-# the empirical Fisher: the dense references of sections 6 and 7 are built for that step
-FIXED = {"adaptive": False, "uncovered": "sgd", "fisher": "empirical"}
+# the empirical Fisher: the dense references of sections 6 and 7 are built for that step; and
+# the preconditioner's own factor_every and inverse_method (KFAC's defaults: 2 and Cholesky)
+FIXED = {
+    "adaptive": False,
+    "uncovered": "sgd",
+    "fisher": "empirical",
+    "factor_every": 1,
+    "inverse_method": "eigen",
+}
 
 
 # -- dense references ---------------------------------------------------------------------------
@@ -475,6 +482,22 @@ def test_kfac_steps_are_momentum_sgd_on_the_preconditioned_gradients(kl_clip):
             assert_rel_close(p, q, tol=1e-12, what=f"{name} after step {k}")
             assert_rel_close(opt.state[p]["momentum_buffer"], buf, tol=1e-12, what=name)
     assert opt.preconditioner.steps == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "method"),
+    [
+        ({}, "cholesky"),
+        ({"adaptive": False, "lr": 0.1}, "cholesky"),
+        ({"ekfac": True}, "eigen"),
+        ({"damping_mode": "tikhonov"}, "eigen"),
+        ({"inverse_method": "eigen"}, "eigen"),
+    ],
+)
+def test_kfac_inverts_by_cholesky_unless_the_eigenbasis_is_needed(options, method):
+    opt = KFAC(mlp((4, 5, 3), seed=0), loss_fn=CE, **options)
+    assert opt.preconditioner.inverse_method == method
+    assert (opt.preconditioner.factor_every, opt.preconditioner.inverse_every) == (2, 10)
 
 
 def test_kfac_lr_schedule_sets_the_step_size():

@@ -76,8 +76,15 @@ class KFAC(torch.optim.Optimizer):
         uncovered: ``"adamw"`` or ``"sgd"`` for the parameters no block covers.
         uncovered_lr: AdamW's learning rate for them.
         fisher: The preconditioner's Fisher type (``"mc"``: the true Fisher).
+        factor_every: Steps between two updates of the running factors (every other step:
+            half the statistics' cost, measured to lose no wall-clock).
+        inverse_every: Steps between two inversions of the running factors.
+        inverse_method: ``"cholesky"`` (damped inverses by Cholesky, the damping of the
+            latest inversion) or ``"eigen"`` (eigendecompositions, the damping applied at every
+            step); ``None``: Cholesky for K-FAC with π damping, eigen for EKFAC and Tikhonov
+            damping, which need the eigenbasis.
         **options: Further options of :class:`KFACPreconditioner` (``factor_decay``,
-            ``inverse_every``, ``ekfac``, ``kl_clip`` (``adaptive=False`` only),
+            ``ekfac``, ``damping_mode``, ``kl_clip`` (``adaptive=False`` only),
             ``grad_scaler``, the engine's ``modules``, ``exclude``, ``rank``, ...).
 
     Attributes:
@@ -110,6 +117,9 @@ class KFAC(torch.optim.Optimizer):
         uncovered: str = "adamw",
         uncovered_lr: float = 1e-3,
         fisher: str = "mc",
+        factor_every: int = 2,
+        inverse_every: int = 10,
+        inverse_method: str | None = None,
         **options: Any,
     ) -> None:
         schedule: Callable[[int], float] | None = lr if callable(lr) else None
@@ -145,6 +155,9 @@ class KFAC(torch.optim.Optimizer):
             loss_fn=loss_fn,
             damping=damping_ratio * damping if adaptive else damping,  # type: ignore[operator]
             fisher=fisher,
+            factor_every=factor_every,
+            inverse_every=inverse_every,
+            inverse_method=_inverse_method(inverse_method, options),
             **options,
         )
         covered = {id(p) for p in self.preconditioner.parameters()}
@@ -356,6 +369,14 @@ def _check_adaptive(damping: Any, every: Any, decay: Any, bounds: Any, ratio: An
             f"damping_range must hold the damping: 0 <= {low!r} <= {damping!r} <= {high!r}."
         )
     _check_positive("damping_ratio", ratio)
+
+
+def _inverse_method(method: str | None, options: dict[str, Any]) -> str:
+    """The default (``None``): Cholesky, but eigen where the eigenbasis is needed."""
+    if method is not None:
+        return method
+    eigen = options.get("ekfac") or options.get("damping_mode") == "tikhonov"
+    return "eigen" if eigen else "cholesky"
 
 
 def _checked_products(products: str) -> str:
