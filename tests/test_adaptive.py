@@ -334,3 +334,48 @@ def test_step_without_a_recorded_batch():
     opt = KFAC(model, loss_fn=CE)
     with pytest.raises(RuntimeError, match="without a recorded batch"):
         opt.step()
+
+
+def test_accumulated_micro_batches_step_as_their_whole_batch():
+    """Two half batches (each loss halved) take the step of the whole batch.
+
+    Type-2 (no labels drawn) and exact products: only round-off separates the two runs.
+    """
+    data = batches(8, seed=12, count=3)
+    models = [mlp((4, 6, 3), "tanh", seed=13) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [
+        KFAC(m, loss_fn=CE, fisher="type-2", damping_every=1, ggn_products="jvp") for m in models
+    ]
+    for X, y in data:
+        for k, (model, opt) in enumerate(zip(models, opts, strict=True)):
+            opt.zero_grad()
+            parts = [(X, y)] if k == 0 else [(X[:4], y[:4]), (X[4:], y[4:])]
+            for Xp, yp in parts:
+                (CE(model(Xp), yp) / len(parts)).backward()
+            opt.step()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        assert_rel_close(q, p, tol=1e-10, what=name)
+    assert math.isclose(opts[0].adaptive_step.damping, opts[1].adaptive_step.damping)
+
+
+def test_a_grad_scaler_leaves_the_steps_unchanged():
+    """``scaler.scale(loss).backward(); scaler.step(opt)``: the unscaled run's steps (a power of
+    two scales and unscales exactly)."""
+    data = batches(8, seed=14, count=4)
+    models = [mlp((4, 6, 3), "tanh", seed=15).float() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    plain = KFAC(models[0], loss_fn=CE)
+    scaled = KFAC(models[1], loss_fn=CE, grad_scaler=scaler)
+    for X, y in data:
+        plain.zero_grad()
+        CE(models[0](X.float()), y).backward()
+        plain.step()
+        scaled.zero_grad()
+        scaler.scale(CE(models[1](X.float()), y)).backward()
+        scaler.step(scaled)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**10  # no step overflowed
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        assert_rel_close(q, p, tol=1e-6, what=name)
