@@ -9,6 +9,7 @@ from kronfac.factors import (
     ParamNames,
     compute_factors,
 )
+from kronfac.laplace import Laplace
 from kronfac.linalg import LowRankFactor
 from kronfac.operators import EKFAC, KFAC, CurvatureOperator
 
@@ -22,6 +23,7 @@ __all__ = [
     "FactorFileError",
     "FactorPair",
     "KroneckerFactors",
+    "Laplace",
     "LowRankFactor",
     "NonFiniteError",
     "NotPSDError",
