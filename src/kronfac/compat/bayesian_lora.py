@@ -25,12 +25,23 @@ kept for compatibility; :func:`kronfac.compute_factors` gives the Fisher's own s
 
 Beyond bayesian-lora: 2-D inputs ``[B, d_in]`` (no position dimension) are used as they are,
 GPT-2's ``Conv1D`` layers are covered, and bad input raises a clear error.
+
+The Laplace posterior (:func:`model_evidence`, :func:`variance`) takes the factors as
+bayesian-lora's ``model_evidence`` and ``variance`` do: every factor is a **root** ``F: [side, r]``
+standing for ``F Fᵀ`` — the small ``[n_lora, n_lora]`` one a Cholesky factor (bayesian-lora's
+``cholesky_decompose_small_factors``), the large one the low-rank ``[side, n_kfac]`` matrix above.
+A module's weight ``W: [d_out, d_in]`` (flattened row-major) then has the curvature block
+``H_l = (F_S F_Sᵀ) ⊗ (F_A F_Aᵀ)`` and, with the prior ``N(0, s2·I)`` (``δ = 1/s2``), the
+posterior precision ``H + δI`` with ``H = diag_l(H_l)``. Both functions work in the factors'
+eigenbases, from the thin SVDs ``F = U diag(σ) Vᵀ`` (eigenvalues ``σ²``), never forming a
+``P x P`` matrix.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,6 +53,7 @@ from tqdm import tqdm
 
 from kronfac.layers import get_adapter
 from kronfac.layers.linear import LinearAdapter
+from kronfac.linalg import KroneckerBlock, LowRankFactor
 
 __all__ = [
     "KFAC_t",
@@ -49,10 +61,12 @@ __all__ = [
     "disable_input_hooks",
     "hooks_disabled",
     "incremental_svd",
+    "model_evidence",
     "register_hooks",
     "remove_hooks",
     "save_input_hook",
     "save_output_grad_hook",
+    "variance",
 ]
 
 KFAC_t = dict[str, tuple[Tensor, Tensor]]
@@ -353,3 +367,238 @@ def calculate_kronecker_factors(
             S if S_low else S / num_batches,
         )
     return factors
+
+
+def _prior_variance(s2: Tensor | float) -> Tensor:
+    """``s2`` as a one-element float64 tensor (its graph kept), checked positive and finite."""
+    s2 = s2.to(torch.float64) if isinstance(s2, Tensor) else torch.tensor(s2, dtype=torch.float64)
+    value = s2.detach()
+    if value.numel() != 1 or not bool(torch.isfinite(value).all()) or float(value) <= 0:
+        raise ValueError(
+            f"s2 (the prior variance) must be one positive finite number, got {value.tolist()!r}."
+        )
+    return s2
+
+
+def _eigenpairs(
+    name: str, A: Tensor, S: Tensor, n_lora: int, n_kfac: int
+) -> tuple[LowRankFactor, LowRankFactor]:
+    """``(F_S F_Sᵀ, F_A F_Aᵀ)`` of a module's roots as float64 eigen-pairs, layout checked.
+
+    Raises:
+        ValueError: Unless one root is ``[n_lora, n_lora]`` and the other ``[side, n_kfac]``.
+    """
+    small = (n_lora, n_lora)
+    if not (
+        A.ndim == S.ndim == 2
+        and (
+            (A.shape == small and S.shape[1] == n_kfac)
+            or (S.shape == small and A.shape[1] == n_kfac)
+        )
+    ):
+        raise ValueError(
+            f"Factors of module {name!r} have shapes A{tuple(A.shape)}, S{tuple(S.shape)}; "
+            f"expected one Cholesky factor [n_lora, n_lora] = {list(small)} and one low-rank "
+            f"factor [side, n_kfac = {n_kfac}] (calculate_kronecker_factors with n_kfac, then the "
+            "small factor replaced by its Cholesky factor)."
+        )
+    return _eigenpair(S), _eigenpair(A)
+
+
+def _eigenpair(root: Tensor) -> LowRankFactor:
+    """``F Fᵀ = U diag(σ²) Uᵀ`` from the thin SVD ``F = U diag(σ) Vᵀ``, in float64."""
+    U, sigma, _ = torch.linalg.svd(root.detach().to(torch.float64), full_matrices=False)
+    return LowRankFactor(U, sigma.square())
+
+
+def _module_weight(modules: Mapping[str, nn.Module], name: str, size: int) -> Tensor:
+    """The weight of the factors' module ``name``, checked to have ``size`` entries."""
+    weight = getattr(modules.get(name), "weight", None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"Module {name!r} of the factors is not in the model or has no weight.")
+    if weight.numel() != size:
+        raise ValueError(
+            f"The factors of module {name!r} cover {size} parameters (A side x S side) but its "
+            f"weight {tuple(weight.shape)} has {weight.numel()}; a bias column is not supported "
+            "(compute the factors with exclude_bias=True)."
+        )
+    return weight
+
+
+def model_evidence(
+    model: nn.Module,
+    LL: Tensor | float,
+    factors: KFAC_t,
+    n_lora: int,
+    n_kfac: int,
+    s2: Tensor | float,
+) -> Tensor:
+    r"""The Laplace log marginal likelihood (evidence) of the factors' posterior.
+
+    With the curvature ``H = diag_l(H_l)`` of the roots (module docstring), ``P`` parameters
+    ``θ*`` (the weights of the factors' modules), the prior ``N(0, s2·I)`` and ``δ = 1/s2``:
+
+    .. math::
+
+        \log p(D) ≈ E = LL - ½ δ ‖θ^*‖² + ½ P \log δ - ½ \log\det(H + δI)
+                      = LL - ½ δ ‖θ^*‖² - ½ Σ_l Σ_{ij} \log(1 + s2 · s_i a_j),
+
+    ``s_i`` and ``a_j`` the non-zero eigenvalues of ``F_S F_Sᵀ`` and ``F_A F_Aᵀ`` (by Sylvester's
+    determinant identity the zero ones add ``\log 1 = 0``): ``n_kfac · n_lora`` terms per module,
+    no ``P x P`` matrix. ``LL`` is the log-likelihood the curvature belongs to (``log p(D|θ*)``
+    of the data whose summed negative log-likelihood has the GGN ``H``); the temperature is 1.
+    The result is differentiable in ``s2`` and ``LL`` (``θ*`` and the factors are constants), so
+    ``-model_evidence(...)`` can be minimised over ``s2``.
+
+    bayesian-lora 0.0.6 returns instead, with ``θ_p`` its trainable parameters named ``*lora*``
+    and ``d_L`` the largest dimension of the last module's factors,
+
+    .. math::
+
+        E_{0.0.6} = LL + δ Σ_p ‖θ_p‖₂ + ½ \log\det(I + s2 · H) - ½ n_{lora} d_L \log s2,
+
+    so that, for the same parameters,
+    ``E_{0.0.6} − E = δ Σ_p (‖θ_p‖₂ + ½ ‖θ_p‖₂²) + log det(I + s2·H) − ½ n_lora d_L log s2``:
+    the prior term has the wrong sign and norms that are not squared, the log-determinant the
+    wrong sign, and the ``log s2`` term counts one module's parameters.
+
+    Args:
+        model: The model the factors were computed on, at ``θ*``.
+        LL: ``log p(D|θ*)``, a scalar tensor (or a float).
+        factors: Module name → ``(A, S)`` roots: one ``[n_lora, n_lora]`` Cholesky factor and
+            one ``[side, n_kfac]`` low-rank factor (module docstring).
+        n_lora: The LoRA rank.
+        n_kfac: The rank of the low-rank factors.
+        s2: The prior variance, a positive one-element tensor (or a float).
+
+    Returns:
+        The evidence, shaped and typed as ``LL + s2`` (a 0-d tensor for 0-d inputs).
+
+    Raises:
+        ValueError: ``s2`` not one positive finite number, no factors, factors not in the
+            layout above, a module missing from ``model``, or a weight whose size differs from
+            the factors' ``A side x S side``.
+    """
+    LL = torch.as_tensor(LL)
+    dtype = torch.result_type(LL, s2)
+    s2 = _prior_variance(s2)
+    if not factors:
+        raise ValueError("The factors cover no module: there is no posterior.")
+    modules = dict(model.named_modules())
+    sq_norm, logdet = [], []
+    for name, (A, S) in factors.items():
+        fS, fA = _eigenpairs(name, A, S, n_lora, n_kfac)
+        weight = _module_weight(modules, name, fS.side * fA.side)
+        sq_norm.append(weight.detach().to(LL.device, torch.float64).square().sum())
+        lam = fS.eigenvalues[:, None] * fA.eigenvalues[None, :]
+        logdet.append(torch.log1p(s2.to(lam.device) * lam).sum().to(LL.device))
+    total = torch.stack(sq_norm).sum() / s2.to(LL.device) + torch.stack(logdet).sum()
+    return LL - 0.5 * total.to(dtype)
+
+
+def _batch_size(inputs: Any) -> int:
+    """The number of rows of ``inputs``' ``input_ids`` (a dict or a tokenizer's batch)."""
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
+    ids = getattr(inputs, "input_ids", None) if ids is None else ids
+    if not isinstance(ids, Tensor) or ids.ndim == 0:
+        raise ValueError(
+            "inputs must hold the batch's input_ids [batch, ...] (a tokenizer's output or a "
+            f"dict), got {type(inputs).__name__}."
+        )
+    return ids.shape[0]
+
+
+def _layer_jacobian(
+    jacobian: Mapping[str, Tensor], name: str, shape: tuple[int, int, int, int]
+) -> Tensor:
+    """The Jacobian of module ``name``'s weight as ``[batch, n_logits, d_out, d_in]``.
+
+    The key is ``f"{name}.weight"``, or the one key ending in ``f".{name}.weight"``; a
+    ``[batch, n_logits, d_in, d_out]`` Jacobian (a ``Conv1D`` weight) is transposed.
+    """
+    suffix = f".{name}.weight"
+    keys = [k for k in (f"{name}.weight",) if k in jacobian] or [
+        k for k in jacobian if k.endswith(suffix)
+    ]
+    if len(keys) != 1:
+        found = "none" if not keys else f"several: {keys}"
+        raise ValueError(
+            f"Expected one Jacobian for the weight of module {name!r} (key {name}.weight or "
+            f"ending in {suffix}), found {found}."
+        )
+    J = jacobian[keys[0]]
+    batch, n_logits, d_out, d_in = shape
+    if J.shape == shape:
+        return J
+    if J.shape == (batch, n_logits, d_in, d_out):
+        return J.mT
+    raise ValueError(
+        f"The Jacobian {keys[0]!r} has shape {tuple(J.shape)}; expected [batch, n_logits, d_out, "
+        f"d_in] = {list(shape)} (batch from inputs, d_out and d_in the sides of S and A)."
+    )
+
+
+def variance(
+    inputs: Any,
+    jacobian: Mapping[str, Tensor],
+    factors: KFAC_t,
+    s2: Tensor | float,
+    n_logits: int,
+    n_lora: int,
+    n_kfac: int,
+    device: str | torch.device,
+) -> Tensor:
+    r"""The linearised predictive covariance of the logits, ``J Σ Jᵀ``, per input.
+
+    With the posterior covariance ``Σ = (H + δI)⁻¹`` (``δ = 1/s2``, ``H = diag_l(H_l)`` of the
+    roots, module docstring) and ``J_l: [n_logits, P_l]`` the Jacobian of an input's logits with
+    respect to module ``l``'s weight,
+
+    .. math::
+
+        Σ_f = Σ_l J_l (H_l + δI)^{-1} J_l^\top, \qquad
+        (H_l + δI)^{-1} = (Q_S ⊗ Q_A) \operatorname{diag}\Big(\frac{1}{s_i a_j + δ}\Big)
+        (Q_S ⊗ Q_A)^\top + s2 \big(I - (Q_S Q_S^\top) ⊗ (Q_A Q_A^\top)\big),
+
+    ``Q`` the factors' eigenvectors of non-zero eigenvalue: the exact inverse, applied by two
+    rotations per module (no ``P x P`` matrix). It is bayesian-lora 0.0.6's ``variance`` (its
+    Woodbury form ``s2 J Jᵀ − s2² (J U) (I + s2 UᵀU)⁻¹ (J U)ᵀ`` with ``U = F_S ⊗ F_A`` is the same
+    matrix), computed in float64 without the cancellation between its two terms.
+
+    Args:
+        inputs: The batch as given to the model: a tokenizer's output or a dict; only the
+            number of rows of its ``input_ids`` is used.
+        jacobian: Parameter name → Jacobian ``[batch, n_logits, *weight.shape]`` of the logits
+            (``torch.func.jacrev`` over the parameters); each module's weight is found by its
+            name (the key ``f"{name}.weight"``, or the one ending in ``f".{name}.weight"``).
+        factors: Module name → ``(A, S)`` roots, as for :func:`model_evidence`.
+        s2: The prior variance, a positive one-element tensor (or a float).
+        n_logits: ``C``, the number of logits.
+        n_lora: The LoRA rank.
+        n_kfac: The rank of the low-rank factors.
+        device: Where to return the result.
+
+    Returns:
+        ``Σ_f: [batch, n_logits, n_logits]`` in the Jacobians' dtype, on ``device``.
+
+    Raises:
+        ValueError: ``s2`` not one positive finite number, no factors, factors not in
+            :func:`model_evidence`'s layout, ``inputs`` without ``input_ids``, a module without
+            exactly one weight Jacobian, or a Jacobian not ``[batch, n_logits, d_out, d_in]``.
+    """
+    delta = 1.0 / float(_prior_variance(s2).detach())
+    if not factors:
+        raise ValueError("The factors cover no module: there is no posterior.")
+    batch = _batch_size(inputs)
+    terms, dtypes = [], []
+    for name, (A, S) in factors.items():
+        fS, fA = _eigenpairs(name, A, S, n_lora, n_kfac)
+        J = _layer_jacobian(jacobian, name, (batch, n_logits, fS.side, fA.side))
+        dtypes.append(J.dtype)
+        J = J.to(torch.float64).flatten(0, 1)  # [batch·C, d_out, d_in]
+        cov = KroneckerBlock(fS, fA, name).inverse(delta, exact=True)
+        cov_J = cov.matmat(J.permute(1, 2, 0)).permute(2, 0, 1)  # Σ_l J_lᵀ, [batch·C, d_out, d_in]
+        flat = (batch, n_logits, -1)
+        terms.append(J.reshape(flat) @ cov_J.reshape(flat).mT)
+    dtype = functools.reduce(torch.promote_types, dtypes)
+    return torch.stack(terms).sum(0).to(device=device, dtype=dtype)
