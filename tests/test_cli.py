@@ -1,8 +1,10 @@
-"""The ``kronfac`` command line: ``demo`` and ``factors`` end to end, argument errors, extras."""
+"""The ``kronfac`` command line: ``demo`` (optim, laplace) and ``factors`` end to end, argument
+errors, extras; the demo's calibration error by hand."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 import kronfac
-from kronfac import cli
+from kronfac import cli, demo
 
 needs_sklearn = pytest.mark.skipif(
     importlib.util.find_spec("sklearn") is None, reason="the digits need scikit-learn"
@@ -82,6 +84,15 @@ def test_factors_save_writes_loadable_factors(tmp_path, capsys: pytest.CaptureFi
         ["demo", "--threads", "0"],
         ["demo", "--steps", "0"],
         ["demo", "--plot", "/no/such/folder/plot.png"],
+        ["demo", "bogus"],
+        ["demo", "laplace", "--steps", "3"],
+        ["demo", "--epochs", "2"],
+        ["demo", "optim", "--split", "100,30,30"],
+        ["demo", "laplace", "--epochs", "-1"],
+        ["demo", "laplace", "--split", "100,30"],
+        ["demo", "laplace", "--split", "100,0,30"],
+        ["demo", "laplace", "--split", "1000,500,400"],
+        ["demo", "laplace", "--plot", "/no/such/folder/plot.png"],
         ["factors", "--save", "/no/such/folder/f.safetensors"],
     ],
 )
@@ -155,6 +166,84 @@ def test_demo_no_plot_writes_nothing(tmp_path, monkeypatch, capsys) -> None:
     assert cli.main(["demo", "--steps", "1", "--no-plot"]) == 0
     assert list(tmp_path.iterdir()) == []
     assert "plot:" not in capsys.readouterr().out
+
+
+def test_demo_laplace_without_sklearn_exits_with_status_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert cli.main(["demo", "laplace", "--epochs", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "kronfac demo laplace needs scikit-learn: pip install 'kronfac[demo]'" in captured.err
+    assert captured.out == ""
+
+
+@needs_sklearn
+def test_demo_laplace_prints_its_table_and_plot(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the plot's default path
+    threads = torch.get_num_threads()
+    assert cli.main(["demo", "laplace", "--epochs", "2", "--split", "100,30,40"]) == 0
+    out = capsys.readouterr().out
+    assert "digits 100 train / 30 val / 40 test (seed 0)" in out
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    assert lines[start].split("  ")[0] == "method" and "ECE" in lines[start]
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.strip():
+            break
+        name, cells = line[: line.index("  ")], line[line.index("  ") :].split()
+        rows[name] = cells
+    assert list(rows) == ["MAP", *demo.DEMO_LAPLACE_VARIANTS]
+    for name, (prior, acc, nll, ece, ratio, seconds) in rows.items():
+        assert 0 <= float(acc) <= 100 and float(nll) > 0 and 0 <= float(ece) <= 1
+        assert float(ratio) >= 0
+        if name == "MAP":
+            assert (prior, seconds) == ("-", "-")
+        else:
+            assert float(prior) > 0 and float(seconds) > 0
+    assert rows["MAP"][4] == "1.00"
+    plot = tmp_path / "kronfac_laplace.png"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "plot: kronfac_laplace.png" in out
+    else:
+        assert not plot.exists() and "matplotlib not installed" in out
+    assert torch.get_num_threads() == threads
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    probs = torch.tensor(
+        [
+            [0.95, 0.03, 0.02],  # confidence 0.95, correct: bin 14 of 15, (14/15, 1]
+            [0.01, 0.02, 0.97],  # 0.97, wrong: bin 14
+            [0.50, 0.30, 0.20],  # 0.50, correct: bin 7, (7/15, 8/15]
+            [0.20, 0.70, 0.10],  # 0.70, wrong: bin 10, (10/15, 11/15]
+            [0.30, 0.28, 0.42],  # 0.42, correct: bin 6, (6/15, 7/15]
+        ]
+    )
+    labels = torch.tensor([0, 1, 0, 2, 2])
+    # Σ_b |B_b|/n · |acc_b − conf_b| = 2/5 · |0.5 − 0.96| + 1/5 · (0.5 + 0.7 + 0.58) = 0.54
+    assert demo.expected_calibration_error(probs, labels) == pytest.approx(0.54, abs=1e-7)
+    # one bin: |accuracy − mean confidence| = |3/5 − 3.54/5|
+    assert demo.expected_calibration_error(probs, labels, bins=1) == pytest.approx(0.108, abs=1e-7)
+    metrics = demo.calibration(probs, labels)
+    assert metrics.accuracy == pytest.approx(0.6)
+    nll = -sum(math.log(p) for p in (0.95, 0.02, 0.5, 0.1, 0.42)) / 5
+    assert metrics.nll == pytest.approx(nll, rel=1e-6)
+    assert metrics.ece == pytest.approx(0.54, abs=1e-7)
+    # a confidence on a bin's upper edge belongs to that bin: (0, 1/2] and (1/2, 1]
+    edge = torch.tensor([[0.5, 0.3, 0.2], [0.75, 0.25, 0.0]])
+    assert demo.expected_calibration_error(edge, torch.tensor([0, 0]), bins=2) == pytest.approx(
+        (0.5 + 0.25) / 2
+    )
+    with pytest.raises(ValueError, match="labels"):
+        demo.expected_calibration_error(probs, labels[:3])
+    with pytest.raises(ValueError, match="bins"):
+        demo.expected_calibration_error(probs, labels, bins=0)
 
 
 def test_condition_number_is_inf_for_singular_factors() -> None:

@@ -13,6 +13,7 @@ against a dense Cholesky / inverse, float64); Monte-Carlo checks state their sta
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -314,18 +315,24 @@ def test_marglik_tuning_reaches_the_dense_optimum():
     assert abs(tuned / best - 1) < 1e-3
 
 
-def test_gridsearch_picks_the_least_validation_nll():
+@pytest.mark.parametrize("grid", [[1e-3, 0.01, 0.1, 1.0, 10.0], [1.0, 10.0, 100.0]])
+def test_gridsearch_picks_the_least_validation_nll(grid):
+    """Two validation batches; a choice at the grid's edge warns."""
     _model, _, _, la, _ = build("kfac")
     g = gen(13)
-    val = [(randn(8, 4, g=g), torch.randint(0, 3, (8,), generator=g))]
-    grid = [0.01, 1.0, 100.0]
+    val = [(randn(8, 4, g=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(2)]
     nll = []
     for d in grid:
         la.prior_precision = d
-        probs = la.predictive(val[0][0])
-        nll.append(-float(probs.log().gather(1, val[0][1][:, None]).mean()))
-    best = la.optimize_prior_precision("gridsearch", val_data=val, grid=grid)
-    assert best == grid[nll.index(min(nll))] == la.prior_precision
+        nll.append(-sum(float(la.predictive(X).log().gather(1, y[:, None]).sum()) for X, y in val))
+    best = grid[nll.index(min(nll))]
+    edge = best in (grid[0], grid[-1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert la.optimize_prior_precision("gridsearch", val_data=val, grid=grid) == best
+    assert la.prior_precision == best
+    assert any("edge of the grid" in str(w.message) for w in caught) == edge
+    assert edge == (grid[0] == 1.0)  # both cases exercised: inside the first grid, at an edge
 
 
 @pytest.mark.parametrize(

@@ -1,19 +1,24 @@
 """The ``kronfac`` command line.
 
 Subcommands:
-    ``kronfac demo``: adaptive K-FAC (:class:`kronfac.optim.KFAC`) against Adam and Muon on
-    scikit-learn's bundled digits (a deep autoencoder and an MLP classifier): progress bars,
-    a table of the steps each needs to reach Adam's final training loss, its step time
-    (measured apart, in interleaved rounds) and the time to the target, and a PNG plot of the
-    loss against steps and seconds when matplotlib is installed.
+    ``kronfac demo`` (``kronfac demo optim``): adaptive K-FAC (:class:`kronfac.optim.KFAC`)
+    against Adam and Muon on scikit-learn's bundled digits (a deep autoencoder and an MLP
+    classifier): progress bars, a table of the steps each needs to reach Adam's final training
+    loss, its step time (measured apart, in interleaved rounds) and the time to the target,
+    and a PNG plot of the loss against steps and seconds when matplotlib is installed.
+    ``kronfac demo laplace``: an MLP trained to its MAP on the digits against K-FAC Laplace
+    approximations of it (:class:`kronfac.Laplace`, all layers or the last one, the prior
+    tuned by the marginal likelihood or a validation grid search): a table of the test
+    accuracy, NLL and ECE, and a PNG reliability diagram when matplotlib is installed.
     ``kronfac factors``: train a small MLP on the digits, compute its Kronecker factors with
     :func:`kronfac.compute_factors` and print one row per layer (factor shapes, traces,
     condition numbers) and the cost of the factor pass relative to one plain forward +
     backward pass over the same data.
 
-The digits tasks, the race, its tables and plot they share with ``benchmarks/optim.py`` are in
-:mod:`kronfac.demo`. This module is the top of the import graph: it may import anything in
-kronfac, and nothing in kronfac imports it.
+The digits tasks, the race, the Laplace comparison, their tables and plots they share with
+``benchmarks/optim.py`` and ``benchmarks/laplace.py`` are in :mod:`kronfac.demo`. This module
+is the top of the import graph: it may import anything in kronfac, and nothing in kronfac
+imports it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ __all__ = ["build_mlp", "main"]
 _SKLEARN_MISSING = "kronfac {} needs scikit-learn: pip install 'kronfac[demo]'"
 _BATCH_SIZE = 128
 _LR = 1e-2
+_DIGITS = 1797  # images in scikit-learn's load_digits
 
 
 def build_mlp() -> nn.Sequential:
@@ -72,6 +78,18 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _split(text: str) -> tuple[int, int, int]:
+    sizes = text.split(",")
+    if len(sizes) != 3 or not all(s.strip().isdigit() and int(s) > 0 for s in sizes):
+        raise argparse.ArgumentTypeError(
+            f"expected three positive integers TRAIN,VAL,TEST, got {text!r}"
+        )
+    train, val, test = map(int, sizes)
+    if train + val + test > _DIGITS:
+        raise argparse.ArgumentTypeError(f"the digits have {_DIGITS} images, asked for {text!r}")
+    return train, val, test
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kronfac",
@@ -81,17 +99,42 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo_parser = sub.add_parser(
         "demo",
-        help="adaptive K-FAC against Adam and Muon on the digits data",
+        help="adaptive K-FAC against Adam and Muon, or Laplace calibration, on the digits data",
         description=(
-            "Train a deep autoencoder 64-256-128-32-128-256-64 and an MLP 64-256-256-10 on "
-            "scikit-learn's bundled digits with Adam for --steps steps, then Muon and adaptive "
-            "K-FAC until they reach Adam's final training loss (at most 3 x --steps steps); "
-            "time each method's steps apart, in interleaved rounds; print the steps, step time "
-            "and time each needed and plot the losses against steps and seconds."
+            "optim (the default): train a deep autoencoder 64-256-128-32-128-256-64 and an MLP "
+            "64-256-256-10 on scikit-learn's bundled digits with Adam for --steps steps, then "
+            "Muon and adaptive K-FAC until they reach Adam's final training loss (at most 3 x "
+            "--steps steps); time each method's steps apart, in interleaved rounds; print the "
+            "steps, step time and time each needed and plot the losses against steps and "
+            "seconds. laplace: train an MLP 64-128-128-10 to its MAP on a split of the digits "
+            "for --epochs epochs; compare its test accuracy, NLL and calibration error with "
+            "K-FAC Laplace approximations of all layers and of the last layer, their prior "
+            "tuned by the marginal likelihood or a grid search on the validation set; print "
+            "the table and plot a reliability diagram."
         ),
     )
     demo_parser.add_argument(
-        "--steps", type=_int_at_least(1), default=300, help="Adam's steps (default: 300)"
+        "what",
+        nargs="?",
+        choices=DEMOS,
+        default="optim",
+        help="optim: the optimizer race (default); laplace: Laplace calibration",
+    )
+    demo_parser.add_argument(
+        "--steps",
+        type=_int_at_least(1),
+        help=f"optim: Adam's steps (default: {DEMO_STEPS})",
+    )
+    demo_parser.add_argument(
+        "--epochs",
+        type=_int_at_least(0),
+        help=f"laplace: the MAP's training epochs (default: {demo.LAPLACE_EPOCHS})",
+    )
+    demo_parser.add_argument(
+        "--split",
+        type=_split,
+        metavar="TRAIN,VAL,TEST",
+        help="laplace: images per set (default: {},{},{})".format(*demo.LAPLACE_SPLIT),
     )
     demo_parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo_parser.add_argument(
@@ -100,9 +143,11 @@ def _build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument(
         "--plot",
         type=Path,
-        default=Path("kronfac_demo.png"),
         metavar="PATH",
-        help="where to write the plot when matplotlib is installed (default: kronfac_demo.png)",
+        help=(
+            "where to write the plot when matplotlib is installed (default: "
+            f"{DEMO_PLOTS['optim']} or {DEMO_PLOTS['laplace']})"
+        ),
     )
     demo_parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
     factors = sub.add_parser(
@@ -154,10 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
-        plot = None if args.no_plot else args.plot
+        plot = None if args.no_plot else (args.plot or Path(DEMO_PLOTS[args.what]))
         if plot is not None and not plot.parent.is_dir():
             parser.error(f"--plot: folder {str(plot.parent)!r} does not exist")
-        return _demo(steps=args.steps, seed=args.seed, threads=args.threads, plot=plot)
+        other = "optim" if args.what == "laplace" else "laplace"
+        for flag in DEMO_FLAGS[other]:
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag} applies to 'kronfac demo {other}' only")
+        if args.what == "laplace":
+            return _demo_laplace(
+                epochs=demo.LAPLACE_EPOCHS if args.epochs is None else args.epochs,
+                split=demo.LAPLACE_SPLIT if args.split is None else args.split,
+                seed=args.seed,
+                threads=args.threads,
+                plot=plot,
+            )
+        steps = DEMO_STEPS if args.steps is None else args.steps
+        return _demo(steps=steps, seed=args.seed, threads=args.threads, plot=plot)
     if args.command == "factors":
         if args.save is not None and not args.save.parent.is_dir():
             parser.error(f"--save: folder {str(args.save.parent)!r} does not exist")
@@ -175,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
 
 # Adam sets the target; Muon (the usual 0.02) and adaptive K-FAC (its defaults) race to it.
 DEMO_GRIDS: dict[str, tuple[float, ...]] = {"adam": (3e-3,), "muon": (0.02,), "kfac": (1.0,)}
+DEMO_STEPS = 300
+DEMOS = ("optim", "laplace")
+DEMO_PLOTS = {"optim": "kronfac_demo.png", "laplace": "kronfac_laplace.png"}
+# The options of one demo only (their default None: not given).
+DEMO_FLAGS = {"optim": ("steps",), "laplace": ("epochs", "split")}
 
 
 @contextlib.contextmanager
@@ -219,6 +282,31 @@ def _demo(*, steps: int, seed: int, threads: int, plot: Path | None) -> int:
         if plot is not None:
             title = f"digits, batch 256, {steps} Adam steps, seed {seed}"
             print("\n" + demo.plot_races(races, plot, title))
+    return 0
+
+
+def _demo_laplace(
+    *, epochs: int, split: tuple[int, int, int], seed: int, threads: int, plot: Path | None
+) -> int:
+    """The MAP MLP against K-FAC Laplace approximations on the digits. Returns the status."""
+    try:
+        sizes = demo.digits_split(seed, split).describe()
+    except ImportError:
+        print(_SKLEARN_MISSING.format("demo laplace"), file=sys.stderr)
+        return 2
+    print(
+        f"digits {sizes} (seed {seed}), MLP 64-128-128-10 tanh trained to its MAP: {epochs} "
+        f"epochs of Adam, weight decay δ₀/N, δ₀ = {demo.LAPLACE_PRIOR:g}; {threads} thread(s)\n"
+        f"Laplace: K-FAC, probit predictive; prior δ tuned by the marginal likelihood "
+        f"(marglik) or the validation NLL (gridsearch); ECE: {demo.ECE_BINS} bins",
+        flush=True,
+    )
+    with _threads(threads):
+        runs = demo.laplace_digits(seed, demo.DEMO_LAPLACE_VARIANTS, sizes=split, epochs=epochs)
+    print(f"\n{demo.laplace_table(runs)}")
+    if plot is not None:
+        title = f"digits test set ({sizes}), seed {seed}"
+        print("\n" + demo.plot_reliability(runs, plot, title))
     return 0
 
 

@@ -1,8 +1,8 @@
-"""Optimizer races: the tasks, methods, training loop and reports of ``kronfac demo``.
+"""Optimizer races and Laplace calibration on the digits: the code of ``kronfac demo``.
 
 Demo and benchmark code, kept out of the library packages: :mod:`kronfac.cli` (``kronfac demo``,
-and ``kronfac factors`` for its data and table) and ``benchmarks/optim.py`` import it, nothing in
-the library does.
+``kronfac demo laplace``, and ``kronfac factors`` for its data and table),
+``benchmarks/optim.py`` and ``benchmarks/laplace.py`` import it, nothing in the library does.
 
 Tasks (:func:`load_tasks`):
 
@@ -26,10 +26,17 @@ A race (:func:`race`) sets a target with Adam, runs every method to it, and time
 steps apart from the runs, in interleaved rounds on the same batches (:func:`time_steps`): the
 time to the target is the steps to the target times that median step time, so that a busy
 machine slows every method alike.
+
+Laplace on the digits (:func:`laplace_digits`): an MLP trained to its MAP under a Gaussian prior
+(:func:`train_map`) against :class:`~kronfac.laplace.Laplace` approximations of all its layers
+or the last one (:data:`LAPLACE_VARIANTS`), compared by test accuracy, NLL and expected
+calibration error (:func:`calibration`), in a table (:func:`laplace_table`) and a reliability
+diagram (:func:`plot_reliability`).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import math
@@ -48,31 +55,52 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from kronfac.laplace import Laplace
 from kronfac.optim.kfac import KFAC
 
 __all__ = [
+    "DEMO_LAPLACE_VARIANTS",
+    "ECE_BINS",
     "KFAC_FIXED_OPTIONS",
+    "LAPLACE_EPOCHS",
+    "LAPLACE_HEADER",
+    "LAPLACE_PRIOR",
+    "LAPLACE_SPLIT",
+    "LAPLACE_VARIANTS",
     "METHODS",
     "TABLE_HEADER",
     "TASKS",
     "ByteTransformer",
+    "Calibration",
+    "DigitsSplit",
+    "LaplaceRun",
+    "LaplaceVariant",
     "OptimizerChain",
     "Race",
     "Run",
     "Stepper",
     "Task",
     "Timing",
+    "calibration",
     "digits_data",
+    "digits_split",
     "digits_tasks",
+    "expected_calibration_error",
+    "fit_laplace",
     "format_table",
+    "laplace_digits",
+    "laplace_mlp",
+    "laplace_table",
     "lm_task",
     "load_tasks",
     "make_optimizer",
     "plot_races",
+    "plot_reliability",
     "race",
     "stdlib_bytes",
     "time_steps",
     "train",
+    "train_map",
     "train_step",
 ]
 
@@ -843,6 +871,483 @@ def plot_races(races: Sequence[Race], path: Any, title: str = "") -> str:
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+# -- Laplace on the digits ----------------------------------------------------------------------
+
+# Train / validation / test images of a seed's split of the 1797 digits.
+LAPLACE_SPLIT = (1000, 397, 400)
+# δ₀ of the MAP's prior N(0, δ₀⁻¹ I): Adam's weight decay is δ₀ / N.
+LAPLACE_PRIOR = 1.0
+LAPLACE_EPOCHS = 100
+LAPLACE_BATCH = 100
+LAPLACE_LR = 3e-3
+ECE_BINS = 15
+
+
+@dataclass(frozen=True)
+class LaplaceVariant:
+    """One Laplace approximation of :func:`laplace_digits`.
+
+    Attributes:
+        name: The row's label.
+        layers: ``"all"`` (every Linear layer) or ``"last"`` (the output layer alone).
+        tuning: ``"marglik"`` (one prior precision), ``"marglik per module"`` (one per layer,
+            the prior a dict) or ``"gridsearch"`` (the validation NLL).
+        curvature: ``"kfac"`` or ``"ekfac"``.
+        grid: The grid of ``"gridsearch"`` (``None``: :class:`~kronfac.laplace.Laplace`'s).
+    """
+
+    name: str
+    layers: str
+    tuning: str
+    curvature: str = "kfac"
+    grid: tuple[float, ...] | None = None
+
+
+LAPLACE_VARIANTS: dict[str, LaplaceVariant] = {
+    v.name: v
+    for v in (
+        LaplaceVariant("K-FAC all, marglik", "all", "marglik"),
+        LaplaceVariant("K-FAC all, marglik per module", "all", "marglik per module"),
+        LaplaceVariant("K-FAC all, gridsearch", "all", "gridsearch"),
+        LaplaceVariant("K-FAC last, marglik", "last", "marglik"),
+        LaplaceVariant("K-FAC last, gridsearch", "last", "gridsearch"),
+        LaplaceVariant("EKFAC all, marglik", "all", "marglik", "ekfac"),
+        LaplaceVariant("EKFAC all, marglik per module", "all", "marglik per module", "ekfac"),
+        LaplaceVariant("EKFAC all, gridsearch", "all", "gridsearch", "ekfac"),
+    )
+}
+# ``kronfac demo laplace``: all layers and the last one, each by the evidence and the grid.
+DEMO_LAPLACE_VARIANTS = (
+    "K-FAC all, marglik",
+    "K-FAC all, gridsearch",
+    "K-FAC last, marglik",
+    "K-FAC last, gridsearch",
+)
+
+
+@dataclass
+class DigitsSplit:
+    """A seed's split of the digits (pixels / 16, in ``[0, 1]``) into three batches ``(X, y)``."""
+
+    train: Batch
+    val: Batch
+    test: Batch
+
+    def describe(self) -> str:
+        """``"1000 train / 397 val / 400 test"``."""
+        sizes = (len(b[1]) for b in (self.train, self.val, self.test))
+        return "{} train / {} val / {} test".format(*sizes)
+
+
+def digits_split(seed: int, sizes: Sequence[int] = LAPLACE_SPLIT) -> DigitsSplit:
+    """The digits in a random permutation of ``seed``, cut into train, validation and test.
+
+    Args:
+        seed: The permutation's seed.
+        sizes: The three sets' sizes (positive, at most 1797 in all).
+
+    Raises:
+        ValueError: Sizes that are not three positive counts within the 1797 images.
+        ImportError: Without scikit-learn (``pip install 'kronfac[demo]'``).
+    """
+    from sklearn.datasets import load_digits
+
+    X_np, y_np = load_digits(return_X_y=True)
+    if len(sizes) != 3 or min(sizes) < 1 or sum(sizes) > len(y_np):
+        raise ValueError(
+            f"sizes must be three positive counts (train, val, test) of at most {len(y_np)} "
+            f"images in all, got {tuple(sizes)}."
+        )
+    X = torch.as_tensor(X_np, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(y_np, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    train, val, test = perm[: sum(sizes)].split(list(sizes))
+    return DigitsSplit((X[train], y[train]), (X[val], y[val]), (X[test], y[test]))
+
+
+def laplace_mlp() -> nn.Sequential:
+    """The MLP 64-128-128-10 with tanh; its Linear layers are ``fc1``, ``fc2``, ``fc3``."""
+    return nn.Sequential(
+        collections.OrderedDict(
+            fc1=nn.Linear(64, 128),
+            act1=nn.Tanh(),
+            fc2=nn.Linear(128, 128),
+            act2=nn.Tanh(),
+            fc3=nn.Linear(128, 10),
+        )
+    )
+
+
+def _batches(data: Batch, size: int) -> list[Batch]:
+    X, y = data
+    return list(zip(X.split(size), y.split(size), strict=True))
+
+
+def train_map(
+    model: nn.Module,
+    data: Batch,
+    *,
+    prior_precision: float = LAPLACE_PRIOR,
+    epochs: int = LAPLACE_EPOCHS,
+    batch_size: int = LAPLACE_BATCH,
+    lr: float = LAPLACE_LR,
+    seed: int = 0,
+) -> None:
+    r"""Train ``model`` to the MAP of a cross-entropy likelihood and a Gaussian prior.
+
+    Adam with weight decay ``δ₀ / N`` (added to the gradient, not decoupled) on mini-batches of
+    a fresh permutation per epoch, its learning rate annealed to 0 by a cosine: in expectation
+    the gradient of
+
+    .. math::
+
+        \frac{1}{N}\Big(\sum_{i=1}^{N} -\log p(y_i \mid x_i, θ) + \frac{δ_0}{2} \|θ\|^2\Big),
+
+    the negative log posterior over ``N`` of the prior ``N(0, δ₀⁻¹ I)``, the prior the Laplace
+    approximations start from. The model is left in eval mode.
+
+    Args:
+        model: The model (trained in place).
+        data: The training set ``(X, y)``.
+        prior_precision: ``δ₀``.
+        epochs: Passes over the data.
+        batch_size: Images per step.
+        lr: Adam's initial learning rate.
+        seed: The seed of the batches' order.
+    """
+    X, y = data
+    steps = epochs * math.ceil(len(y) / batch_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=prior_precision / len(y))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(X[idx]), y[idx]).backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+
+
+def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = ECE_BINS) -> float:
+    r"""The expected calibration error of class probabilities over equal-width bins.
+
+    With the confidence ``c_i = max_k p_ik``, the prediction ``argmax_k p_ik`` and the bins
+    ``B_b = {i : b/m < c_i ≤ (b+1)/m}``, ``b = 0, …, m−1``:
+
+    .. math::
+
+        \mathrm{ECE} = \sum_b \frac{|B_b|}{n} \, |\mathrm{acc}_b - \mathrm{conf}_b|,
+
+    ``acc_b`` the fraction of correct predictions and ``conf_b`` the mean confidence in ``B_b``
+    (empty bins add nothing).
+
+    Args:
+        probs: ``[n, C]`` class probabilities.
+        labels: ``[n]`` true classes.
+        bins: ``m``, the number of bins over ``[0, 1]``.
+
+    Returns:
+        The ECE in ``[0, 1]``.
+
+    Raises:
+        ValueError: Shapes other than ``[n, C]`` and ``[n]`` (``n ≥ 1``), or ``bins < 1``.
+    """
+    correct, confidence, index = _confidence_bins(probs, labels, bins)
+    # |B_b| · |acc_b − conf_b| = |Σ_{i ∈ B_b} (correct_i − c_i)|
+    gap = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct - confidence)
+    return float(gap.abs().sum()) / len(labels)
+
+
+def _confidence_bins(probs: Tensor, labels: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per data point (float64): correct (0 / 1), confidence, and its bin of ``(b/m, (b+1)/m]``."""
+    if probs.ndim != 2 or labels.shape != probs.shape[:1] or len(labels) == 0:
+        raise ValueError(
+            f"Expected probabilities [n, C] and labels [n] with n >= 1, got shapes "
+            f"{tuple(probs.shape)} and {tuple(labels.shape)}."
+        )
+    if bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}.")
+    confidence, predicted = probs.detach().to(torch.float64).max(dim=1)
+    correct = (predicted == labels).to(torch.float64)
+    edges = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64)[1:-1]
+    return correct, confidence, torch.bucketize(confidence, edges)  # (lo, hi] bins
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Test metrics of class probabilities: accuracy, mean NLL and ECE (:func:`calibration`)."""
+
+    accuracy: float
+    nll: float
+    ece: float
+
+
+def calibration(probs: Tensor, labels: Tensor, bins: int = ECE_BINS) -> Calibration:
+    """The accuracy, the mean negative log-likelihood ``−(1/n) Σ_i log p_{i y_i}`` and the ECE.
+
+    Args:
+        probs: ``[n, C]`` class probabilities.
+        labels: ``[n]`` true classes.
+        bins: The ECE's bins (:func:`expected_calibration_error`).
+
+    Raises:
+        ValueError: As :func:`expected_calibration_error`.
+    """
+    ece = expected_calibration_error(probs, labels, bins)
+    p = probs.detach().to(torch.float64)
+    accuracy = float((p.argmax(dim=1) == labels).to(torch.float64).mean())
+    nll = -float(p.gather(1, labels[:, None]).clamp_min(1e-300).log().mean())
+    return Calibration(accuracy, nll, ece)
+
+
+@dataclass
+class LaplaceRun:
+    """The test predictions of the MAP or one Laplace approximation on one seed.
+
+    Attributes:
+        name: The MAP's ``"MAP"`` or the :class:`LaplaceVariant`'s name.
+        seed: The seed.
+        probs: ``[n, C]`` test class probabilities.
+        labels: ``[n]`` test classes.
+        metrics: Their :func:`calibration`.
+        seconds: Building the approximation and tuning its prior (0 for the MAP).
+        prior: The tuned prior precision (``None`` for the MAP), per module for a dict.
+    """
+
+    name: str
+    seed: int
+    probs: Tensor
+    labels: Tensor
+    metrics: Calibration
+    seconds: float = 0.0
+    prior: float | dict[str, float] | None = None
+
+
+def fit_laplace(
+    model: nn.Module,
+    variant: LaplaceVariant,
+    split: DigitsSplit,
+    *,
+    prior_precision: float = LAPLACE_PRIOR,
+    batch_size: int = LAPLACE_BATCH,
+    seed: int = 0,
+) -> LaplaceRun:
+    """Build ``variant``'s :class:`~kronfac.laplace.Laplace` around ``model``, tune, predict.
+
+    The approximation (type-2 Fisher, joint biases) covers every Linear layer or the last
+    one, starts from ``prior_precision`` (one per layer for ``"marglik per module"``), passes
+    over the training set in batches of ``batch_size``, and tunes its prior by
+    :meth:`~kronfac.laplace.Laplace.optimize_prior_precision` (marglik: 100 Adam steps of
+    learning rate 0.1 on ``log δ``; gridsearch: the probit predictive's NLL on the validation
+    set). The test probabilities are the probit predictive's.
+
+    Args:
+        model: The MAP model (eval mode).
+        variant: The approximation.
+        split: The data.
+        prior_precision: The starting prior precision ``δ₀``.
+        batch_size: Images per batch of the data passes and the predictive.
+        seed: The run's seed (recorded).
+
+    Raises:
+        ValueError: A variant with unknown ``layers`` or ``tuning``.
+    """
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    layers = {"all": None, "last": linears[-1:]}
+    if variant.layers not in layers:
+        raise ValueError(f"Unknown layers {variant.layers!r}; expected one of {list(layers)}.")
+    tunings = ("marglik", "marglik per module", "gridsearch")
+    if variant.tuning not in tunings:
+        raise ValueError(f"Unknown tuning {variant.tuning!r}; expected one of {list(tunings)}.")
+    start = time.perf_counter()
+    la = Laplace(
+        model,
+        nn.CrossEntropyLoss(),
+        _batches(split.train, batch_size),
+        modules=layers[variant.layers],
+        prior_precision=prior_precision,
+        curvature=variant.curvature,
+    )
+    if variant.tuning == "gridsearch":
+        val = _batches(split.val, batch_size)
+        la.optimize_prior_precision("gridsearch", val_data=val, grid=variant.grid)
+    else:
+        if variant.tuning == "marglik per module":
+            la.prior_precision = dict.fromkeys(la.modules, prior_precision)
+        la.optimize_prior_precision("marglik")
+    seconds = time.perf_counter() - start
+    X_test, y_test = split.test
+    with torch.no_grad():
+        probs = torch.cat([_probabilities(la, X) for X in X_test.split(batch_size)])
+    prior = la.prior_precision
+    tuned = {k: float(v) for k, v in prior.items()} if isinstance(prior, Mapping) else float(prior)
+    return LaplaceRun(variant.name, seed, probs, y_test, calibration(probs, y_test), seconds, tuned)
+
+
+def _probabilities(la: Laplace, X: Tensor) -> Tensor:
+    probs = la.predictive(X)
+    assert isinstance(probs, Tensor)  # cross-entropy: class probabilities
+    return probs
+
+
+def laplace_digits(
+    seed: int,
+    variants: Sequence[str],
+    *,
+    sizes: Sequence[int] = LAPLACE_SPLIT,
+    epochs: int = LAPLACE_EPOCHS,
+    prior_precision: float = LAPLACE_PRIOR,
+) -> list[LaplaceRun]:
+    """The MAP MLP and Laplace approximations of it on one seed's split of the digits.
+
+    The split (:func:`digits_split`), the MLP's initial weights (:func:`laplace_mlp`) and its
+    batches (:func:`train_map`) come from ``seed``.
+
+    Args:
+        seed: The seed.
+        variants: Names of :data:`LAPLACE_VARIANTS`, in the order of the result.
+        sizes: Train, validation and test sizes.
+        epochs: The MAP's training epochs.
+        prior_precision: ``δ₀``: the MAP's prior and the approximations' starting prior.
+
+    Returns:
+        The MAP's run, then one per variant.
+
+    Raises:
+        ValueError: An unknown variant, or bad ``sizes``.
+        ImportError: Without scikit-learn (``pip install 'kronfac[demo]'``).
+    """
+    unknown = [v for v in variants if v not in LAPLACE_VARIANTS]
+    if unknown:
+        raise ValueError(
+            f"Unknown variant(s) {unknown}; expected some of {list(LAPLACE_VARIANTS)}."
+        )
+    split = digits_split(seed, sizes)
+    torch.manual_seed(seed)
+    model = laplace_mlp()
+    train_map(model, split.train, prior_precision=prior_precision, epochs=epochs, seed=seed)
+    X_test, y_test = split.test
+    with torch.no_grad():
+        probs = torch.softmax(model(X_test), dim=-1)
+    runs = [LaplaceRun("MAP", seed, probs, y_test, calibration(probs, y_test))]
+    for name in variants:
+        variant = LAPLACE_VARIANTS[name]
+        runs.append(fit_laplace(model, variant, split, prior_precision=prior_precision, seed=seed))
+    return runs
+
+
+LAPLACE_HEADER = ["method", "prior δ", "test acc %", "NLL", "ECE", "ECE / MAP's", "build+tune s"]
+
+
+def _format_prior(priors: Sequence[float | dict[str, float] | None]) -> str:
+    """The median prior over the seeds (per module, ``/``-separated, for dicts)."""
+    if priors[0] is None:
+        return "-"
+    if isinstance(priors[0], dict):
+        dicts = [p for p in priors if isinstance(p, dict)]
+        return "/".join(f"{statistics.median(d[m] for d in dicts):.3g}" for m in dicts[0])
+    return f"{statistics.median(p for p in priors if isinstance(p, float)):.3g}"
+
+
+def laplace_table(runs: Sequence[LaplaceRun]) -> str:
+    """One row per method (first-seen order): medians over its seeds of :data:`LAPLACE_HEADER`.
+
+    ``ECE / MAP's`` is the median over the seeds of the ratio to the same seed's MAP.
+
+    Raises:
+        ValueError: Runs without the MAP of each of their seeds.
+    """
+    maps = {r.seed: r for r in runs if r.name == "MAP"}
+    if missing := sorted({r.seed for r in runs} - set(maps)):
+        raise ValueError(f"The table needs the MAP run of every seed; missing seeds {missing}.")
+    groups: dict[str, list[LaplaceRun]] = {}
+    for r in runs:
+        groups.setdefault(r.name, []).append(r)
+    rows = []
+    median = statistics.median
+    for name, group in groups.items():
+        ratio = median(r.metrics.ece / max(maps[r.seed].metrics.ece, 1e-12) for r in group)
+        rows.append(
+            [
+                name,
+                _format_prior([r.prior for r in group]),
+                f"{100 * median(r.metrics.accuracy for r in group):.2f}",
+                f"{median(r.metrics.nll for r in group):.4f}",
+                f"{median(r.metrics.ece for r in group):.4f}",
+                f"{ratio:.2f}",
+                "-" if name == "MAP" else f"{median(r.seconds for r in group):.2f}",
+            ]
+        )
+    return format_table(LAPLACE_HEADER, rows)
+
+
+def plot_reliability(
+    runs: Sequence[LaplaceRun], path: Any, title: str = "", bins: int = ECE_BINS
+) -> str:
+    """A reliability diagram: accuracy against confidence per bin, one line per method.
+
+    The test predictions of each method's runs are pooled over the seeds; each point is a
+    non-empty bin of :func:`expected_calibration_error` at its mean confidence, and the
+    legend gives the pooled ECE. Below, the share of test points per bin. Needs matplotlib.
+
+    Args:
+        runs: The runs to draw (methods in first-seen order).
+        path: Where to write the PNG.
+        title: The figure's title.
+        bins: The bins.
+
+    Returns:
+        A line to print: where the plot is, or that matplotlib is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "(matplotlib not installed: pip install 'kronfac[plot]' for the plot)"
+    pooled: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+    for r in runs:
+        seen_probs, seen_labels = pooled.setdefault(r.name, ([], []))
+        seen_probs.append(r.probs)
+        seen_labels.append(r.labels)
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    top.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="calibrated")
+    centers = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    width = 1.0 / bins / (len(pooled) + 1)
+    for k, (name, (probs_list, labels_list)) in enumerate(pooled.items()):
+        probs, labels = torch.cat(probs_list), torch.cat(labels_list)
+        correct, confidence, index = _confidence_bins(probs, labels, bins)
+        count = torch.zeros(bins, dtype=torch.float64).index_add_(
+            0, index, torch.ones_like(correct)
+        )
+        hit = count > 0
+        accuracy = torch.zeros_like(count).index_add_(0, index, correct)[hit] / count[hit]
+        mean_conf = torch.zeros_like(count).index_add_(0, index, confidence)[hit] / count[hit]
+        ece = expected_calibration_error(probs, labels, bins)
+        top.plot(mean_conf.tolist(), accuracy.tolist(), marker="o", label=f"{name} (ECE {ece:.3f})")
+        offset = (k + 0.5 - len(pooled) / 2) * width
+        shares = (count / len(labels)).tolist()
+        bottom.bar((centers + offset).tolist(), shares, width=width, label=name)
+    top.set_ylabel("accuracy")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.legend(fontsize=8, loc="upper left")
+    bottom.set_xlabel(f"confidence (max. probability), {bins} bins")
+    bottom.set_ylabel("share of points")
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

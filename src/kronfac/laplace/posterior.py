@@ -49,9 +49,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 from tqdm import tqdm
 
+from kronfac.errors import warn
 from kronfac.factors.data_pass import PassSetup, _run_forward, check_reiterable
 from kronfac.factors.ekfac import compute_corrections
 from kronfac.factors.engine import factor_pass
+from kronfac.layers import Slot
 from kronfac.linalg import EigenBlock, KroneckerBlock, psd_eigenvalues
 from kronfac.operators import EKFAC, KFAC, CurvatureOperator
 
@@ -74,13 +76,18 @@ class _Spectrum:
     """
 
     def __init__(self, block: EigenBlock, scale: float, module: str) -> None:
-        self.module = module
+        self.module, self.block = module, block
         self.Q_S, self.Q_A = block.Q_S, block.Q_A
         values = psd_eigenvalues(block.eigenvalues.reshape(-1), block.name)
         self.values = values.reshape(block.eigenvalues.shape) * scale
         self.complement = max(block.complement, 0.0) * scale
-        self.rest = block._rest
+        self.rest = block.complement_size
         self.name = block.name
+
+    def weights(self, delta: float, temperature: float) -> tuple[Tensor, float]:
+        """``Σ_b``'s eigenvalues ``1/(λ/T + δ)``, flat, and its complement's (0: none)."""
+        w = (self.values.reshape(-1) / temperature + delta).reciprocal()
+        return w, 1.0 / (self.complement / temperature + delta) if self.rest else 0.0
 
     def logdet(self, delta: Tensor, temperature: float) -> Tensor:
         """``log det(H_b / T + δ I)`` (``δ``: a 0-d tensor, differentiable)."""
@@ -311,9 +318,11 @@ class Laplace:
         - ``"marglik"``: Adam with learning rate ``lr`` on ``log δ`` for ``n_steps`` steps,
           maximising :meth:`log_marginal_likelihood`; one ``δ`` per module when the current
           prior is a dict (the result is then a dict), one for all otherwise.
-        - ``"gridsearch"``: the ``δ`` of ``grid`` (default ``10^k``, ``k = −4, −3.5, …, 4``)
-          whose :meth:`predictive` (``link``) has the least negative log-likelihood on
-          ``val_data`` (classification losses only).
+        - ``"gridsearch"``: the ``δ`` of ``grid`` (default ``10^k``, ``k = −4, −3.5, …, 4``),
+          one for every module, whose :meth:`predictive` (``link``) has the least negative
+          log-likelihood on ``val_data`` (classification losses only); each batch's
+          Jacobians are computed and rotated once for the whole grid. A choice at the edge
+          of the grid warns.
 
         Raises:
             ValueError: An unknown method, gridsearch without ``val_data`` or for MSE, or a
@@ -342,37 +351,41 @@ class Laplace:
     def _gridsearch(
         self, val_data: Iterable[Any] | None, grid: Sequence[float] | Tensor | None, link: str
     ) -> float:
+        """The grid value of least validation NLL; each batch's Jacobians are projected once."""
         if val_data is None:
             raise ValueError("method='gridsearch' needs val_data: batches (X, y) to score.")
         if isinstance(self.loss_fn, nn.MSELoss):
             raise ValueError("method='gridsearch' scores class probabilities: not for MSELoss.")
+        _check_link(link)
         values = [float(v) for v in (torch.logspace(-4, 4, 17) if grid is None else grid)]
         if not values or any(not (math.isfinite(v) and v > 0) for v in values):
             raise ValueError(f"grid must hold positive prior precisions, got {values}.")
-        check_reiterable(val_data, "gridsearch (one pass per grid value)")
-        previous, scores = self.prior_precision, []
-        for value in values:
-            self.prior_precision = value
-            scores.append(self._validation_nll(val_data, link))
-        self.prior_precision = previous
-        best = values[min(range(len(values)), key=lambda i: scores[i])]
-        self.prior_precision = best
-        return best
-
-    def _validation_nll(self, val_data: Iterable[Any], link: str) -> float:
-        total, count = 0.0, 0
+        nll = [0.0] * len(values)
+        count = 0
         for X, y in val_data:
-            probs = self.predictive(X, link=link)
-            assert isinstance(probs, Tensor)  # a classification loss's probabilities
-            if isinstance(self.loss_fn, nn.BCEWithLogitsLoss):
-                p = probs.clamp(1e-12, 1 - 1e-12)
-                y = y.to(p.dtype).reshape(p.shape)
-                total -= float((y * p.log() + (1 - y) * (1 - p).log()).sum())
-                count += y.numel()
-            else:
-                total -= float(probs.clamp_min(1e-12).log().gather(1, y.reshape(-1, 1)).sum())
-                count += y.numel()
-        return total / max(count, 1)
+            mu, projection = self._project(X)
+            for i, value in enumerate(values):
+                deltas = torch.full((len(self.modules),), value, dtype=mu.dtype)
+                probs = self._classify(mu, projection, deltas, link, 100, None)
+                nll[i] += self._nll(probs, y)
+            count += y.numel()
+        best = min(range(len(values)), key=lambda i: nll[i])
+        if best in (0, len(values) - 1) and len(values) > 1:
+            warn(
+                f"The grid search chose {values[best]:g}, at the edge of the grid "
+                f"[{min(values):g}, {max(values):g}]: the best prior precision may lie beyond.",
+                UserWarning,
+            )
+        self.prior_precision = values[best]
+        return values[best]
+
+    def _nll(self, probs: Tensor, y: Tensor) -> float:
+        """The summed negative log-probability of the labels ``y``."""
+        if isinstance(self.loss_fn, nn.BCEWithLogitsLoss):
+            p = probs.clamp(1e-12, 1 - 1e-12)
+            y = y.to(p.dtype).reshape(p.shape)
+            return -float((y * p.log() + (1 - y) * (1 - p).log()).sum())
+        return -float(probs.clamp_min(1e-12).log().gather(1, y.reshape(-1, 1)).sum())
 
     # -- the posterior -----------------------------------------------------------------------
     def _operator(self, exponent: float) -> CurvatureOperator:
@@ -399,7 +412,12 @@ class Laplace:
         return self.mean + (self._operator(-0.5) @ z).T
 
     def _jacobian(self, X: Any) -> tuple[Tensor, Tensor]:
-        """The outputs ``[B, C]`` and ``J = ∂f/∂θ``, ``[B, C, P]``, per example (torch.func)."""
+        """The outputs ``[B, C]`` and ``J = ∂f/∂θ``, ``[B, C, P]``, per example (torch.func).
+
+        ``vmap`` of ``jacrev`` over the examples, in chunks within :data:`_JACOBIAN_BUDGET`; a
+        model whose forward branches on its data (transformers' SDPA attention given an
+        ``attention_mask``) cannot be vmapped and gets one ``jacrev`` per example instead.
+        """
         params = {f"inner.{n}": p.detach() for n, p in self._params.items()}
         wrapper = _Forward(self.model, self._forward)
 
@@ -407,32 +425,41 @@ class Laplace:
             batch = {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, Mapping) else x[None]
             return functional_call(wrapper, p, (batch,)).reshape(-1)
 
-        with torch.no_grad():
+        with torch.no_grad():  # the other parameters' gradients are not wanted either
             output = wrapper(X)
-        if output.ndim == 1:  # BCE with one output per data point
-            output = output[:, None]
-        if output.ndim != 2:
-            raise ValueError(
-                "The predictive needs outputs [B, C] per data point, got shape "
-                f"{tuple(output.shape)}. Pass forward= returning them (e.g. the last token's "
-                "logits of the answer tokens)."
-            )
-        B, C = output.shape
-        chunk = max(1, _JACOBIAN_BUDGET // max(1, C * self.num_params * output.element_size()))
-        J = vmap(jacrev(single), in_dims=(None, 0), chunk_size=min(chunk, B))(params, X)
+            if output.ndim == 1:  # BCE with one output per data point
+                output = output[:, None]
+            if output.ndim != 2:
+                raise ValueError(
+                    "The predictive needs outputs [B, C] per data point, got shape "
+                    f"{tuple(output.shape)}. Pass forward= returning them (e.g. the last "
+                    "token's logits of the answer tokens)."
+                )
+            B, C = output.shape
+            chunk = _JACOBIAN_BUDGET // max(1, C * self.num_params * output.element_size())
+            vmapped = vmap(jacrev(single), in_dims=(None, 0), chunk_size=min(max(chunk, 1), B))
+            try:
+                J = vmapped(params, X)
+            except RuntimeError as err:  # vmap refuses data-dependent control flow
+                if "data-dependent control flow" not in str(err):
+                    raise
+                J = _stack([jacrev(single)(params, _example(X, b)) for b in range(B)])
         J_flat = torch.cat([J[f"inner.{n}"].reshape(B, C, -1) for n in self.param_names], dim=-1)
-        return output, J_flat.to(self.mean.dtype)
+        return output.to(self.mean.dtype), J_flat.to(self.mean.dtype)
+
+    def _project(self, X: Any) -> tuple[Tensor, _Projection]:
+        """The outputs ``μ`` of ``X`` and their Jacobians in the blocks' eigenbases."""
+        output, J = self._jacobian(X)
+        return output, _Projection(self._spectra, self.curvature._slots, self._block_module, J)
 
     def functional_variance(self, X: Any) -> Tensor:
-        """``Σ_f = J Σ Jᵀ`` per data point, ``[B, C, C]`` (``J``: :meth:`_jacobian`)."""
-        return self._mean_and_variance(X)[1]
+        """``Σ_f = J Σ Jᵀ`` per data point, ``[B, C, C]``.
 
-    def _mean_and_variance(self, X: Any) -> tuple[Tensor, Tensor]:
-        output, J = self._jacobian(X)
-        B, C, P = J.shape
-        cov = self.posterior_covariance()
-        SJ = (cov @ J.reshape(B * C, P).T).T.reshape(B, C, P)
-        return output.to(J.dtype), torch.einsum("bcp,bdp->bcd", J, SJ)
+        ``J = ∂f/∂θ`` of the selected parameters (per example, ``torch.func``), applied
+        through the blocks' eigenbases (:class:`_Projection`).
+        """
+        _, projection = self._project(X)
+        return projection.variance(self._deltas(None).detach(), self.temperature)
 
     def predictive(
         self,
@@ -451,22 +478,105 @@ class Laplace:
         Raises:
             ValueError: An unknown ``link``.
         """
-        if link not in _LINKS:
-            raise ValueError(f"Unknown link {link!r}; expected one of {list(_LINKS)}.")
-        mu, var = self._mean_and_variance(X)
+        _check_link(link)
+        mu, projection = self._project(X)
+        deltas = self._deltas(None).detach()
         if isinstance(self.loss_fn, nn.MSELoss):
+            var = projection.variance(deltas, self.temperature)
             eye = torch.eye(var.shape[-1], dtype=var.dtype, device=var.device)
             return mu, var + 0.5 * eye
+        return self._classify(mu, projection, deltas, link, n_samples, generator)
+
+    def _classify(
+        self,
+        mu: Tensor,
+        projection: _Projection,
+        deltas: Tensor,
+        link: str,
+        n_samples: int,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Class probabilities of the linearised model (:meth:`predictive`)."""
+        T = self.temperature
         squash = torch.sigmoid if isinstance(self.loss_fn, nn.BCEWithLogitsLoss) else _softmax
         if link == "probit":
-            kappa = (1 + math.pi / 8 * var.diagonal(dim1=-2, dim2=-1)).rsqrt()
+            kappa = (1 + math.pi / 8 * projection.diagonal(deltas, T)).rsqrt()
             return squash(kappa * mu)
+        var = projection.variance(deltas, T)
         jitter = 1e-10 * var.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
         eye = torch.eye(var.shape[-1], dtype=var.dtype, device=var.device)
         L = torch.linalg.cholesky(var + jitter[:, None, None] * eye)
         z = torch.randn(n_samples, *mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         f = mu + (L @ z.unsqueeze(-1)).squeeze(-1)
         return squash(f).mean(0)
+
+
+class _Projection:
+    r"""A batch's Jacobians ``J: [B, C, P]`` in the eigenbases of the blocks of ``H``.
+
+    Per block ``b`` (module ``m``) with eigenvectors ``U_b`` and eigenvalues ``λ_b``, the
+    coordinates ``R_b = J_b U_b``; with ``Σ_b = U_b diag(w_b) U_bᵀ + w_c (I − U_b U_bᵀ)``,
+    ``w = 1/(λ/T + δ_m)`` (``w_c`` that of the complement of a partial basis),
+
+    .. math::
+
+        J Σ Jᵀ = Σ_b R_b \operatorname{diag}(w_b) R_bᵀ + w_c (J_b J_bᵀ − R_b R_bᵀ),
+
+    so a change of prior costs ``O(B C² P)`` (``O(B C P)`` for the diagonal), not a new
+    Jacobian or rotation.
+    """
+
+    def __init__(
+        self,
+        spectra: Sequence[_Spectrum],
+        slots: Sequence[Slot],
+        modules: Sequence[int],
+        J: Tensor,
+    ) -> None:
+        B, C, P = J.shape
+        columns = J.reshape(B * C, P).T  # [P, B·C]
+        self.spectra = spectra
+        self.coordinates: list[Tensor] = []  # [B, C, n_b]
+        self.grams: list[Tensor | None] = []  # [B, C, C]: J_b J_bᵀ where a complement exists
+        for spectrum, slot in zip(spectra, slots, strict=True):
+            V = slot.gather(columns)  # [g·p, q, B·C]
+            self.coordinates.append(spectrum.block.coordinates(V).reshape(B, C, -1))
+            gram = None
+            if spectrum.rest:
+                Jb = V.reshape(-1, B * C).T.reshape(B, C, -1)
+                gram = torch.einsum("bcx,bdx->bcd", Jb, Jb)
+            self.grams.append(gram)
+        self.modules = list(modules)  # each block's module: its index in the prior's deltas
+
+    def _terms(self, deltas: Tensor, temperature: float, modules: Sequence[int]) -> Any:
+        for R, gram, spectrum, m in zip(
+            self.coordinates, self.grams, self.spectra, modules, strict=True
+        ):
+            w, w_c = spectrum.weights(float(deltas[m]), temperature)
+            yield R, gram, w, w_c
+
+    def variance(self, deltas: Tensor, temperature: float) -> Tensor:
+        """``J Σ Jᵀ``, ``[B, C, C]``, for the prior precisions ``deltas`` (per module)."""
+        out = None
+        for R, gram, w, w_c in self._terms(deltas, temperature, self.modules):
+            part = torch.einsum("bcn,bdn->bcd", R * w, R)
+            if gram is not None:
+                part = part + w_c * (gram - torch.einsum("bcn,bdn->bcd", R, R))
+            out = part if out is None else out + part
+        assert out is not None  # every operator has a block
+        return out
+
+    def diagonal(self, deltas: Tensor, temperature: float) -> Tensor:
+        """``diag(J Σ Jᵀ)``, ``[B, C]``."""
+        out = None
+        for R, gram, w, w_c in self._terms(deltas, temperature, self.modules):
+            R2 = R.square()
+            part = R2 @ w
+            if gram is not None:
+                part = part + w_c * (gram.diagonal(dim1=-2, dim2=-1) - R2.sum(-1))
+            out = part if out is None else out + part
+        assert out is not None  # every operator has a block
+        return out
 
 
 class _Forward(nn.Module):
@@ -482,6 +592,21 @@ class _Forward(nn.Module):
 
     def forward(self, X: Any) -> Tensor:
         return _run_forward(self.inner, X, self._fn, 0)
+
+
+def _example(X: Any, b: int) -> Any:
+    """Data point ``b`` of the batch ``X`` (a tensor or a mapping of tensors)."""
+    return {k: v[b] for k, v in X.items()} if isinstance(X, Mapping) else X[b]
+
+
+def _stack(jacobians: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Per-example Jacobians (dicts of tensors) stacked along a new first dimension."""
+    return {k: torch.stack([J[k] for J in jacobians]) for k in jacobians[0]}
+
+
+def _check_link(link: str) -> None:
+    if link not in _LINKS:
+        raise ValueError(f"Unknown link {link!r}; expected one of {list(_LINKS)}.")
 
 
 def _softmax(f: Tensor) -> Tensor:

@@ -89,6 +89,24 @@ class EigenBlock(Block):
         R = _rotate(R * (self.eigenvalues[:, None] - c), self.Q_S, self.Q_A, back=True)
         return from_groups(R + c * X if c else R)
 
+    def coordinates(self, V: Tensor) -> Tensor:
+        """The coordinates of ``V``'s ``k`` columns in the basis ``Q_S ⊗ Q_A``.
+
+        Args:
+            V: ``[g·p, q, k]`` block matrices (the layout of :meth:`matmat`).
+
+        Returns:
+            ``[k, g·k_S·k_A]``, ordered as ``eigenvalues.reshape(-1)``; with partial bases the
+            part of ``V`` in the complement is not represented.
+        """
+        R = _rotate(to_groups(V, self.eigenvalues.shape[0]), self.Q_S, self.Q_A, back=False)
+        return R.transpose(0, 1).reshape(R.shape[1], -1)  # [g, k, kS, kA] → [k, g·kS·kA]
+
+    @property
+    def complement_size(self) -> int:
+        """How many eigenvalues equal :attr:`complement` (0 for complete bases)."""
+        return self._rest
+
     def trace(self) -> Tensor:  # noqa: D102
         return self.eigenvalues.sum() + self.complement * self._rest
 
