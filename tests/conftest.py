@@ -24,7 +24,9 @@ Structure:
 
 - ``tests/reference.py``: dense ``torch.func`` references (GGN, empirical Fisher, MC variance).
 - ``tests/conftest.py`` (this file): the fixtures, for what is set up and torn down around
-  tests: :func:`one_thread`.
+  tests: :func:`one_thread`, and :func:`syrk_everywhere`, which runs the whole suite with the
+  BLAS syrk Gram kernel on every side (``tests/test_gram.py`` compares it with the forced
+  ``addmm_`` fallback).
 - A test file keeps a model or data set of its own only where it exists for that file's
   feature (a layout, a pooling network, a hand computation), and a one-line configuration of
   the zoo where many of its tests share one (``make_model`` in ``test_errors.py``).
@@ -37,6 +39,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from kronfac.linalg import gram_kernel
+
 
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
@@ -48,3 +52,14 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def syrk_everywhere() -> Iterator[None]:
+    """Every factor sum by syrk wherever it applies, the tests' small sides included.
+
+    ``"auto"`` would use syrk for sides of at least ``SYRK_MIN_SIDE`` only, which few test
+    models reach; ``tests/test_gram.py`` forces the ``addmm_`` path as the reference.
+    """
+    with gram_kernel("syrk"):
+        yield

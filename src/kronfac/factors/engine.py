@@ -1,7 +1,8 @@
 r"""K-FAC factors: one pass over the data accumulates every module's ``A`` and ``S``.
 
-Both factors are one GEMM each over the flattened rows of :func:`run_pass`, accumulated in
-float32 (float64 for float64 models):
+Both factors are one Gram sum each over the flattened rows of :func:`run_pass` (BLAS syrk into
+the upper triangle where it is faster than a GEMM, :func:`~kronfac.linalg.accumulate_gram`;
+symmetrised once when read), accumulated in float32 (float64 for float64 models):
 
 .. math::
 
@@ -28,12 +29,11 @@ from kronfac.factors.container import FactorPair, KroneckerFactors
 from kronfac.factors.data_pass import BatchRows, PassResult, PassSetup, random_modules, run_pass
 from kronfac.factors.options import BatchSizeFn, FactorOptions, ForwardFn
 from kronfac.layers import LayerAdapter
-from kronfac.linalg import LowRankFactor, StreamingLowRank
+from kronfac.linalg import LowRankFactor, StreamingLowRank, accumulate_gram, symmetrize_
 
 __all__ = [
     "FactorAccumulator",
     "FactorSums",
-    "add_gram_",
     "check_finite",
     "compute_factors",
     "factor_pass",
@@ -46,9 +46,12 @@ class FactorSums:
     For a diagonal-input layer ``gram`` holds only the diagonal ``[d_in]`` (token counts / T);
     for ``g > 1`` groups every sum has a leading group dimension. A side at least
     ``rank_threshold`` long (with ``rank``) is accumulated as a :class:`StreamingLowRank`
-    instead, and its dense sum is never allocated. With a joint bias the dense input sums live
-    in the ``[d + 1, d + 1]`` matrix of ``A``: ``gram`` is its leading block and ``colsum`` its
-    last row, so ``A`` takes the last column and corner only.
+    instead, and its dense sum is never allocated. With a joint bias ``colsum`` holds the bias
+    column's sums ``[.., d_in]``, joined with ``gram`` into ``A``'s ``[d + 1, d + 1]`` layout when
+    read. The dense Gram sums ``gram`` and ``ggT`` are contiguous and complete in their upper
+    triangles only (:func:`~kronfac.linalg.accumulate_gram`, BLAS syrk into one triangle): read
+    them through :meth:`dense_input_sums`, :meth:`dense_output_sums`, :meth:`input_factor` and
+    :meth:`output_factor`, which restore the lower triangles.
     """
 
     def __init__(
@@ -68,25 +71,19 @@ class FactorSums:
             self.A_stream = _stream(d_in + joint_bias, rank, threshold, device, oversample, g)
         self.S_stream = _stream(d_out, rank, threshold, device, oversample, g)
         low_A, low_S = self.A_stream is not None, self.S_stream is not None
-        self.groups = g
-        gram_shape = (d_in,) if adapter.diagonal_input else (d_in, d_in)
+        self.groups, self.diagonal = g, adapter.diagonal_input
+        gram_shape = (d_in,) if adapter.diagonal_input else (0, 0) if low_A else (d_in, d_in)
+        self.gram = torch.zeros(*lead, *gram_shape, dtype=dtype, device=device)
         self.colsum: Tensor | None = None  # Σ a / T, with a joint bias (a bias column)
-        self._augmented: Tensor | None = None  # [.., d + 1, d + 1]: the sums in A's layout
-        if low_A:
-            self.gram = torch.zeros(*lead, 0, 0, dtype=dtype, device=device)
-        elif joint_bias and not adapter.diagonal_input:
-            self._augmented = torch.zeros(*lead, d_in + 1, d_in + 1, dtype=dtype, device=device)
-            self.gram = self._augmented[..., :d_in, :d_in]
-            self.colsum = self._augmented[..., d_in, :d_in]
-        else:
-            self.gram = torch.zeros(*lead, *gram_shape, dtype=dtype, device=device)
+        if joint_bias and not (low_A or adapter.diagonal_input):
+            self.colsum = torch.zeros(*lead, d_in, dtype=dtype, device=device)
         self.count = 0
         side = 0 if low_S else d_out
         self.ggT = torch.zeros(*lead, side, side, dtype=dtype, device=device)
 
     def add_output_grads(self, g: Tensor, groups: int = 1) -> None:
         """Add output gradients ``g: [K, n, T, d_out]`` to ``Σ g gᵀ``."""
-        add_gram_(self.ggT, g.flatten(0, 1), groups, 1.0)
+        accumulate_gram(self.ggT, g.flatten(0, 1), groups, 1.0)
 
     def input_factor(self, num_data: int) -> Tensor | LowRankFactor:
         """``A`` from the running sums, with the bias row and column for a joint bias."""
@@ -97,20 +94,33 @@ class FactorSums:
     def dense_input_sums(self) -> Tensor:
         """``N·A`` of a side summed densely (no ``A_stream``): the sums in the layout of ``A``.
 
-        The buffer itself (no copy), valid until the next :meth:`FactorAccumulator.reset`.
+        Without a joint bias the buffer itself (symmetrised in place, no copy), valid until the
+        next :meth:`FactorAccumulator.reset`; with one a new ``[.., d + 1, d + 1]`` tensor:
+        ``[[Σ a aᵀ / T, Σ a / T], [(Σ a / T)ᵀ, N]]``.
         """
-        A = self._augmented
-        if A is None:
+        if self.diagonal:  # token counts, not a Gram matrix
             return self.gram
-        d = self.gram.shape[-1]
-        assert self.colsum is not None  # a view of A's last row
-        A[..., :d, d] = self.colsum  # the last row holds the sums; the column mirrors it
+        gram = symmetrize_(self.gram)
+        if self.colsum is None:
+            return gram
+        d = gram.shape[-1]
+        A = gram.new_empty(*gram.shape[:-2], d + 1, d + 1)
+        A[..., :d, :d] = gram
+        A[..., d, :d] = self.colsum
+        A[..., :d, d] = self.colsum
         A[..., d, d] = self.count
         return A
 
+    def dense_output_sums(self) -> Tensor:
+        """``Σ g gᵀ`` of a side summed densely (no ``S_stream``): the buffer, symmetrised in place.
+
+        Valid until the next :meth:`FactorAccumulator.reset`.
+        """
+        return symmetrize_(self.ggT)
+
     def buffers(self) -> list[Tensor]:
         """The tensors holding the sums (zeroed by :meth:`FactorAccumulator.reset`)."""
-        sums = [self.gram if self._augmented is None else self._augmented, self.ggT]
+        sums = [self.gram, self.ggT] + ([] if self.colsum is None else [self.colsum])
         return sums + [st.Y for st in (self.A_stream, self.S_stream) if st is not None]
 
     def output_factor(self, divisor: int, side: int, identity: bool) -> Tensor | LowRankFactor:
@@ -125,7 +135,7 @@ class FactorSums:
             return eye.expand_as(self.ggT).clone()
         if self.S_stream is not None:
             return self.S_stream.result(1.0 / divisor, dtype)
-        return self.ggT / divisor
+        return self.dense_output_sums() / divisor
 
 
 def _stream(
@@ -209,30 +219,6 @@ def _update_stream(stream: StreamingLowRank, rows: Tensor, name: str, b: int, wh
             f"Non-finite values (NaN or Inf) in the {what} of module {name!r} at batch {b}."
         )
     stream.update(rows)
-
-
-def add_gram_(acc: Tensor, x: Tensor, groups: int, alpha: float) -> None:
-    """``acc += alpha · Σ_rows x xᵀ`` per group, for rows ``x: [..., g·d]`` in any layout.
-
-    Rows stored channels-first (``x: [m, T, d]`` a transposed view of ``[m, d, T]``, as
-    convolution patches and gradients are) are reduced with one GEMM ``X_iᵀ X_i`` per leading
-    entry, instead of a transposing copy to ``[m·T, d]``.
-    """
-    if x.ndim == 3 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
-        xt = x.transpose(1, 2)  # [m, g·d, T], contiguous
-        if groups == 1:
-            for xi in xt:
-                acc.addmm_(xi, xi.T, alpha=alpha)
-        else:
-            for xi in xt.reshape(xt.shape[0], groups, -1, xt.shape[-1]):
-                acc.baddbmm_(xi, xi.transpose(1, 2), alpha=alpha)
-        return
-    x = x.reshape(-1, x.shape[-1])
-    if groups == 1:
-        acc.addmm_(x.T, x, alpha=alpha)
-    else:
-        xg = x.reshape(x.shape[0], groups, -1).transpose(0, 1)  # [g, rows, d]
-        acc.baddbmm_(xg.transpose(1, 2), xg, alpha=alpha)
 
 
 def _diagonal(M: Tensor) -> Tensor:
@@ -516,11 +502,11 @@ class FactorAccumulator:
         gram = None
         if len(names) > 1:
             gram = torch.zeros_like(self.sums[names[0]].gram)
-            add_gram_(gram, x, adapter.groups, 1.0 / T)
+            accumulate_gram(gram, x, adapter.groups, 1.0 / T)
         for name in names:
             acc = self.sums[name]
             if gram is None:
-                add_gram_(acc.gram, x, adapter.groups, 1.0 / T)
+                accumulate_gram(acc.gram, x, adapter.groups, 1.0 / T)
             else:
                 acc.gram += gram
             if acc.colsum is not None:

@@ -664,7 +664,8 @@ class KFACPreconditioner:
     def _update_factors(self, sums: FactorAccumulator, num_data: int, scale: float) -> None:
         """EMA of the step's normalised factor sums (sketches for low-rank sides), in place.
 
-        The sums are normalised in the accumulator's buffers, which the next step empties.
+        The sums are normalised in the accumulator's buffers (symmetrised as they are read),
+        which the next step empties; a joint bias's ``A`` is a new tensor.
         """
         eps, identity = self.factor_decay, self.fisher == "forward-only"
         updated: list[_Layer] = []
@@ -677,7 +678,9 @@ class KFACPreconditioner:
             updated.append(layer)
             A_new.append(acc.A_stream.Y if acc.A_stream is not None else acc.dense_input_sums())
             if not identity:
-                S_new.append(acc.S_stream.Y if acc.S_stream is not None else acc.ggT)
+                S_new.append(
+                    acc.S_stream.Y if acc.S_stream is not None else acc.dense_output_sums()
+                )
             layer.sketched = (acc.A_stream is not None, acc.S_stream is not None)
         _scalar_op_(torch._foreach_div_, A_new, num_data)
         _scalar_op_(torch._foreach_mul_, S_new, scale)
