@@ -14,17 +14,32 @@ Workloads (issue 2):
   the flattened token logits ``[N·T, V]`` (``logits.reshape(-1, V)``) with targets ``[N·T]``.
 
 Every configuration runs in one process, interleaved with BASE, median of ``--repeats`` runs
-after a warm-up, torch threads = cores. Prints a Markdown table of ratios to BASE.
+after a warm-up, torch threads = cores unless ``--threads``. Prints a Markdown table of ratios
+to BASE.
 
-    python benchmarks/factors.py [--repeats 5] [--workloads W1 W3] [--peers]
+    python benchmarks/factors.py [--repeats 5] [--workloads W1 W3] [--peers] [--kernels]
+                                 [--threads N] [--blas-threads N]
 
 ``--peers`` also times curvlinops' ``KFACLinearOperator`` on W1, W2 and W3flat when it is
 installed.
+
+``--kernels`` times the Gram kernel of the factor sums (:mod:`kronfac.linalg.gram`) instead:
+kronfac mc and empirical with ``gram_kernel("gemm")`` (``addmm_`` everywhere, the kernel
+before syrk) and with the default kernel (``"auto"``, SciPy BLAS syrk where it applies), with
+``--peers`` curvlinops mc on W1 and W2 and mc / empirical on W3flat.
+
+``--threads N`` sets torch's threads; ``--blas-threads N`` limits the BLAS libraries'
+threads (SciPy's OpenBLAS, which runs syrk) through ``threadpoolctl`` when it is importable (it
+ships with scikit-learn; otherwise the Machine line says so and the limit is not applied). The
+syrk before / after table (one torch thread, one BLAS thread, 3 repeats):
+
+    python benchmarks/factors.py --kernels --peers --threads 1 --blas-threads 1 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 
@@ -33,6 +48,7 @@ from _common import interleaved, machine, setup_threads
 from torch import nn
 
 import kronfac
+from kronfac.linalg import gram_kernel
 
 
 def w1() -> tuple[nn.Module, nn.Module, list, dict, str]:
@@ -161,6 +177,27 @@ def warnings_off(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def add_peers(fns: dict, key: str, model, loss_fn, data, opts: dict, fishers) -> None:
+    """Add curvlinops rows for ``fishers`` to ``fns`` when curvlinops is installed."""
+    try:
+        import curvlinops  # noqa: F401
+    except ImportError:
+        print("(curvlinops not installed: peers skipped)", file=sys.stderr)
+        return
+    for fisher in fishers:
+        fns[f"curvlinops {fisher}"] = lambda f=fisher: curvlinops_pass(
+            model, loss_fn, data, f, opts.get("modules")
+        )
+
+
+def print_rows(title: str, fns: dict, repeats: int) -> None:
+    """Time ``fns`` interleaved (the first is BASE) and print one table row per entry."""
+    medians = interleaved(fns, repeats)
+    base = medians[next(iter(fns))]
+    for name, t in medians.items():
+        print(f"| {title} | {name} | {t:.3f} | {t / base:.2f} |", flush=True)
+
+
 def run_workload(key: str, repeats: int, peers: bool) -> None:
     """Time BASE and every configuration of one workload, interleaved; print table rows."""
     model, loss_fn, data, opts, title = WORKLOADS[key]()
@@ -172,20 +209,56 @@ def run_workload(key: str, repeats: int, peers: bool) -> None:
             kronfac.compute_factors, model, loss_fn, data, fisher=f, **opts
         )
     if peers and key in ("W1", "W2", "W3flat"):
-        try:
-            import curvlinops  # noqa: F401
-        except ImportError:
-            print("(curvlinops not installed: peers skipped)", file=sys.stderr)
-        else:
-            peer_fishers = ("mc", "empirical") if key == "W3flat" else ("mc", "type-2")
-            for fisher in peer_fishers:
-                fns[f"curvlinops {fisher}"] = lambda f=fisher: curvlinops_pass(
-                    model, loss_fn, data, f, opts.get("modules")
-                )
-    medians = interleaved(fns, repeats)
-    base = medians["BASE (forward+backward)"]
-    for name, t in medians.items():
-        print(f"| {title} | {name} | {t:.3f} | {t / base:.2f} |")
+        peer_fishers = ("mc", "empirical") if key == "W3flat" else ("mc", "type-2")
+        add_peers(fns, key, model, loss_fn, data, opts, peer_fishers)
+    print_rows(title, fns, repeats)
+
+
+KERNEL_PEERS = {"W1": ("mc",), "W2": ("mc",), "W3flat": ("mc", "empirical")}
+"""curvlinops fishers of ``--kernels --peers`` per workload."""
+
+
+def run_kernels(key: str, repeats: int, peers: bool) -> None:
+    """Time BASE and kronfac with ``gram_kernel("gemm")`` / the default, interleaved."""
+    model, loss_fn, data, opts, title = WORKLOADS[key]()
+    fwd = opts.get("forward")
+    fns = {"BASE (forward+backward)": lambda: base_pass(model, loss_fn, data, fwd)}
+
+    def factors(fisher: str, kernel: str) -> None:
+        with gram_kernel(kernel):
+            warnings_off(kronfac.compute_factors, model, loss_fn, data, fisher=fisher, **opts)
+
+    for fisher in ("mc", "empirical"):
+        for kernel, label in (("gemm", 'gram_kernel("gemm")'), ("auto", "default kernel")):
+            fns[f"kronfac {fisher}, {label}"] = lambda f=fisher, k=kernel: factors(f, k)
+    if peers and key in KERNEL_PEERS:
+        add_peers(fns, key, model, loss_fn, data, opts, KERNEL_PEERS[key])
+    print_rows(title, fns, repeats)
+
+
+def blas_limit(threads: int | None) -> tuple[contextlib.AbstractContextManager, str]:
+    """A context limiting the BLAS libraries to ``threads`` and a note for the Machine line.
+
+    threadpoolctl limits only the libraries loaded when it is called, and kronfac imports
+    ``scipy.linalg.blas`` (its own OpenBLAS, which runs syrk) on first use: it is imported
+    here first, or the limit would miss it.
+    """
+    if threads is None:
+        return contextlib.nullcontext(), ""
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:
+        note = f", --blas-threads {threads} ignored (threadpoolctl not importable)"
+        return contextlib.nullcontext(), note
+    with contextlib.suppress(ImportError):
+        import scipy.linalg.blas  # noqa: F401
+    limit = threadpool_limits(limits=threads, user_api="blas")  # applied now, undone on exit
+    libs = [
+        f"{i['internal_api']} {i['filepath'].rsplit('/', 1)[-1]}: {i['num_threads']}"
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    ]
+    return limit, f", BLAS threads ({'; '.join(libs) or 'no BLAS library loaded'})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,13 +266,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--peers", action="store_true")
+    parser.add_argument(
+        "--kernels", action="store_true", help='gram_kernel("gemm") against the default kernel'
+    )
+    parser.add_argument("--threads", type=int, help="torch threads (default: cores)")
+    parser.add_argument("--blas-threads", type=int, help="BLAS threads, via threadpoolctl")
     args = parser.parse_args(argv)
     setup_threads()
-    print(f"Machine: {machine()}\n")
-    print("| workload | configuration | median s | x BASE |")
-    print("|---|---|---|---|")
-    for key in args.workloads:
-        run_workload(key, args.repeats, args.peers)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    limit, note = blas_limit(args.blas_threads)
+    run = run_kernels if args.kernels else run_workload
+    with limit:
+        print(f"Machine: {machine()}{note}\n")
+        print("| workload | configuration | median s | x BASE |")
+        print("|---|---|---|---|", flush=True)
+        for key in args.workloads:
+            run(key, args.repeats, args.peers)
     return 0
 
 

@@ -223,3 +223,19 @@ def test_readme_language_model_examples_run_as_written(capsys: pytest.CaptureFix
     assert isinstance(K.factors["model.layers.0.mlp.up_proj"].S, kronfac.LowRankFactor)
     assert "model.layers.0.mlp.up_proj" in K.factors and "lm_head" not in K.factors
     assert "transformer.wte" in capsys.readouterr().out
+
+
+def test_readme_laplace_example_runs_as_written(capsys: pytest.CaptureFixture) -> None:
+    """The digits Laplace example: trained, tuned, a predictive that sums to one."""
+    pytest.importorskip("sklearn")
+    import torch
+
+    (block,) = _python_blocks("Be Bayesian: Laplace approximations")
+    namespace: dict = {}
+    torch.manual_seed(0)
+    exec(block, namespace)
+    probs, la = namespace["probs"], namespace["la"]
+    assert probs.shape == (397, 10)
+    torch.testing.assert_close(probs.sum(1), torch.ones(397))
+    assert la.prior_precision != 1.0  # tuned
+    assert "log evidence" in capsys.readouterr().out
