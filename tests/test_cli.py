@@ -180,6 +180,7 @@ def test_demo_laplace_without_sklearn_exits_with_status_2(
 
 
 @needs_sklearn
+@pytest.mark.filterwarnings("ignore:The grid search chose")  # 2 epochs: the MAP's predictive wins
 def test_demo_laplace_prints_its_table_and_plot(
     tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -171,6 +171,7 @@ def test_functional_variance_equals_dense_j_sigma_jt(attention, masked, chunk, m
     assert_rel_close(probs, torch.softmax(kappa * f, dim=-1), TOL, "probit predictive")
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap fallback
 def test_sdpa_with_attention_mask_falls_back_to_one_jacobian_per_sequence():
     """SDPA with a mask cannot be vmapped; the per-sequence Jacobians give eager's variance."""
     X = batch(4, 5, masked=True)[0]
