@@ -834,6 +834,21 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
+_NO_MATPLOTLIB = "(matplotlib not installed: pip install 'kronfac[plot]' for the plot)"
+
+
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def plot_races(races: Sequence[Race], path: Any, title: str = "") -> str:
     """The evaluation loss against steps (top) and seconds (bottom), one column per task.
 
@@ -848,13 +863,9 @@ def plot_races(races: Sequence[Race], path: Any, title: str = "") -> str:
     Returns:
         A line to print: where the plot is, or that matplotlib is missing.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "(matplotlib not installed: pip install 'kronfac[plot]' for the plot)"
+    plt = _pyplot()
+    if plt is None:
+        return _NO_MATPLOTLIB
     fig, axes = plt.subplots(2, len(races), figsize=(6 * len(races), 8), squeeze=False)
     for col, rc in enumerate(races):
         for row, unit in enumerate(("steps", "seconds (steps x median step time)")):
@@ -1308,13 +1319,9 @@ def plot_reliability(
     Returns:
         A line to print: where the plot is, or that matplotlib is missing.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "(matplotlib not installed: pip install 'kronfac[plot]' for the plot)"
+    plt = _pyplot()
+    if plt is None:
+        return _NO_MATPLOTLIB
     pooled: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
     for r in runs:
         seen_probs, seen_labels = pooled.setdefault(r.name, ([], []))
