@@ -365,3 +365,32 @@ def test_bad_calls():
         la.optimize_prior_precision("gridsearch")
     with pytest.raises(TypeError, match="one-shot iterator"):
         kronfac.Laplace(model, CE, iter([one_datum()]))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"curvature": "ekfac", "bias": "separate"}, {"rank": 2, "rank_threshold": 4}],
+)
+def test_functional_variance_of_a_grouped_cnn_equals_the_covariance_operator(options):
+    """Convolutions (one grouped) on several data points: ``J Σ Jᵀ`` through the Jacobians'
+    coordinates in the eigenbases equals ``J`` times the dense matrix of the posterior
+    covariance operator times ``Jᵀ`` (the blocks' own products)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, groups=2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).double()
+    g = gen(15)
+    data = [(randn(5, 2, 6, 6, g=g), torch.randint(0, 3, (5,), generator=g)) for _ in range(2)]
+    la = kronfac.Laplace(model, CE, data, prior_precision=0.3, **options)
+    Sigma = la.posterior_covariance().to_dense()
+    X = randn(3, 2, 6, 6, g=gen(16))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    sub = {n: params[n] for n in la.param_names}
+    J = jacrev(lambda p: functional_call(model, {**params, **p}, (X,)))(sub)
+    J = torch.cat([J[n].reshape(3, 3, -1) for n in la.param_names], dim=-1)
+    assert_close(la.functional_variance(X), J @ Sigma @ J.transpose(1, 2), what="J Σ Jᵀ")
+    assert_close(la.log_det_posterior_precision(), -torch.linalg.slogdet(Sigma)[1], what="log det")
