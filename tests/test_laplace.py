@@ -394,3 +394,32 @@ def test_functional_variance_of_a_grouped_cnn_equals_the_covariance_operator(opt
     J = torch.cat([J[n].reshape(3, 3, -1) for n in la.param_names], dim=-1)
     assert_close(la.functional_variance(X), J @ Sigma @ J.transpose(1, 2), what="J Σ Jᵀ")
     assert_close(la.log_det_posterior_precision(), -torch.linalg.slogdet(Sigma)[1], what="log det")
+
+
+def test_bce_posterior_and_sigmoid_probit():
+    """``BCEWithLogitsLoss`` (mean over the 3 outputs): ``H`` of the summed loss, the evidence
+    with the Bernoulli log-likelihood, and ``sigmoid(μ / √(1 + π/8 · diag Σ_f))``."""
+    model = mlp((4, 5, 3), "tanh", seed=3)
+    g = gen(17)
+    X, y = randn(1, 4, g=g), torch.randint(0, 2, (1, 3), generator=g).double()
+    bce = nn.BCEWithLogitsLoss()
+    la = kronfac.Laplace(model, bce, [(X, y)], prior_precision=0.7)
+    assert la.hessian_scale == 3
+    G = block_ggn(model, bce, X, y, la.param_names)
+    P = dense_precision(la, G, 0.7)
+    assert_close(la.log_det_posterior_precision(), torch.linalg.slogdet(P)[1], what="log det")
+    log_lik = -float(nn.BCEWithLogitsLoss(reduction="sum")(model(X).detach(), y))
+    expected = (
+        log_lik
+        - 0.35 * la.mean.square().sum()
+        + 0.5 * la.num_params * math.log(0.7)
+        - 0.5 * torch.linalg.slogdet(P)[1]
+    )
+    assert_close(la.log_marginal_likelihood(), expected, what="evidence")
+    Xt = randn(4, 4, g=gen(18))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    J = jacrev(lambda p: functional_call(model, p, (Xt,)))(params)
+    J = torch.cat([J[n].reshape(4, 3, -1) for n in la.param_names], dim=-1)
+    fvar = (J @ torch.linalg.inv(P) @ J.transpose(1, 2)).diagonal(dim1=1, dim2=2)
+    kappa = 1 / torch.sqrt(1 + math.pi / 8 * fvar)
+    assert_close(la.predictive(Xt), torch.sigmoid(kappa * model(Xt).detach()), what="probit")
