@@ -19,7 +19,7 @@ eigenvalues, or EKFAC's corrected ones; a low-rank factor's complement has eigen
   ``(λ_i / T + δ_m)^{-1}``, applied by two rotations per block.
 
 The log marginal likelihood (evidence) of the Laplace approximation (MacKay 1992; Immer et al.
-2021, eq. 4) with ``P_m`` parameters in module ``m``:
+2021) with ``P_m`` parameters in module ``m``:
 
 .. math::
 
