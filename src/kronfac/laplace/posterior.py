@@ -124,8 +124,9 @@ class Laplace:
         data: Re-iterable training batches ``(X, y)`` (a list or a DataLoader).
         modules: Name substrings of the modules whose parameters are Bayesian (``["lora"]``
             for LoRA adapters; ``None``: every supported module).
-        prior_precision: ``δ > 0``: a float, a 0-d tensor, or a dict ``{module: δ_m}`` naming
-            every selected module once.
+        prior_precision: ``δ > 0``: a float, a 0-d tensor, a dict ``{module: δ_m}`` naming
+            every selected module once, or a 1-d tensor of one value per module (the order of
+            :attr:`modules`).
         temperature: ``T > 0``.
         curvature: ``"kfac"`` or ``"ekfac"``.
         fisher: The Fisher type of the factors (``"type-2"``: the GGN; ``"mc"``, ...).
@@ -247,8 +248,9 @@ class Laplace:
                 return prior.to(self._sizes)
             if prior.ndim != 0:
                 raise ValueError(
-                    f"prior_precision must be a number, a 0-d tensor or a dict of the modules "
-                    f"{self.modules}, got a tensor of shape {tuple(prior.shape)}."
+                    f"prior_precision must be a number, a 0-d tensor, a dict of the modules "
+                    f"{self.modules} or a 1-d tensor of {M} values (one per module), got a "
+                    f"tensor of shape {tuple(prior.shape)}."
                 )
         elif isinstance(prior, bool) or not isinstance(prior, (int, float)):
             raise ValueError(
