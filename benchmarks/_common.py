@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -39,3 +40,28 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
             fn()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def blas_limit(threads: int | None) -> tuple[contextlib.AbstractContextManager, str]:
+    """A context limiting the BLAS libraries to ``threads`` and a note for the Machine line.
+
+    threadpoolctl limits only the libraries loaded when it is called, and kronfac imports
+    ``scipy.linalg.blas`` (its own OpenBLAS, which runs syrk) on first use: it is imported
+    here first, or the limit would miss it.
+    """
+    if threads is None:
+        return contextlib.nullcontext(), ""
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:
+        note = f", --blas-threads {threads} ignored (threadpoolctl not importable)"
+        return contextlib.nullcontext(), note
+    with contextlib.suppress(ImportError):
+        import scipy.linalg.blas  # noqa: F401
+    limit = threadpool_limits(limits=threads, user_api="blas")  # applied now, undone on exit
+    libs = [
+        f"{i['internal_api']} {i['filepath'].rsplit('/', 1)[-1]}: {i['num_threads']}"
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    ]
+    return limit, f", BLAS threads ({'; '.join(libs) or 'no BLAS library loaded'})"

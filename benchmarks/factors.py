@@ -39,12 +39,11 @@ syrk before / after table (one torch thread, one BLAS thread, 3 repeats):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import warnings
 
 import torch
-from _common import interleaved, machine, setup_threads
+from _common import blas_limit, interleaved, machine, setup_threads
 from torch import nn
 
 import kronfac
@@ -234,31 +233,6 @@ def run_kernels(key: str, repeats: int, peers: bool) -> None:
     if peers and key in KERNEL_PEERS:
         add_peers(fns, key, model, loss_fn, data, opts, KERNEL_PEERS[key])
     print_rows(title, fns, repeats)
-
-
-def blas_limit(threads: int | None) -> tuple[contextlib.AbstractContextManager, str]:
-    """A context limiting the BLAS libraries to ``threads`` and a note for the Machine line.
-
-    threadpoolctl limits only the libraries loaded when it is called, and kronfac imports
-    ``scipy.linalg.blas`` (its own OpenBLAS, which runs syrk) on first use: it is imported
-    here first, or the limit would miss it.
-    """
-    if threads is None:
-        return contextlib.nullcontext(), ""
-    try:
-        from threadpoolctl import threadpool_info, threadpool_limits
-    except ImportError:
-        note = f", --blas-threads {threads} ignored (threadpoolctl not importable)"
-        return contextlib.nullcontext(), note
-    with contextlib.suppress(ImportError):
-        import scipy.linalg.blas  # noqa: F401
-    limit = threadpool_limits(limits=threads, user_api="blas")  # applied now, undone on exit
-    libs = [
-        f"{i['internal_api']} {i['filepath'].rsplit('/', 1)[-1]}: {i['num_threads']}"
-        for i in threadpool_info()
-        if i["user_api"] == "blas"
-    ]
-    return limit, f", BLAS threads ({'; '.join(libs) or 'no BLAS library loaded'})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from torch import nn
 
 import kronfac
 from kronfac.linalg import accumulate_gram, gram_kernel, set_gram_kernel, symmetrize_
+from kronfac.linalg import gram as gram_module
 from kronfac.linalg.gram import SYRK_MIN_SIDE
 from kronfac.optim import KFACPreconditioner
 
@@ -87,6 +88,47 @@ def test_syrk_fills_the_upper_triangle_in_place_and_equals_gemm(dtype, layout):
         S = symmetrize_(C)
         assert S is C and torch.equal(S, S.T)
         assert_rel_close(S, expected, TOLS[dtype], "symmetrised")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["rows-first", "channels-first"])
+@pytest.mark.parametrize("block", [3, 7, 256])
+def test_triangular_blocks_fill_the_upper_triangle_in_place(dtype, layout, block, monkeypatch):
+    """``"blocks"``: row blocks of ``block`` rows (3 and 7 cut the side 7 unevenly / not at all)."""
+    monkeypatch.setattr(gram_module, "TRIANGLE_BLOCK", block)
+    g = gen(4)
+    d = 7
+    if layout == "rows-first":
+        x = randn(5, 3, d, g=g).to(dtype)
+    else:
+        x = randn(5, d, 3, g=g).to(dtype).transpose(1, 2)
+    C0 = torch.zeros(d, d, dtype=dtype)
+    C = gram(C0, x, alpha=0.3, kernel="blocks")
+    expected = reference(C0, x, alpha=0.3)
+    if block < d:  # blocks below the diagonal are never written
+        assert torch.equal(C.tril(-block), C0.tril(-block))
+    tol = 1e-2 if dtype == torch.bfloat16 else TOLS[dtype]
+    assert_rel_close(symmetrize_(C), expected, tol, "blocks")
+
+
+@pytest.mark.parametrize(("dtype", "strided"), [(torch.bfloat16, False), (torch.float32, True)])
+def test_auto_splits_into_triangular_blocks_where_syrk_does_not_apply(dtype, strided, monkeypatch):
+    monkeypatch.setattr(gram_module, "TRIANGLE_BLOCK", 4)
+    rows = torch.randn(16, 18 if strided else 9, generator=gen(6)).to(dtype)
+    if strided:
+        rows = rows[:, ::2]
+    C0 = torch.zeros(9, 9, dtype=dtype)
+    C = gram(C0, rows, kernel="auto")
+    upper = torch.ones(9, 9, dtype=torch.bool).triu()
+    assert (C.tril(-4) == 0).all() and (C[upper] != 0).all()  # blocks of 4 rows
+    tol = 1e-2 if dtype == torch.bfloat16 else TOLS[dtype]
+    assert_rel_close(symmetrize_(C), reference(C0, rows), tol, "auto blocks")
+
+
+def test_triangular_blocks_leave_groups_to_baddbmm():
+    x = torch.randn(9, 2 * 5, generator=gen(5), dtype=DT)
+    C0 = torch.zeros(2, 5, 5, dtype=DT)
+    assert_rel_close(gram(C0, x, groups=2, kernel="blocks"), reference(C0, x, groups=2), 1e-12)
 
 
 def test_symmetrize_is_batched_and_keeps_the_upper_triangle():
@@ -241,6 +283,17 @@ def test_factors_by_syrk_equal_the_gemm_fallback(case, options, fisher, dtype):
         lambda: kronfac.compute_factors(model, loss_fn, data, fisher=fisher, **options, **extra)
     )
     assert_same_factors(syrk, gemm, TOLS[dtype], f"{case} {fisher} {options}")
+
+
+@pytest.mark.parametrize("case", ["linear", "grouped-conv2d", "conv2d", "masked-sequences"])
+def test_factors_by_triangular_blocks_equal_the_gemm_fallback(case, monkeypatch):
+    monkeypatch.setattr(gram_module, "TRIANGLE_BLOCK", 2)
+    model, loss_fn, data, extra = CASES[case](torch.float64)
+    with gram_kernel("blocks"):
+        blocks = kronfac.compute_factors(model, loss_fn, data, fisher="type-2", **extra)
+    with gram_kernel("gemm"):
+        gemm = kronfac.compute_factors(model, loss_fn, data, fisher="type-2", **extra)
+    assert_same_factors(blocks, gemm, TOLS[torch.float64], f"{case} blocks")
 
 
 def test_large_sides_by_auto_equal_the_gemm_fallback():

@@ -18,11 +18,21 @@ triangle.
 **Kernel choice** (:func:`gram_kernel`): ``"auto"`` (the default) runs syrk where it applies —
 a CPU tensor of float32 / float64, one group, the accumulator and the rows contiguous (SciPy
 would copy a non-contiguous operand: no longer in place, or a copy per call) — and the side is
-at least :data:`SYRK_MIN_SIDE`; ``addmm_`` / ``baddbmm_`` otherwise: small sides, bf16 / fp16,
-CUDA (torch has no syrk there), strided rows, grouped convolutions. ``"gemm"`` forces
-``addmm_`` / ``baddbmm_`` everywhere, ``"syrk"`` forces syrk wherever it applies, whatever the
-side (both for tests). SciPy's BLAS runs on its own threads (``OPENBLAS_NUM_THREADS`` or
-``threadpoolctl``), not on those of ``torch.set_num_threads``.
+at least :data:`SYRK_MIN_SIDE`; otherwise, on CPU, the triangular block split (small sides,
+bf16 / fp16, strided rows; a single ``addmm_`` for sides up to :data:`TRIANGLE_BLOCK`), and
+``addmm_`` / ``baddbmm_`` on CUDA (torch has no syrk there) and for grouped convolutions.
+``"gemm"`` forces ``addmm_`` / ``baddbmm_`` everywhere, ``"syrk"`` forces syrk wherever it
+applies, whatever the side (both for tests), ``"blocks"`` forces the block split (one group, any
+device). SciPy's BLAS runs on its own threads (``OPENBLAS_NUM_THREADS`` or ``threadpoolctl``),
+not on those of ``torch.set_num_threads``.
+
+**Triangular block split.** The side is cut into ``k = ⌈d / TRIANGLE_BLOCK⌉`` row blocks and
+block row ``i`` gets one ``addmm_`` of ``X_iᵀ X_{i:}`` into the view ``C[i, i:]``: the upper
+triangle in ``(k + 1) / (2k)`` of a GEMM's flops, in ``k`` launches — the form a GPU can run
+without syrk. On this CPU it took 0.65–0.86 of ``addmm_``'s time in bf16 for sides 512–1024
+(float32: 0.62–0.78, syrk 0.42–0.58), hence its use under ``"auto"`` where syrk does not apply.
+On CUDA ``"auto"`` keeps ``addmm_`` until the split is measured there: ``benchmarks/gram.py``
+times every kernel on each device it finds.
 
 Measured on a 2-core x86 CPU with AVX-512 (torch 2.13 with MKL against SciPy 1.17 with OpenBLAS
 0.3.31, one thread each, float32), syrk's time over ``addmm_``'s for ``m`` rows of side ``d``:
@@ -52,17 +62,21 @@ from torch import Tensor
 __all__ = [
     "GRAM_KERNELS",
     "SYRK_MIN_SIDE",
+    "TRIANGLE_BLOCK",
     "accumulate_gram",
     "gram_kernel",
     "set_gram_kernel",
     "symmetrize_",
 ]
 
-GRAM_KERNELS = ("auto", "gemm", "syrk")
+GRAM_KERNELS = ("auto", "gemm", "syrk", "blocks")
 """The kernel choices of :func:`set_gram_kernel` / :func:`gram_kernel`."""
 
 SYRK_MIN_SIDE = 96
 """The smallest side ``d`` for which ``"auto"`` uses syrk (module docstring's table)."""
+
+TRIANGLE_BLOCK = 256
+"""The row-block height of the ``"blocks"`` kernel (module docstring)."""
 
 _kernel = "auto"
 
@@ -72,7 +86,8 @@ def set_gram_kernel(kernel: str) -> str:
 
     Args:
         kernel: ``"auto"`` (syrk where it applies and measured faster), ``"gemm"``
-            (``addmm_`` / ``baddbmm_`` everywhere) or ``"syrk"`` (syrk wherever it applies).
+            (``addmm_`` / ``baddbmm_`` everywhere), ``"syrk"`` (syrk wherever it applies) or
+            ``"blocks"`` (the triangular block split, one group, any device).
 
     Returns:
         The previous choice.
@@ -121,23 +136,17 @@ def accumulate_gram(C: Tensor, x: Tensor, groups: int = 1, alpha: float = 1.0) -
     """
     if x.ndim == 3 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
         xt = x.transpose(1, 2)  # [m, g·d, T], contiguous
-        syrk = _syrk_kernel(C, xt, groups)
-        if syrk is not None:
+        if groups == 1:
+            kernel = _kernel_for(C, xt)
             for xi in xt:
-                _syrk_(syrk, C, xi, alpha, rows_first=False)
-        elif groups == 1:
-            for xi in xt:
-                C.addmm_(xi, xi.T, alpha=alpha)
+                kernel(C, xi, alpha, False)
         else:
             for xi in xt.reshape(xt.shape[0], groups, -1, xt.shape[-1]):
                 C.baddbmm_(xi, xi.transpose(1, 2), alpha=alpha)
         return
     x = x.reshape(-1, x.shape[-1])
-    syrk = _syrk_kernel(C, x, groups)
-    if syrk is not None:
-        _syrk_(syrk, C, x, alpha, rows_first=True)
-    elif groups == 1:
-        C.addmm_(x.T, x, alpha=alpha)
+    if groups == 1:
+        _kernel_for(C, x)(C, x, alpha, True)
     else:
         xg = x.reshape(x.shape[0], groups, -1).transpose(0, 1)  # [g, rows, d]
         C.baddbmm_(xg.transpose(1, 2), xg, alpha=alpha)
@@ -153,12 +162,26 @@ def symmetrize_(C: Tensor) -> Tensor:
     return C.copy_(torch.where(lower, C.mT, C))
 
 
-def _syrk_kernel(C: Tensor, x: Tensor, groups: int) -> Callable[..., Any] | None:
-    """SciPy's ``ssyrk`` / ``dsyrk`` when the chosen kernel runs syrk on these operands.
+Kernel = Callable[[Tensor, Tensor, float, bool], None]
+"""``kernel(C, x, α, rows_first)``: ``C += α xᵀ x`` (rows first) or ``α x xᵀ``, upper triangle."""
 
-    ``x``: the rows, ``[m, d]`` (rows first) or one example's ``[m, d, T]`` (side ``d`` second).
+
+def _kernel_for(C: Tensor, x: Tensor) -> Kernel:
+    """The kernel of one group's sum: syrk where it applies, else the block split or a GEMM.
+
+    ``x``: the rows, ``[m, d]``, or stacked examples ``[m, d, T]`` (side ``d`` second).
     """
-    if _kernel == "gemm" or groups != 1:
+    syrk = _syrk_kernel(C, x)
+    if syrk is not None:
+        return lambda C, x, alpha, rows_first: _syrk_(syrk, C, x, alpha, rows_first)
+    if _kernel == "blocks" or (_kernel == "auto" and C.device.type == "cpu"):
+        return _triangle_
+    return _gemm_
+
+
+def _syrk_kernel(C: Tensor, x: Tensor) -> Callable[..., Any] | None:
+    """SciPy's ``ssyrk`` / ``dsyrk`` when the chosen kernel runs syrk on these operands."""
+    if _kernel in ("gemm", "blocks"):
         return None
     if C.device.type != "cpu" or C.dtype not in (torch.float32, torch.float64):
         return None
@@ -169,6 +192,14 @@ def _syrk_kernel(C: Tensor, x: Tensor, groups: int) -> Callable[..., Any] | None
     from scipy.linalg import blas  # on first use: importing scipy.linalg takes ~0.25 s
 
     return blas.ssyrk if C.dtype == torch.float32 else blas.dsyrk
+
+
+def _gemm_(C: Tensor, x: Tensor, alpha: float, rows_first: bool) -> None:
+    """``C += α xᵀ x`` (``x: [m, d]``, ``rows_first``) or ``α x xᵀ`` by one ``addmm_``."""
+    if rows_first:
+        C.addmm_(x.T, x, alpha=alpha)
+    else:
+        C.addmm_(x, x.T, alpha=alpha)
 
 
 def _syrk_(syrk: Callable[..., Any], C: Tensor, x: Tensor, alpha: float, rows_first: bool) -> None:
@@ -186,3 +217,18 @@ def _syrk_(syrk: Callable[..., Any], C: Tensor, x: Tensor, alpha: float, rows_fi
     out = syrk(alpha, a, beta=1.0, c=c, trans=0 if rows_first else 1, lower=1, overwrite_c=1)
     if out.ctypes.data != c.ctypes.data:
         raise RuntimeError("SciPy's syrk did not write into the accumulator in place.")
+
+
+def _triangle_(C: Tensor, x: Tensor, alpha: float, rows_first: bool) -> None:
+    """The upper triangle of ``C += α xᵀ x`` (``x: [m, d]``, ``rows_first``) or ``α x xᵀ``.
+
+    Row block ``i`` (``TRIANGLE_BLOCK`` rows of ``C``) gets ``X_iᵀ X_{i:}``: the blocks on and
+    above the diagonal, one ``addmm_`` each into a view of ``C``.
+    """
+    d = C.shape[-1]
+    for s in range(0, d, TRIANGLE_BLOCK):
+        e = min(s + TRIANGLE_BLOCK, d)
+        if rows_first:
+            C[s:e, s:].addmm_(x[:, s:e].T, x[:, s:], alpha=alpha)
+        else:
+            C[s:e, s:].addmm_(x[s:e], x[s:].T, alpha=alpha)
