@@ -1,5 +1,5 @@
-"""The ``kronfac`` command line: ``demo`` (optim, laplace) and ``factors`` end to end, argument
-errors, extras; the demo's calibration error by hand."""
+"""The ``kronfac`` command line: ``demo`` (optim, laplace, influence) and ``factors`` end to end,
+argument errors, extras; the demo's calibration error and label flips by hand."""
 
 from __future__ import annotations
 
@@ -93,6 +93,15 @@ def test_factors_save_writes_loadable_factors(tmp_path, capsys: pytest.CaptureFi
         ["demo", "laplace", "--split", "100,0,30"],
         ["demo", "laplace", "--split", "1000,500,400"],
         ["demo", "laplace", "--plot", "/no/such/folder/plot.png"],
+        ["demo", "influence", "--split", "100,30,30"],
+        ["demo", "influence", "--steps", "3"],
+        ["demo", "laplace", "--train", "100"],
+        ["demo", "--train", "100"],
+        ["demo", "influence", "--train", "9"],
+        ["demo", "influence", "--train", "1797"],
+        ["demo", "influence", "--train", "many"],
+        ["demo", "influence", "--epochs", "-1"],
+        ["demo", "influence", "--plot", "/no/such/folder/plot.png"],
         ["factors", "--save", "/no/such/folder/f.safetensors"],
     ],
 )
@@ -214,6 +223,65 @@ def test_demo_laplace_prints_its_table_and_plot(
     else:
         assert not plot.exists() and "matplotlib not installed" in out
     assert torch.get_num_threads() == threads
+
+
+def test_demo_influence_without_sklearn_exits_with_status_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert cli.main(["demo", "influence", "--epochs", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "kronfac demo influence needs scikit-learn: pip install 'kronfac[demo]'" in captured.err
+    assert captured.out == ""
+
+
+@needs_sklearn
+def test_demo_influence_prints_its_table_and_plot(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the plot's default path
+    threads = torch.get_num_threads()
+    assert cli.main(["demo", "influence", "--epochs", "2", "--train", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "digits 100 train (10 labels flipped) / 1697 test (seed 0)" in out
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("score"))
+    assert lines[start].split() == ["score", "AUROC", "precision@k", "seconds"]
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.strip():
+            break
+        name, cells = line[: line.index("  ")], line[line.index("  ") :].split()
+        rows[name] = cells
+    assert list(rows) == [*demo.INFLUENCE_CURVATURES, *demo.INFLUENCE_BASELINES]
+    for auroc, precision, seconds in rows.values():
+        assert 0 <= float(auroc) <= 1 and 0 <= float(precision) <= 1 and float(seconds) >= 0
+    queries = [line for line in lines if line.startswith("  test #")]
+    assert len(queries) == cli.DEMO_QUERIES
+    assert all("most helpful" in q and "most harmful" in q for q in queries)
+    plot = tmp_path / "kronfac_influence.png"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "plot: kronfac_influence.png" in out
+    else:
+        assert not plot.exists() and "matplotlib not installed" in out
+    assert torch.get_num_threads() == threads
+
+
+@needs_sklearn
+def test_mislabeled_digits_flip_the_share_asked_to_other_classes() -> None:
+    data = demo.mislabeled_digits(3, train=200, noise=0.25)
+    X, noisy = data.train
+    assert X.shape == (200, 64) and len(data.test[1]) == 1797 - 200
+    assert int(data.flipped.sum()) == 50
+    assert bool((noisy[data.flipped] != data.labels[data.flipped]).all())
+    assert bool((noisy[~data.flipped] == data.labels[~data.flipped]).all())
+    again = demo.mislabeled_digits(3, train=200, noise=0.25)
+    assert torch.equal(again.train[1], noisy) and torch.equal(again.flipped, data.flipped)
+    # a perfect score: the flipped labels first
+    found = demo.Detection.of("x", 3, data.flipped.double(), data.flipped, 0.0)
+    assert found.auroc == 1.0 and found.precision == 1.0
 
 
 def test_expected_calibration_error_by_hand() -> None:

@@ -121,14 +121,14 @@ def test_no_reference_to_documents_outside_repository() -> None:
     assert not hits, "References to documents outside the repository:\n" + "\n".join(hits)
 
 
-# docs/architecture.md: cli → demo → {optim, laplace, compat} → operators → factors → {layers,
-# likelihoods, linalg} → {errors, registry}. A package may import the packages of the layers
-# below its own (never one of its layer, such as layers ↔ likelihoods); only cli imports the
-# top-level ``kronfac``, and nothing imports cli or (but cli) demo.
+# docs/architecture.md: cli → demo → {optim, laplace, influence, compat} → operators → factors →
+# {layers, likelihoods, linalg} → {errors, registry}. A package may import the packages of the
+# layers below its own (never one of its layer, such as layers ↔ likelihoods); only cli imports
+# the top-level ``kronfac``, and nothing imports cli or (but cli) demo.
 LAYERS = (
     ("cli",),
     ("demo",),
-    ("optim", "laplace", "compat"),
+    ("optim", "laplace", "influence", "compat"),
     ("operators",),
     ("factors",),
     ("layers", "likelihoods", "linalg"),

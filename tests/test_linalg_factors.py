@@ -438,3 +438,23 @@ def test_operator_with_grouped_lowrank_factors():
     wrong = factors_like(full, {"0": (top(A[:1], 5), lowS)})
     with pytest.raises(ValueError, match=r"A\(1, 18, 18\)"):
         kronfac.KFAC.from_factors(wrong, model)
+
+
+def test_eigen_block_keeps_small_exact_eigenvalues_in_float32():
+    """``Λ``'s entries are products / sums, not one ``[p·q]`` decomposition's eigenvalues.
+
+    A tolerance of ``10·p·q·ε·max`` (4160 entries: 5e-3 of the largest in float32) would zero
+    eigenvalues that are exact, and the damped inverse would be wrong by orders of magnitude.
+    """
+    s = torch.logspace(0, -3, 64)
+    a = torch.logspace(0, -1, 65)
+    block = EigenBlock(None, None, torch.outer(s, a), name="fc")
+    lam = block.spectrum()
+    assert torch.equal(lam, torch.outer(s, a).reshape(-1))
+    inv = block.inverse(1e-6).matmat(torch.ones(64, 65, 1))  # [p, q, k]
+    assert_rel_close(inv[..., 0], 1 / (torch.outer(s, a) + 1e-6), 1e-6, "inverse")
+    with pytest.raises(kronfac.NotPSDError, match="fc"):
+        EigenBlock(None, None, -torch.outer(s, a), name="fc").spectrum()
+    tiny = torch.outer(s, a)
+    tiny[0, 1] = -1e-7  # round-off below zero becomes 0
+    assert EigenBlock(None, None, tiny, name="fc").spectrum()[1] == 0

@@ -9,6 +9,7 @@ from kronfac.factors import (
     ParamNames,
     compute_factors,
 )
+from kronfac.influence import Influence
 from kronfac.laplace import Laplace
 from kronfac.linalg import LowRankFactor
 from kronfac.operators import EKFAC, KFAC, CurvatureOperator
@@ -22,6 +23,7 @@ __all__ = [
     "EigenCorrection",
     "FactorFileError",
     "FactorPair",
+    "Influence",
     "KroneckerFactors",
     "Laplace",
     "LowRankFactor",

@@ -10,13 +10,19 @@ Subcommands:
     approximations of it (:class:`kronfac.Laplace`, all layers or the last one, the prior
     tuned by the marginal likelihood or a validation grid search): a table of the test
     accuracy, NLL and ECE, and a PNG reliability diagram when matplotlib is installed.
+    ``kronfac demo influence``: an MLP trained on the digits with 10% of its training labels
+    flipped; the self-influence of :class:`kronfac.Influence` (EKFAC and K-FAC) against the
+    per-example loss and gradient norm at finding the flipped labels (a table of AUROCs), and
+    the most helpful and harmful training images of a few test images (a PNG when matplotlib
+    is installed).
     ``kronfac factors``: train a small MLP on the digits, compute its Kronecker factors with
     :func:`kronfac.compute_factors` and print one row per layer (factor shapes, traces,
     condition numbers) and the cost of the factor pass relative to one plain forward +
     backward pass over the same data.
 
-The digits tasks, the race, the Laplace comparison, their tables and plots they share with
-``benchmarks/optim.py`` and ``benchmarks/laplace.py`` are in :mod:`kronfac.demo`. This module
+The digits tasks, the race, the Laplace comparison, the mislabelled digits, their tables and
+plots they share with ``benchmarks/optim.py``, ``benchmarks/laplace.py`` and
+``benchmarks/influence.py`` are in :mod:`kronfac.demo`. This module
 is the top of the import graph: it may import anything in kronfac, and nothing in kronfac
 imports it.
 """
@@ -46,6 +52,7 @@ _SKLEARN_MISSING = "kronfac {} needs scikit-learn: pip install 'kronfac[demo]'"
 _BATCH_SIZE = 128
 _LR = 1e-2
 _DIGITS = 1797  # images in scikit-learn's load_digits
+_MIN_TRAIN = 10  # demo influence: at least one flipped label and one clean one
 
 
 def build_mlp() -> nn.Sequential:
@@ -90,6 +97,19 @@ def _split(text: str) -> tuple[int, int, int]:
     return train, val, test
 
 
+def _train_images(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not _MIN_TRAIN <= value < _DIGITS:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer in [{_MIN_TRAIN}, {_DIGITS - 1}] (the rest are test images), "
+            f"got {text!r}"
+        )
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kronfac",
@@ -99,7 +119,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo_parser = sub.add_parser(
         "demo",
-        help="adaptive K-FAC against Adam and Muon, or Laplace calibration, on the digits data",
+        help=(
+            "adaptive K-FAC against Adam and Muon, Laplace calibration, or influence functions, "
+            "on the digits data"
+        ),
         description=(
             "optim (the default): train a deep autoencoder 64-256-128-32-128-256-64 and an MLP "
             "64-256-256-10 on scikit-learn's bundled digits with Adam for --steps steps, then "
@@ -110,7 +133,11 @@ def _build_parser() -> argparse.ArgumentParser:
             "for --epochs epochs; compare its test accuracy, NLL and calibration error with "
             "K-FAC Laplace approximations of all layers and of the last layer, their prior "
             "tuned by the marginal likelihood or a grid search on the validation set; print "
-            "the table and plot a reliability diagram."
+            "the table and plot a reliability diagram. influence: train an MLP 64-64-10 for "
+            "--epochs epochs on --train digits with 10% of their labels flipped; rank the "
+            "training images by their EKFAC and K-FAC self-influence, per-example loss and "
+            "gradient norm, print how well each finds the flipped labels (AUROC), and plot the "
+            "most helpful and harmful training images of a few test images."
         ),
     )
     demo_parser.add_argument(
@@ -118,7 +145,10 @@ def _build_parser() -> argparse.ArgumentParser:
         nargs="?",
         choices=DEMOS,
         default="optim",
-        help="optim: the optimizer race (default); laplace: Laplace calibration",
+        help=(
+            "optim: the optimizer race (default); laplace: Laplace calibration; influence: "
+            "mislabelled digits"
+        ),
     )
     demo_parser.add_argument(
         "--steps",
@@ -128,13 +158,25 @@ def _build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument(
         "--epochs",
         type=_int_at_least(0),
-        help=f"laplace: the MAP's training epochs (default: {demo.LAPLACE_EPOCHS})",
+        help=(
+            f"laplace, influence: the MLP's training epochs (default: {demo.LAPLACE_EPOCHS}, "
+            f"{demo.INFLUENCE_EPOCHS})"
+        ),
     )
     demo_parser.add_argument(
         "--split",
         type=_split,
         metavar="TRAIN,VAL,TEST",
         help="laplace: images per set (default: {},{},{})".format(*demo.LAPLACE_SPLIT),
+    )
+    demo_parser.add_argument(
+        "--train",
+        type=_train_images,
+        metavar="N",
+        help=(
+            f"influence: training images, {100 * demo.INFLUENCE_NOISE:.0f}%% of their labels "
+            f"flipped; the rest are test images (default: {demo.INFLUENCE_TRAIN})"
+        ),
     )
     demo_parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo_parser.add_argument(
@@ -146,7 +188,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=(
             "where to write the plot when matplotlib is installed (default: "
-            f"{DEMO_PLOTS['optim']} or {DEMO_PLOTS['laplace']})"
+            f"{DEMO_PLOTS['optim']}, {DEMO_PLOTS['laplace']} or {DEMO_PLOTS['influence']})"
         ),
     )
     demo_parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
@@ -202,10 +244,20 @@ def main(argv: list[str] | None = None) -> int:
         plot = None if args.no_plot else (args.plot or Path(DEMO_PLOTS[args.what]))
         if plot is not None and not plot.parent.is_dir():
             parser.error(f"--plot: folder {str(plot.parent)!r} does not exist")
-        other = "optim" if args.what == "laplace" else "laplace"
-        for flag in DEMO_FLAGS[other]:
-            if getattr(args, flag) is not None:
-                parser.error(f"--{flag} applies to 'kronfac demo {other}' only")
+        for flag in sorted({f for flags in DEMO_FLAGS.values() for f in flags}):
+            if getattr(args, flag) is not None and flag not in DEMO_FLAGS[args.what]:
+                demos = " and ".join(
+                    f"'kronfac demo {d}'" for d, f in DEMO_FLAGS.items() if flag in f
+                )
+                parser.error(f"--{flag} applies to {demos} only")
+        if args.what == "influence":
+            return _demo_influence(
+                epochs=demo.INFLUENCE_EPOCHS if args.epochs is None else args.epochs,
+                train=demo.INFLUENCE_TRAIN if args.train is None else args.train,
+                seed=args.seed,
+                threads=args.threads,
+                plot=plot,
+            )
         if args.what == "laplace":
             return _demo_laplace(
                 epochs=demo.LAPLACE_EPOCHS if args.epochs is None else args.epochs,
@@ -234,10 +286,16 @@ def main(argv: list[str] | None = None) -> int:
 # Adam sets the target; Muon (the usual 0.02) and adaptive K-FAC (its defaults) race to it.
 DEMO_GRIDS: dict[str, tuple[float, ...]] = {"adam": (3e-3,), "muon": (0.02,), "kfac": (1.0,)}
 DEMO_STEPS = 300
-DEMOS = ("optim", "laplace")
-DEMO_PLOTS = {"optim": "kronfac_demo.png", "laplace": "kronfac_laplace.png"}
-# The options of one demo only (their default None: not given).
-DEMO_FLAGS = {"optim": ("steps",), "laplace": ("epochs", "split")}
+DEMOS = ("optim", "laplace", "influence")
+DEMO_PLOTS = {
+    "optim": "kronfac_demo.png",
+    "laplace": "kronfac_laplace.png",
+    "influence": "kronfac_influence.png",
+}
+# The options of some demos only (their default None: not given).
+DEMO_FLAGS = {"optim": ("steps",), "laplace": ("epochs", "split"), "influence": ("epochs", "train")}
+# demo influence: the test images whose most helpful and harmful training images are shown.
+DEMO_QUERIES = 4
 
 
 @contextlib.contextmanager
@@ -307,6 +365,54 @@ def _demo_laplace(
     if plot is not None:
         title = f"digits test set ({sizes}), seed {seed}"
         print("\n" + demo.plot_reliability(runs, plot, title))
+    return 0
+
+
+def _demo_influence(*, epochs: int, train: int, seed: int, threads: int, plot: Path | None) -> int:
+    """Self-influence against baselines at finding flipped digit labels. Returns the status."""
+    try:
+        sizes = demo.mislabeled_digits(seed, train).describe()
+    except ImportError:
+        print(_SKLEARN_MISSING.format("demo influence"), file=sys.stderr)
+        return 2
+    print(
+        f"digits {sizes} (seed {seed}), MLP 64-64-10 tanh: {epochs} epochs of Adam on the noisy "
+        f"labels, weight decay δ₀/N, δ₀ = {demo.LAPLACE_PRIOR:g}; {threads} thread(s)\n"
+        "Scores of the training images, the higher the more suspect: kronfac.Influence "
+        "self-influence ∇ℓᵀ(H + δI)⁻¹∇ℓ\n(H: EKFAC / K-FAC of the summed loss, MC Fisher, δ = "
+        "0.1 x each layer's mean eigenvalue), the per-example loss and gradient norm;\n"
+        "AUROC of finding the flipped labels, precision@k: flipped among the k highest, k = "
+        "the number flipped",
+        flush=True,
+    )
+    with _threads(threads):
+        study = demo.mislabel_detection(seed, train=train, epochs=epochs)
+        print(f"\n{demo.influence_table(study.detections)}")
+        print(
+            f"\ntraining accuracy (noisy labels) {study.train_accuracy:.3f}, test accuracy "
+            f"{study.test_accuracy:.3f}"
+        )
+        inf = study.influences["EKFAC self-influence"]
+        index, scores = demo.influence_queries(inf, study, DEMO_QUERIES)
+    y_test, y_train = study.data.test[1], study.data.train[1]
+    print(
+        "\nEKFAC influence of the training images on test images (positive: upweighting it "
+        "lowers the test loss; * a flipped label):"
+    )
+    for q, s in zip(index.tolist(), scores, strict=True):
+        order = s.argsort(descending=True).tolist()
+        names = [
+            f"#{t} y={int(y_train[t])}{'*' if bool(study.data.flipped[t]) else ''} "
+            f"({float(s[t]):+.3g})"
+            for t in order[:3] + order[::-1][:3]
+        ]
+        print(
+            f"  test #{q} (y={int(y_test[q])}): most helpful {', '.join(names[:3])}; "
+            f"most harmful {', '.join(names[3:])}"
+        )
+    if plot is not None:
+        title = f"digits {sizes}, seed {seed}: EKFAC influence on test images"
+        print("\n" + demo.plot_influential(study, index, scores, plot, title))
     return 0
 
 

@@ -1,8 +1,9 @@
-"""Optimizer races and Laplace calibration on the digits: the code of ``kronfac demo``.
+"""Optimizer races, Laplace calibration and influence on the digits: the code of ``kronfac demo``.
 
 Demo and benchmark code, kept out of the library packages: :mod:`kronfac.cli` (``kronfac demo``,
-``kronfac demo laplace``, and ``kronfac factors`` for its data and table),
-``benchmarks/optim.py`` and ``benchmarks/laplace.py`` import it, nothing in the library does.
+``kronfac demo laplace``, ``kronfac demo influence``, and ``kronfac factors`` for its data and
+table), ``benchmarks/optim.py``, ``benchmarks/laplace.py`` and ``benchmarks/influence.py``
+import it, nothing in the library does.
 
 Tasks (:func:`load_tasks`):
 
@@ -32,6 +33,13 @@ Laplace on the digits (:func:`laplace_digits`): an MLP trained to its MAP under 
 or the last one (:data:`LAPLACE_VARIANTS`), compared by test accuracy, NLL and expected
 calibration error (:func:`calibration`), in a table (:func:`laplace_table`) and a reliability
 diagram (:func:`plot_reliability`).
+
+Mislabelled digits (:func:`mislabel_detection`): an MLP trained on digits with a share of
+flipped training labels (:func:`mislabeled_digits`); each training image is scored by its
+self-influence under :class:`~kronfac.influence.Influence` (EKFAC, K-FAC) and by the
+per-example loss and gradient norm (:func:`per_example_losses`), each score judged by its AUROC
+at finding the flipped labels (:class:`Detection`, :func:`influence_table`); the most helpful and
+harmful training images of a few test images are drawn by :func:`plot_influential`.
 """
 
 from __future__ import annotations
@@ -55,12 +63,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from kronfac.influence import Influence
 from kronfac.laplace import Laplace
 from kronfac.optim.kfac import KFAC
 
 __all__ = [
     "DEMO_LAPLACE_VARIANTS",
     "ECE_BINS",
+    "INFLUENCE_BASELINES",
+    "INFLUENCE_BATCH",
+    "INFLUENCE_CURVATURES",
+    "INFLUENCE_EPOCHS",
+    "INFLUENCE_HEADER",
+    "INFLUENCE_HIDDEN",
+    "INFLUENCE_NOISE",
+    "INFLUENCE_TRAIN",
     "KFAC_FIXED_OPTIONS",
     "LAPLACE_EPOCHS",
     "LAPLACE_HEADER",
@@ -72,9 +89,12 @@ __all__ = [
     "TASKS",
     "ByteTransformer",
     "Calibration",
+    "Detection",
     "DigitsSplit",
     "LaplaceRun",
     "LaplaceVariant",
+    "MislabelStudy",
+    "MislabeledDigits",
     "OptimizerChain",
     "Race",
     "Run",
@@ -88,12 +108,19 @@ __all__ = [
     "expected_calibration_error",
     "fit_laplace",
     "format_table",
+    "influence_mlp",
+    "influence_queries",
+    "influence_table",
     "laplace_digits",
     "laplace_mlp",
     "laplace_table",
     "lm_task",
     "load_tasks",
     "make_optimizer",
+    "mislabel_detection",
+    "mislabeled_digits",
+    "per_example_losses",
+    "plot_influential",
     "plot_races",
     "plot_reliability",
     "race",
@@ -1355,6 +1382,349 @@ def plot_reliability(
     bottom.set_ylabel("share of points")
     if title:
         fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+# -- influence on the digits: mislabelled examples ----------------------------------------------
+
+# Training images of a seed's split (the rest of the 1797 are the test images), the share of
+# them whose label is flipped to another class, and the MLP's training (as for Laplace).
+INFLUENCE_TRAIN = 1000
+INFLUENCE_NOISE = 0.1
+INFLUENCE_EPOCHS = 1000  # it memorises about half the flipped labels (100: none of them)
+INFLUENCE_BATCH = 100
+INFLUENCE_HIDDEN = 64
+# Self-influence rankings of :func:`mislabel_detection`, by their rows' names.
+INFLUENCE_CURVATURES = {"EKFAC self-influence": "ekfac", "K-FAC self-influence": "kfac"}
+INFLUENCE_BASELINES = ("training loss", "gradient norm")
+
+
+@dataclass
+class MislabeledDigits:
+    """A seed's split of the digits with some training labels flipped (:func:`mislabeled_digits`).
+
+    Attributes:
+        train: ``(X, y)``, the training images with the noisy labels the model learns.
+        labels: ``[n]`` the training images' true labels.
+        flipped: ``[n]`` bool, whether the label in :attr:`train` is wrong.
+        test: ``(X, y)``, the other images, true labels.
+    """
+
+    train: Batch
+    labels: Tensor
+    flipped: Tensor
+    test: Batch
+
+    def describe(self) -> str:
+        """``"1000 train (100 labels flipped) / 797 test"``."""
+        n, k, m = len(self.labels), int(self.flipped.sum()), len(self.test[1])
+        return f"{n} train ({k} labels flipped) / {m} test"
+
+
+def mislabeled_digits(
+    seed: int, train: int = INFLUENCE_TRAIN, noise: float = INFLUENCE_NOISE
+) -> MislabeledDigits:
+    """The digits (pixels / 16) permuted by ``seed``: ``train`` training images, the rest test.
+
+    ``round(noise · train)`` training images, drawn by a generator of ``seed``, get their label
+    replaced by another class, uniformly among the 9 others.
+
+    Args:
+        seed: The permutation's and the flips' seed.
+        train: The training images (at least 1, at most 1796).
+        noise: The share of training labels flipped, in ``[0, 1]``.
+
+    Raises:
+        ValueError: ``train`` or ``noise`` out of range.
+        ImportError: Without scikit-learn (``pip install 'kronfac[demo]'``).
+    """
+    from sklearn.datasets import load_digits
+
+    X_np, y_np = load_digits(return_X_y=True)
+    if not 1 <= train < len(y_np):
+        raise ValueError(f"train must be in [1, {len(y_np) - 1}] images, got {train!r}.")
+    if not 0 <= noise <= 1:
+        raise ValueError(f"noise must be a share in [0, 1], got {noise!r}.")
+    X = torch.as_tensor(X_np, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(y_np, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    tr, te = perm[:train], perm[train:]
+    labels = y[tr]
+    flipped = torch.zeros(train, dtype=torch.bool)
+    flipped[torch.randperm(train, generator=g)[: round(noise * train)]] = True
+    shift = torch.randint(1, 10, (train,), generator=g)  # another class: + 1..9 (mod 10)
+    noisy = torch.where(flipped, (labels + shift) % 10, labels)
+    return MislabeledDigits((X[tr], noisy), labels, flipped, (X[te], y[te]))
+
+
+def influence_mlp(hidden: int = INFLUENCE_HIDDEN) -> nn.Sequential:
+    """The MLP 64-``hidden``-10 with tanh (64-64-10: 4,810 parameters); Linear ``fc1``, ``fc2``."""
+    return nn.Sequential(
+        collections.OrderedDict(
+            fc1=nn.Linear(64, hidden), act1=nn.Tanh(), fc2=nn.Linear(hidden, 10)
+        )
+    )
+
+
+def per_example_losses(model: nn.Module, X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Each data point's cross-entropy and the Euclidean norm of its gradient (all parameters).
+
+    ``torch.func.vmap`` of ``torch.func.grad`` over the data points.
+
+    Returns:
+        ``(losses [n], gradient norms [n])``.
+    """
+    from torch.func import functional_call, grad_and_value, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p: dict[str, Tensor], x: Tensor, t: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(model, p, (x[None],)), t[None])
+
+    grads, losses = vmap(grad_and_value(loss), in_dims=(None, 0, 0))(params, X, y)
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in grads.values()]).sum(0).sqrt()
+    return losses.detach(), norms.detach()
+
+
+@dataclass
+class Detection:
+    """How well one score ranks the flipped training labels first.
+
+    Attributes:
+        name: The score's name (a row of :func:`influence_table`).
+        seed: The seed.
+        scores: ``[n]`` per training image, the higher the more suspect.
+        auroc: The area under the ROC curve of ``scores`` detecting the flipped labels.
+        precision: The share of flipped labels among the ``k`` highest scores, ``k`` the number
+            of flipped labels (so also the share of them found there).
+        seconds: The time the scores took (the curvature included).
+    """
+
+    name: str
+    seed: int
+    scores: Tensor
+    auroc: float
+    precision: float
+    seconds: float
+
+    @classmethod
+    def of(cls, name: str, seed: int, scores: Tensor, flipped: Tensor, seconds: float) -> Detection:
+        """The AUROC (scikit-learn's ``roc_auc_score``) and the precision of ``scores``."""
+        from sklearn.metrics import roc_auc_score
+
+        scores = scores.detach().to(torch.float64)
+        k = int(flipped.sum())
+        top = scores.topk(k).indices if k else scores.new_zeros(0, dtype=torch.long)
+        precision = float(flipped[top].double().mean()) if k else math.nan
+        auroc = float(roc_auc_score(flipped.numpy(), scores.numpy()))
+        return cls(name, seed, scores, auroc, precision, seconds)
+
+
+@dataclass
+class MislabelStudy:
+    """One seed of :func:`mislabel_detection`: the data, the trained model, the rankings.
+
+    Attributes:
+        seed: The seed.
+        data: The split with flipped labels.
+        model: The MLP trained on the noisy labels (eval mode).
+        batches: The training set's batches the influences were computed from.
+        detections: One per score, :data:`INFLUENCE_CURVATURES` then :data:`INFLUENCE_BASELINES`.
+        influences: Row name → its :class:`~kronfac.influence.Influence`.
+        train_accuracy: On the noisy training labels.
+        test_accuracy: On the test images.
+    """
+
+    seed: int
+    data: MislabeledDigits
+    model: nn.Module
+    batches: list[Batch]
+    detections: list[Detection]
+    influences: dict[str, Influence]
+    train_accuracy: float
+    test_accuracy: float
+
+
+def mislabel_detection(
+    seed: int,
+    *,
+    train: int = INFLUENCE_TRAIN,
+    noise: float = INFLUENCE_NOISE,
+    epochs: int = INFLUENCE_EPOCHS,
+    curvatures: Sequence[str] = tuple(INFLUENCE_CURVATURES),
+) -> MislabelStudy:
+    """Train the MLP on digits with flipped labels, then rank the training images by suspicion.
+
+    The split and flips (:func:`mislabeled_digits`), the MLP's initial weights
+    (:func:`influence_mlp`) and its batches come from ``seed``; it is trained like the Laplace
+    demo's MAP (:func:`train_map`: Adam, weight decay ``δ₀ / N``, ``δ₀`` = 1, batches of 100,
+    a cosine schedule). The rankings: the self-influence ``∇ℓ_tᵀ (H + δI)⁻¹ ∇ℓ_t`` of
+    :class:`~kronfac.influence.Influence` (MC Fisher, default damping: 0.1 × each layer's mean
+    eigenvalue) with each curvature of ``curvatures``; the per-example training loss; the norm
+    of its gradient.
+
+    Args:
+        seed: The seed.
+        train: Training images.
+        noise: Share of flipped training labels.
+        epochs: Training epochs.
+        curvatures: Names of :data:`INFLUENCE_CURVATURES`.
+
+    Raises:
+        ValueError: Unknown ``curvatures``, or ``train`` / ``noise`` out of range.
+        ImportError: Without scikit-learn (``pip install 'kronfac[demo]'``).
+    """
+    unknown = [c for c in curvatures if c not in INFLUENCE_CURVATURES]
+    if unknown:
+        raise ValueError(
+            f"Unknown curvature(s) {unknown}; expected some of {list(INFLUENCE_CURVATURES)}."
+        )
+    data = mislabeled_digits(seed, train, noise)
+    torch.manual_seed(seed)
+    model = influence_mlp()
+    train_map(model, data.train, epochs=epochs, batch_size=INFLUENCE_BATCH, seed=seed)
+    batches = _batches(data.train, INFLUENCE_BATCH)
+    detections, influences = [], {}
+    for name in curvatures:
+        start = time.perf_counter()
+        inf = Influence(model, nn.CrossEntropyLoss(), batches, curvature=INFLUENCE_CURVATURES[name])
+        scores = inf.self_scores(batches)
+        assert isinstance(scores, Tensor)
+        seconds = time.perf_counter() - start
+        detections.append(Detection.of(name, seed, scores, data.flipped, seconds))
+        influences[name] = inf
+    X, y = data.train
+    start = time.perf_counter()
+    losses, norms = per_example_losses(model, X, y)
+    seconds = time.perf_counter() - start
+    detections.append(Detection.of("training loss", seed, losses, data.flipped, seconds))
+    detections.append(Detection.of("gradient norm", seed, norms, data.flipped, seconds))
+    with torch.no_grad():
+        train_acc = float((model(X).argmax(-1) == y).float().mean())
+        X_test, y_test = data.test
+        test_acc = float((model(X_test).argmax(-1) == y_test).float().mean())
+    return MislabelStudy(seed, data, model, batches, detections, influences, train_acc, test_acc)
+
+
+INFLUENCE_HEADER = ["score", "AUROC", "precision@k", "seconds"]
+
+
+def influence_table(detections: Sequence[Detection]) -> str:
+    """One row per score (first-seen order): medians over the seeds, and ranges when several.
+
+    ``precision@k``: the share of flipped labels among the ``k`` highest scores, ``k`` the
+    number of flipped labels.
+    """
+    groups: dict[str, list[Detection]] = {}
+    for d in detections:
+        groups.setdefault(d.name, []).append(d)
+    several = any(len(g) > 1 for g in groups.values())
+
+    def cell(values: list[float], fmt: str) -> str:
+        text = format(statistics.median(values), fmt)
+        if several:
+            text += f" ({min(values):{fmt}}–{max(values):{fmt}})"
+        return text
+
+    rows = [
+        [
+            name,
+            cell([d.auroc for d in group], ".3f"),
+            cell([d.precision for d in group], ".2f"),
+            cell([d.seconds for d in group], ".2f"),
+        ]
+        for name, group in groups.items()
+    ]
+    header = INFLUENCE_HEADER
+    if several:
+        header = [header[0], *(f"{h} median (range)" for h in header[1:])]
+    return format_table(header, rows)
+
+
+def influence_queries(
+    inf: Influence, study: MislabelStudy, queries: int = 4
+) -> tuple[Tensor, Tensor]:
+    """Influence scores on every training image of ``queries`` test images of distinct classes.
+
+    The queries: the first test image of each class, classes in the order they first appear
+    in the test set (fewer when the test set holds fewer classes).
+
+    Returns:
+        ``(query indices into the test set [q], scores [q, n_train])``: ``score(q, t) =
+        ∇ℓ_qᵀ (H + δI)⁻¹ ∇ℓ_t`` at the query's true label, positive where upweighting ``t``
+        lowers the query's loss (helpful).
+    """
+    X_test, y_test = study.data.test
+    first = {int(c): i for i, c in reversed(list(enumerate(y_test.tolist())))}
+    index = torch.tensor(sorted(first.values())[:queries], dtype=torch.long)
+    scores = inf.pairwise_scores(study.batches, [(X_test[index], y_test[index])])
+    assert isinstance(scores, Tensor)
+    return index, scores
+
+
+def plot_influential(
+    study: MislabelStudy,
+    index: Tensor,
+    scores: Tensor,
+    path: Any,
+    title: str = "",
+    top: int = 3,
+) -> str:
+    """Per test image (a row): the image, its ``top`` most helpful and most harmful training images.
+
+    Most helpful: the highest scores (upweighting them lowers the test loss the most); most
+    harmful: the lowest. Each training image shows its (noisy) label and its score; a flipped
+    label is marked in red with the true one. Needs matplotlib.
+
+    Args:
+        study: The seed's study (:func:`mislabel_detection`).
+        index: The queries' indices into the test set ``[q]``.
+        scores: ``[q, n_train]`` (:func:`influence_queries`).
+        path: Where to write the PNG.
+        title: The figure's title.
+        top: Training images per side.
+
+    Returns:
+        A line to print: where the plot is, or that matplotlib is missing.
+    """
+    plt = _pyplot()
+    if plt is None:
+        return _NO_MATPLOTLIB
+    X_train, y_train = study.data.train
+    X_test, y_test = study.data.test
+    with torch.no_grad():
+        predicted = study.model(X_test[index]).argmax(-1)
+    cols = 1 + 2 * top
+    fig, axes = plt.subplots(len(index), cols, figsize=(1.3 * cols, 1.55 * len(index) + 0.5),
+                             squeeze=False)  # fmt: skip
+    for row, (q, s) in enumerate(zip(index.tolist(), scores, strict=True)):
+        order = s.argsort(descending=True)
+        picks = [*order[:top].tolist(), *order.flip(0)[:top].tolist()]
+        ax = axes[row][0]
+        ax.imshow(X_test[q].view(8, 8).numpy(), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(f"test y={int(y_test[q])}\npred {int(predicted[row])}", fontsize=7)
+        for col, t in enumerate(picks, 1):
+            ax = axes[row][col]
+            ax.imshow(X_train[t].view(8, 8).numpy(), cmap="gray_r", vmin=0, vmax=1)
+            label = f"y={int(y_train[t])}"
+            wrong = bool(study.data.flipped[t])
+            if wrong:
+                label += f" (true {int(study.data.labels[t])})"
+            ax.set_title(f"{label}\n{float(s[t]):+.3g}", fontsize=7,
+                         color="red" if wrong else "black")  # fmt: skip
+    for ax in (a for r in axes for a in r):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    sides = ["query", *(f"helpful {k}" for k in range(1, top + 1))]
+    sides += [f"harmful {k}" for k in range(1, top + 1)]
+    for ax, side in zip(axes[-1], sides, strict=True):
+        ax.set_xlabel(side, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -30,7 +30,7 @@ from kronfac.factors.engine import factor_pass
 from kronfac.layers import LayerAdapter, Slot, get_adapter
 from kronfac.linalg import Block, EigenBlock, KroneckerBlock, LowRankFactor, as_factor
 
-__all__ = ["EKFAC", "KFAC", "CurvatureOperator"]
+__all__ = ["EKFAC", "KFAC", "CurvatureOperator", "eigen_block"]
 
 
 class CurvatureOperator:
@@ -181,6 +181,23 @@ def _columns(v: Sequence[Any], shapes: Sequence[torch.Size]) -> int | None:
     if all(t.shape == (*s, k) for t, s in zip(v, shapes, strict=True)):
         return k
     return None
+
+
+def eigen_block(block: Block) -> EigenBlock:
+    """A block of a K-FAC or EKFAC operator in its eigenbasis, as an :class:`EigenBlock`.
+
+    A K-FAC block ``S ⊗ A`` becomes ``Q_S ⊗ Q_A`` with the Kronecker products ``s_i a_j`` of
+    its factors' eigenvalues (``KroneckerBlock._eigen_block``, decomposed once and cached); an
+    EKFAC block is one already.
+
+    Raises:
+        TypeError: For a block of another kind.
+    """
+    if isinstance(block, KroneckerBlock):
+        return block._eigen_block()
+    if not isinstance(block, EigenBlock):
+        raise TypeError(f"Expected a KroneckerBlock or an EigenBlock, got {type(block).__name__}.")
+    return block
 
 
 def _check_damping(damping: float) -> None:

@@ -54,8 +54,8 @@ from kronfac.factors.data_pass import PassSetup, _run_forward, check_reiterable
 from kronfac.factors.ekfac import compute_corrections
 from kronfac.factors.engine import factor_pass
 from kronfac.layers import Slot
-from kronfac.linalg import EigenBlock, KroneckerBlock, psd_eigenvalues
-from kronfac.operators import EKFAC, KFAC, CurvatureOperator
+from kronfac.linalg import EigenBlock
+from kronfac.operators import EKFAC, KFAC, CurvatureOperator, eigen_block
 
 __all__ = ["Laplace"]
 
@@ -78,7 +78,7 @@ class _Spectrum:
     def __init__(self, block: EigenBlock, scale: float, module: str) -> None:
         self.module, self.block = module, block
         self.Q_S, self.Q_A = block.Q_S, block.Q_A
-        values = psd_eigenvalues(block.eigenvalues.reshape(-1), block.name)
+        values = block.spectrum()
         self.values = values.reshape(block.eigenvalues.shape) * scale
         self.complement = max(block.complement, 0.0) * scale
         self.rest = block.complement_size
@@ -209,7 +209,7 @@ class Laplace:
         self._params = {n: params[n] for n in self.param_names}
         self.mean = torch.cat([p.detach().reshape(-1) for p in self._params.values()]).to(op.dtype)
         self.num_params = self.mean.numel()
-        self._spectra = [_Spectrum(_eigen_block(b), self.hessian_scale, b.name) for b in op._blocks]
+        self._spectra = [_Spectrum(eigen_block(b), self.hessian_scale, b.name) for b in op._blocks]
         # per module: its parameters' count and ‖θ*_m‖²
         self._sizes = torch.zeros(len(self.modules), dtype=op.dtype, device=op.device)
         self._norms = torch.zeros_like(self._sizes)
@@ -613,14 +613,6 @@ def _check_link(link: str) -> None:
 
 def _softmax(f: Tensor) -> Tensor:
     return torch.softmax(f, dim=-1)
-
-
-def _eigen_block(block: Any) -> EigenBlock:
-    """A block of the operator in its eigenbasis (a K-FAC block's Kronecker eigenvalues)."""
-    if isinstance(block, KroneckerBlock):
-        return block._eigen_block()
-    assert isinstance(block, EigenBlock)  # EKFAC's
-    return block
 
 
 def _positive(name: str, value: Any) -> float:

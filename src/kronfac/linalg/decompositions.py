@@ -42,18 +42,27 @@ def eigh(M: Tensor, name: str = "") -> tuple[Tensor, Tensor]:
     return evals.to(M.dtype), evecs.to(M.dtype)
 
 
-def psd_eigenvalues(evals: Tensor, name: str = "") -> Tensor:
+def psd_eigenvalues(evals: Tensor, name: str = "", size: int | None = None) -> Tensor:
     """Set a PSD matrix's eigenvalues within round-off of zero to exactly zero.
 
-    With ``τ = 10·d·ε·max|λ|`` (``ε`` the dtype's machine epsilon), eigenvalues in ``[−τ, τ]``
-    are indistinguishable from zero and become 0 (so a singular factor has ``log det = −inf``);
-    one below ``−τ`` is not round-off.
+    With ``τ = 10·n·ε·max|λ|`` (``ε`` the dtype's machine epsilon, ``n`` the side of the
+    decomposed matrix), eigenvalues in ``[−τ, τ]`` are indistinguishable from zero and become 0
+    (so a singular factor has ``log det = −inf``); one below ``−τ`` is not round-off.
+
+    Args:
+        evals: The eigenvalues.
+        name: The module (for error messages).
+        size: ``n``; default ``evals.numel()`` (the eigenvalues of one ``[n, n]`` matrix).
+            Values that are not from one decomposition — the products ``s_i a_j`` of two
+            factors' cleaned eigenvalues, EKFAC's sums of squares — carry the round-off of
+            one entry: ``size=1``.
 
     Raises:
         NotPSDError: If an eigenvalue is clearly negative.
     """
+    n = evals.numel() if size is None else size
     scale = evals.abs().max() if evals.numel() else evals.new_zeros(())
-    tol = 10 * evals.numel() * torch.finfo(evals.dtype).eps * scale
+    tol = 10 * n * torch.finfo(evals.dtype).eps * scale
     if evals.numel() and bool(evals.min() < -tol):
         raise NotPSDError(
             f"Factor of {name or 'a module'} is not positive semi-definite: smallest eigenvalue "

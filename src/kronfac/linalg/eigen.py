@@ -141,9 +141,23 @@ class EigenBlock(Block):
             dense.append(M + c * torch.eye(p * q).to(M))
         return torch.block_diag(*dense)
 
+    def spectrum(self) -> Tensor:
+        """``Λ`` flat (``[g·k_S·k_A]``), PSD-checked, round-off negatives set to 0.
+
+        ``Λ``'s entries are products of two factors' eigenvalues (each cleaned when its
+        factor was decomposed) or EKFAC's sums of squares, not the eigenvalues of one
+        ``[p·q, p·q]`` decomposition: the tolerance is one entry's round-off
+        (:func:`~kronfac.linalg.decompositions.psd_eigenvalues` with ``size=1``), so small
+        but exact eigenvalues are kept.
+
+        Raises:
+            NotPSDError: If an eigenvalue is clearly negative.
+        """
+        return psd_eigenvalues(self.eigenvalues.reshape(-1), self.name, size=1)
+
     def _damped(self, damping: float) -> tuple[Tensor, Tensor]:
-        """``(Λ + δ, c + δ)``, eigenvalues within round-off of zero set to 0 (PSD-checked)."""
-        lam = psd_eigenvalues(self.eigenvalues.reshape(-1), self.name)
+        """``(Λ + δ, c + δ)`` from :meth:`spectrum`."""
+        lam = self.spectrum()
         rest = torch.tensor(self.complement + damping, dtype=lam.dtype)
         if self._rest and float(rest) < 0:
             raise NotPSDError(f"Block of {self.name or 'a module'} is not PSD after damping.")

@@ -1,0 +1,5 @@
+"""Influence functions with K-FAC / EKFAC curvature: :class:`Influence`."""
+
+from kronfac.influence.influence import Influence
+
+__all__ = ["Influence"]
