@@ -24,13 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from kronfac.factors import FactorPair, KroneckerFactors, ParamNames
-from kronfac.factors.data_pass import PassSetup, check_reiterable
+from kronfac.factors.data_pass import PassResult, PassSetup, check_reiterable
 from kronfac.factors.ekfac import compute_corrections
 from kronfac.factors.engine import factor_pass
 from kronfac.layers import LayerAdapter, Slot, get_adapter
 from kronfac.linalg import Block, EigenBlock, KroneckerBlock, LowRankFactor, as_factor
 
-__all__ = ["EKFAC", "KFAC", "CurvatureOperator", "eigen_block"]
+__all__ = ["EKFAC", "KFAC", "CurvatureOperator", "curvature_pass", "eigen_block"]
 
 
 class CurvatureOperator:
@@ -475,3 +475,24 @@ def _slot_start(slot: Slot) -> int:
     part = slot.weight if slot.weight is not None else slot.bias
     assert part is not None  # a slot holds a weight, a bias or both
     return part.start
+
+
+def curvature_pass(
+    model: nn.Module, loss_fn: nn.Module, data: Iterable[Any], setup: PassSetup, curvature: str
+) -> tuple[KFAC | EKFAC, PassResult]:
+    """The K-FAC (one pass over ``data``) or EKFAC (two) operator, and the first pass's counts.
+
+    Args:
+        model: The model.
+        loss_fn: Its loss.
+        data: The batches (re-iterable for EKFAC).
+        setup: The validated options (:meth:`PassSetup.create`), shared by both passes.
+        curvature: ``"kfac"`` or ``"ekfac"``.
+    """
+    factors, result = factor_pass(model, loss_fn, data, setup)
+    if curvature == "ekfac":
+        corrected = compute_corrections(
+            model, loss_fn, data, factors, reference=result, setup=setup
+        )
+        return EKFAC.from_factors(corrected, model), result
+    return KFAC.from_factors(factors, model), result

@@ -37,11 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from kronfac.factors.data_pass import PassSetup, check_reiterable
-from kronfac.factors.ekfac import compute_corrections
-from kronfac.factors.engine import factor_pass
 from kronfac.influence.blocks import InverseBlock, LowRankQuery, Query, chunks
 from kronfac.influence.gradients import Measurement, gradient_rows
-from kronfac.operators import EKFAC, KFAC, eigen_block
+from kronfac.operators import curvature_pass, eigen_block
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "HEURISTIC_DAMPING", "Influence"]
 
@@ -143,19 +141,11 @@ class Influence:
             "progress": progress,
         }
         setup = PassSetup.create(model, loss_fn, **options)
-        factors, result = factor_pass(model, loss_fn, data, setup)
-        op: KFAC | EKFAC
-        if curvature == "ekfac":
-            corrected = compute_corrections(
-                model, loss_fn, data, factors, reference=result, setup=setup
-            )
-            op = EKFAC.from_factors(corrected, model)
-        else:
-            op = KFAC.from_factors(factors, model)
+        op, result = curvature_pass(model, loss_fn, data, setup, curvature)
         self.model, self.curvature = model, op
         self.hessian_scale = float(result.mean_divisor(setup.likelihood))
         self.num_data = result.num_data
-        self.modules = list(factors)
+        self.modules = list(op.factors)
         self.param_names = list(op.param_names)
         self._blocks = [
             InverseBlock(eigen_block(b), slot, self.hessian_scale)
@@ -166,7 +156,7 @@ class Influence:
         self._setup = dataclasses.replace(
             setup,
             options=dataclasses.replace(setup.options, fisher="empirical"),
-            adapters={n: a for n, a in setup.adapters.items() if n in factors},
+            adapters={n: a for n, a in setup.adapters.items() if n in op.factors},
         )
 
     def _damp(self, delta: float | None) -> dict[str, float]:

@@ -51,11 +51,9 @@ from tqdm import tqdm
 
 from kronfac.errors import warn
 from kronfac.factors.data_pass import PassSetup, _run_forward, check_reiterable
-from kronfac.factors.ekfac import compute_corrections
-from kronfac.factors.engine import factor_pass
 from kronfac.layers import Slot
 from kronfac.linalg import EigenBlock
-from kronfac.operators import EKFAC, KFAC, CurvatureOperator, eigen_block
+from kronfac.operators import CurvatureOperator, curvature_pass, eigen_block
 
 __all__ = ["Laplace"]
 
@@ -189,21 +187,13 @@ class Laplace:
             "progress": progress,
         }
         setup = PassSetup.create(model, loss_fn, **options)
-        factors, result = factor_pass(model, loss_fn, data, setup)
-        op: KFAC | EKFAC
-        if curvature == "ekfac":
-            corrected = compute_corrections(
-                model, loss_fn, data, factors, reference=result, setup=setup
-            )
-            op = EKFAC.from_factors(corrected, model)
-        else:
-            op = KFAC.from_factors(factors, model)
+        op, result = curvature_pass(model, loss_fn, data, setup, curvature)
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self._forward, self._progress = forward, progress
         self.curvature = op
         self.hessian_scale = float(result.mean_divisor(setup.likelihood))
         self.num_data = result.num_data
-        self.modules = list(factors)
+        self.modules = list(op.factors)
         self.param_names = list(op.param_names)
         params = dict(model.named_parameters())
         self._params = {n: params[n] for n in self.param_names}
@@ -214,7 +204,7 @@ class Laplace:
         self._sizes = torch.zeros(len(self.modules), dtype=op.dtype, device=op.device)
         self._norms = torch.zeros_like(self._sizes)
         index = {m: i for i, m in enumerate(self.modules)}
-        for m, names in factors.param_names.items():
+        for m, names in op.factors.param_names.items():
             for n in names:
                 if n is not None:
                     p = params[n].detach().to(op.dtype)
