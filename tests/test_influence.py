@@ -210,20 +210,26 @@ def test_curvature_comes_from_data_not_from_the_scored_data():
 # damping
 
 
-@pytest.mark.parametrize("curvature", ["ekfac", "kfac"])
-def test_default_damping_is_a_tenth_of_each_blocks_mean_eigenvalue(curvature):
-    model, loss, data, _, _ = case("tokens")
-    inf = kronfac.Influence(model, loss, data, curvature=curvature, fisher="type-2")
-    H = OPERATORS[curvature](model, summed(loss), data, fisher="type-2").to_dense()
+def check_heuristic_damping(inf, model, H) -> None:
+    """Each ``δ_m`` is 0.1 x the mean eigenvalue of module m's block of the dense ``H``."""
     names = inf.param_names
     sizes = [dict(model.named_parameters())[n].numel() for n in names]
     owner = [module_of(n) for n, s in zip(names, sizes, strict=True) for _ in range(s)]
-    assert set(inf.damping) == {"embed", "head"} == set(inf.modules)
+    assert set(inf.damping) == set(inf.modules)
     for module, delta in inf.damping.items():
         idx = torch.tensor([i for i, m in enumerate(owner) if m == module])
         block = H[idx][:, idx]
         expected = 0.1 * float(torch.linalg.eigvalsh(block).mean())
         assert abs(delta - expected) <= 1e-10 * expected, (module, delta, expected)
+
+
+@pytest.mark.parametrize("curvature", ["ekfac", "kfac"])
+def test_default_damping_is_a_tenth_of_each_blocks_mean_eigenvalue(curvature):
+    model, loss, data, _, _ = case("tokens")
+    inf = kronfac.Influence(model, loss, data, curvature=curvature, fisher="type-2")
+    H = OPERATORS[curvature](model, summed(loss), data, fisher="type-2").to_dense()
+    assert set(inf.damping) == {"embed", "head"}
+    check_heuristic_damping(inf, model, H)
 
 
 def test_absolute_damping_and_zero_damping():
@@ -474,6 +480,135 @@ def test_low_rank_scores_converge_as_the_rank_grows():
 
 
 # ----------------------------------------------------------------------------------------------
+# low-rank factors and separate bias blocks
+
+#: ``(model, loss, data, train, queries)`` and the options that make some factors low-rank: per
+#: case, sides at least ``rank_threshold`` long are rank ``rank``, the others dense.
+LOW_RANK = {
+    # Linear(4, 8): A 5 dense, S 8 low; Linear(8, 7): both low; Linear(7, 3): A 8 low, S 3 dense
+    "mlp": {"rank": 3, "rank_threshold": 6},
+    # the embedding's S 4 low (its A is diagonal), the head's A 5 low and S 3 dense; T = 5
+    "tokens": {"rank": 2, "rank_threshold": 4},
+    # the grouped convolution's A 10 per group low, S 2 dense; the head's A 37 low, S 3 dense
+    "conv": {"rank": 3, "rank_threshold": 5},
+}
+
+
+def low_rank_case(name: str):
+    if name == "mlp":
+        model, loss = mlp((4, 8, 7, 3), seed=0), nn.CrossEntropyLoss()
+        batches = [make_data(model, "ce", s, (4,), seed=i) for i, s in enumerate(CASE_SIZES)]
+        return model, loss, *batches
+    return case(name)
+
+
+def partial_sides(inf) -> set[tuple[str, str]]:
+    """``(module, side)`` of the blocks' partial bases."""
+    out = set()
+    for b in inf._blocks:
+        for side, Q in (("S", b.Q_S), ("A", b.Q_A)):
+            if Q is not None and Q.shape[-1] < Q.shape[-2]:
+                out.add((b.module, side))
+    return out
+
+
+@pytest.mark.parametrize("curvature", ["ekfac", "kfac"])
+@pytest.mark.parametrize("name", ["mlp", "tokens", "conv"])
+def test_low_rank_factors_match_the_dense_reference(name, curvature, monkeypatch):
+    """Partial bases with the complement's eigenvalue: ``(H + δI)⁻¹`` exact for this ``H``.
+
+    The self-scores' ``‖G_n‖²`` from the rows' Grams or from the formed gradients alike.
+    """
+    model, loss, data, train, queries = low_rank_case(name)
+    options = LOW_RANK[name]
+    inf = kronfac.Influence(
+        model, loss, data, curvature=curvature, fisher="type-2", damping=0.05, **options
+    )
+    expected = {
+        "mlp": {("0", "S"), ("2", "S"), ("2", "A"), ("4", "A")},
+        "tokens": {("embed", "S"), ("head", "A")},
+        "conv": {("0", "A"), ("3", "A")},
+    }[name]
+    assert partial_sides(inf) == expected
+    assert all(b.rest > 0 for b in inf._blocks)
+    if curvature == "ekfac":  # the complement's eigenvalue: the mean second moment outside
+        assert all(b.complement > 0 for b in inf._blocks)
+    else:
+        assert all(b.complement == 0 for b in inf._blocks)
+    pairwise, self_ = reference(
+        model, loss, data, train, queries, inf, curvature, "type-2", **options
+    )
+    assert_rel_close(inf.pairwise_scores(train, queries), pairwise, TOL, "pairwise")
+    assert_rel_close(inf.self_scores(train), self_, TOL, "self")
+    for gram in (True, False):
+        with monkeypatch.context() as m:
+            m.setattr(InverseBlock, "_gram_route", lambda self, T, gram=gram: gram)
+            assert_rel_close(inf.self_scores(train), self_, TOL, f"self, gram={gram}")
+    full = inf.pairwise_scores(train, queries, query_rank=100)
+    assert_rel_close(full, pairwise, TOL, "full-rank queries")
+    inf.memory_budget = 1  # one data point per chunk
+    assert_rel_close(inf.pairwise_scores(train, queries), pairwise, TOL, "chunked")
+    assert_rel_close(inf.self_scores(train), self_, TOL, "self chunked")
+
+
+@pytest.mark.parametrize("curvature", ["ekfac", "kfac"])
+@pytest.mark.parametrize("name", ["mlp", "tokens"])
+def test_default_damping_with_low_rank_factors_counts_the_complement(name, curvature):
+    model, loss, data, train, queries = low_rank_case(name)
+    options = LOW_RANK[name]
+    inf = kronfac.Influence(model, loss, data, curvature=curvature, fisher="type-2", **options)
+    H = OPERATORS[curvature](model, summed(loss), data, fisher="type-2", **options).to_dense()
+    check_heuristic_damping(inf, model, H)
+    pairwise, self_ = reference(
+        model, loss, data, train, queries, inf, curvature, "type-2", **options
+    )
+    assert_rel_close(inf.pairwise_scores(train, queries), pairwise, TOL, "pairwise")
+    assert_rel_close(inf.self_scores(train), self_, TOL, "self")
+
+
+@pytest.mark.parametrize("rank", [None, 1])
+@pytest.mark.parametrize("curvature", ["ekfac", "kfac"])
+@pytest.mark.parametrize("name", ["mlp", "tokens", "conv"])
+def test_separate_bias_matches_the_dense_reference(name, curvature, rank):
+    """A bias block of its own (``S`` alone, ``a = 1``), per-module results by module.
+
+    ``rank=1``: every side from 2 on low-rank, the bias block's ``S`` too (EKFAC: its own
+    complement eigenvalue); default damping.
+    """
+    model, loss, data, train, queries = case(name)
+    options = {"bias": "separate"}
+    if rank is not None:
+        options |= {"rank": rank, "rank_threshold": 2}
+    inf = kronfac.Influence(model, loss, data, curvature=curvature, fisher="type-2", **options)
+    bias_blocks = [b for b in inf._blocks if b.bias_only]
+    assert len(bias_blocks) == (1 if name == "tokens" else 2)
+    assert all(b.q == 1 and b.Q_A is None for b in bias_blocks)
+    if rank is not None:
+        assert all(b.rest > 0 for b in bias_blocks)
+        if curvature == "ekfac":
+            assert all(b.complement > 0 for b in bias_blocks)
+    H = OPERATORS[curvature](model, summed(loss), data, fisher="type-2", **options).to_dense()
+    check_heuristic_damping(inf, model, H)
+    M = dense_curvature(model, loss, data, inf, curvature, "type-2", **options)
+    Gt = per_example_grads(model, loss, train, inf.param_names)
+    Gq = per_example_grads(model, loss, queries, inf.param_names)
+    solved = torch.linalg.solve(M, Gt.T)
+    assert_rel_close(inf.pairwise_scores(train, queries), Gq @ solved, TOL, "pairwise")
+    assert_rel_close(inf.self_scores(train), (Gt.T * solved).sum(0), TOL, "self")
+    # per module: the weight's and the bias's blocks together, H block-diagonal over modules
+    parts = inf.pairwise_scores(train, queries, per_module=True)
+    self_parts = inf.self_scores(train, per_module=True)
+    assert list(parts) == list(self_parts) == inf.modules
+    params = dict(model.named_parameters())
+    owner = [module_of(n) for n in inf.param_names for _ in range(params[n].numel())]
+    for module in inf.modules:
+        idx = torch.tensor([i for i, m in enumerate(owner) if m == module])
+        solved = torch.linalg.solve(M[idx][:, idx], Gt[:, idx].T)
+        assert_rel_close(parts[module], Gq[:, idx] @ solved, TOL, module)
+        assert_rel_close(self_parts[module], (Gt[:, idx].T * solved).sum(0), TOL, module)
+
+
+# ----------------------------------------------------------------------------------------------
 # MC, the model's state
 
 
@@ -530,6 +665,9 @@ def test_the_model_is_left_as_it_was():
         ({"modules": ["nothing"]}, ValueError, "nothing"),
         ({"memory_budget": 0}, ValueError, "memory_budget must be a positive integer"),
         ({"memory_budget": 1.5}, TypeError, "memory_budget must be a positive integer"),
+        ({"rank": 0}, ValueError, "rank must be a positive integer or None, got 0"),
+        ({"rank_threshold": 0}, ValueError, "rank_threshold must be a positive integer, got 0"),
+        ({"bias": "none"}, ValueError, "Invalid bias 'none'. Supported: joint, separate"),
     ],
 )
 def test_bad_options(kwargs, error, match):

@@ -11,9 +11,12 @@ parameters of the selected modules (the rest of the model contributes nothing), 
 K-FAC or EKFAC (George et al. 2018) curvature of the **summed** training loss over ``data``,
 whatever ``loss_fn``'s reduction: ``D`` times the operator of the loss as ``loss_fn`` defines
 it (docs/conventions.md), ``D`` the entries its mean averages over. ``H`` is block-diagonal over
-the modules, and each block is diagonal in its factors' eigenbasis, so ``(H + δI)⁻¹`` is exact
-(K-FAC: ``(S ⊗ A + δI)⁻¹`` with eigenvalues ``1/(s_i a_j + δ)``, not a product of damped
-factors).
+the modules (a separate bias a block of its own), and each block is diagonal in its factors'
+eigenbasis, so ``(H + δI)⁻¹`` is exact (K-FAC: ``(S ⊗ A + δI)⁻¹`` with eigenvalues
+``1/(s_i a_j + δ)``, not a product of damped factors). With low-rank factors the bases are
+partial and the complement of their span has one more eigenvalue ``c`` (K-FAC: 0; EKFAC: the
+mean second moment there), inverted as ``1/(c + δ)``: still exact for this ``H``
+(:mod:`kronfac.influence.blocks`).
 
 Sign: upweighting ``t`` by ``ε`` in the summed training loss moves the minimiser by
 ``dθ/dε = −(H + δI)⁻¹ ∇ℓ_t``, so ``d ℓ_q / dε = −score(q, t)``: a positive score means that
@@ -22,7 +25,8 @@ convention of Grosse et al. (2023) with a log-likelihood measurement, and the ne
 Liang's ``I_up,loss``. Removing ``t`` (``ε = −1``) raises the query loss by about ``score``.
 
 Damping: ``δ`` for every module, or by default per module ``δ_m = 0.1 · mean eigenvalue of
-module m's block of H`` (kronfluence's heuristic, on the summed loss).
+module m's block of H`` (kronfluence's heuristic, on the summed loss): ``0.1 · tr H_m / P_m``
+over all ``P_m`` eigenvalues, the complement's included, and over a separate bias's block too.
 """
 
 from __future__ import annotations
@@ -81,6 +85,16 @@ class Influence:
         modules: Name substrings of the modules whose parameters count (``None``: every
             supported module with a trainable weight).
         fisher: The curvature's Fisher type: ``"mc"``, ``"type-2"`` or ``"empirical"``.
+        rank: Keep every factor whose side is at least ``rank_threshold`` as a rank-``rank``
+            low-rank factor (as in :func:`kronfac.compute_factors`): memory ``side · rank``
+            instead of ``side²``. The complement of the factors' span keeps the eigenvalue
+            ``c`` (K-FAC: 0, so ``1/δ`` there; EKFAC: the mean second moment outside the
+            span), and the scores are exact for this ``H``. An embedding's input factor is
+            diagonal and never low-rank.
+        rank_threshold: The side from which a factor is kept low-rank (with ``rank``).
+        bias: ``"joint"`` (a bias as a last column of its weight's block) or ``"separate"``
+            (a block of its own, ``S`` alone). Either way ``per_module`` results and the
+            damping are per module.
         forward: ``forward(model, X) -> output`` when the loss does not take ``model(X)``
             (``lambda model, X: model(**X).logits.transpose(1, 2)`` for a causal LM).
         memory_budget: Bytes of per-example gradients, and of the products formed from them,
@@ -103,9 +117,10 @@ class Influence:
         memory_budget: See above.
 
     Raises:
-        ValueError: An unknown ``curvature`` or ``fisher``, a negative or non-finite
-            ``damping``, a non-positive ``memory_budget``, ``modules`` matching no module,
-            or empty ``data``.
+        ValueError: An unknown ``curvature``, ``fisher`` or ``bias``, a negative or
+            non-finite ``damping``, a ``rank`` or ``rank_threshold`` that is not a positive
+            integer, a non-positive ``memory_budget``, ``modules`` matching no module, or
+            empty ``data``.
         TypeError: A ``damping`` or ``memory_budget`` that is not a number, or one-shot
             ``data`` with EKFAC.
     """
@@ -120,6 +135,9 @@ class Influence:
         damping: float | None = None,
         modules: Sequence[str] | str | None = None,
         fisher: str = "mc",
+        rank: int | None = None,
+        rank_threshold: int = 512,
+        bias: str = "joint",
         forward: Callable[[nn.Module, Any], Tensor] | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         progress: bool = False,
@@ -137,6 +155,9 @@ class Influence:
         options: dict[str, Any] = {
             "fisher": fisher,
             "modules": modules,
+            "rank": rank,
+            "rank_threshold": rank_threshold,
+            "bias": bias,
             "forward": forward,
             "progress": progress,
         }
@@ -165,7 +186,7 @@ class Influence:
         for module in self.modules:
             blocks = [b for b in self._blocks if b.module == module]
             if delta is None:
-                total = sum(float(b.values.sum()) for b in blocks)
+                total = sum(b.eigenvalue_sum for b in blocks)  # with the complements'
                 d = HEURISTIC_DAMPING * total / sum(b.numel for b in blocks)
             else:
                 d = delta
@@ -230,8 +251,10 @@ class Influence:
     def self_scores(self, train_data: Iterable[Any], *, per_module: bool = False) -> Scores:
         r"""``∇ℓ_tᵀ (H + δI)⁻¹ ∇ℓ_t`` for every training data point: ``[n_train]``.
 
-        Each block's contribution is ``Σ W ⊙ (Q_Sᵀ G_t Q_A)²``, ``W = 1/(Λ + δ)``: each
-        gradient rotated into the eigenbasis, never a dense ``P × P`` matrix.
+        Each block's contribution is ``w_c ‖G_t‖² + Σ (W − w_c) ⊙ (Q_Sᵀ G_t Q_A)²``,
+        ``W = 1/(Λ + δ)`` and ``w_c = 1/(c + δ)`` for the complement of partial bases (0 for
+        complete ones): each gradient rotated into the eigenbasis, never a dense ``P × P``
+        matrix.
 
         Args:
             train_data: Batches ``(X, y)`` (one pass).
@@ -268,7 +291,7 @@ class Influence:
                     found_parts = [block.values.new_zeros(shape)]
                 else:
                     g, a = found
-                    cost = 3 * block.numel + g.shape[1] * block.groups * block.p
+                    cost = 4 * block.numel + g.shape[1] * block.groups * block.p
                     found_parts = [
                         block.precondition(block.per_example(g[s], a[s]))
                         for s in chunks(rows.n, cost, g.element_size(), self.memory_budget)
