@@ -132,7 +132,7 @@ LAYERS = (
     ("operators",),
     ("factors",),
     ("layers", "likelihoods", "linalg"),
-    ("errors", "registry"),
+    ("errors", "registry", "distributed"),
 )
 ALLOWED_IMPORTS = {
     package: {below for layer in LAYERS[i + 1 :] for below in layer}

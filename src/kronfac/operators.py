@@ -418,7 +418,7 @@ class EKFAC(_FactorOperator):
     _blocks: Sequence[EigenBlock]  # what _setup builds
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable[Any], **options: Any):
-        check_reiterable(data, "EKFAC")
+        check_reiterable(data, "EKFAC", options.get("process_group"))
         setup = PassSetup.create(model, loss_fn, **options)  # validated once for both passes
         factors, result = factor_pass(model, loss_fn, data, setup)
         corrected = compute_corrections(

@@ -18,6 +18,7 @@ in expectation), the usual K-FAC treatment of shared layers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from kronfac.distributed import agree, all_reduce_counts, group_of, rank_of
 from kronfac.errors import NonFiniteError, UncoveredParameterWarning, warn
 from kronfac.factors.container import ParamNames
 from kronfac.factors.hooks import Call, record_calls
@@ -60,18 +62,28 @@ __all__ = [
 _MAX_BATCHED_ELEMENTS = 1 << 27
 
 
-def check_reiterable(data: Iterable[Any], what: str) -> None:
+def check_reiterable(data: Iterable[Any], what: str, process_group: Any = None) -> None:
     """Refuse a one-shot iterator (a generator) as the data of a computation of two passes.
+
+    On torch.distributed (``process_group``, or the default group) every rank learns whether
+    every rank's data passed, and all raise if one did not (no rank left in a collective).
 
     Raises:
         TypeError: Naming ``what`` and the fix (a list or a DataLoader).
+        RuntimeError: On torch.distributed, when another rank's data is a one-shot iterator.
     """
+    error = None
     if isinstance(data, Iterator):
-        raise TypeError(
+        error = TypeError(
             f"{what} makes two passes over the data, but data is a one-shot iterator "
             f"({type(data).__name__}): its second pass would be empty. Pass a list of batches "
             "or a DataLoader."
         )
+    group = group_of(process_group)
+    if group is not None:
+        agree(group, error, what)
+    elif error is not None:
+        raise error
 
 
 def random_modules(model: nn.Module) -> list[str]:
@@ -211,6 +223,38 @@ class PassResult:
         if x != x2:
             return None
         return abs(out - out2) <= 1e-5 * scale
+
+    def check(self, options: FactorOptions) -> PassResult:
+        """``self``, if its counts agree with the options.
+
+        Raises:
+            ValueError: Counts that disagree with ``num_data`` / ``num_per_example_loss_terms``,
+                or every loss term masked.
+        """
+        if options.num_data is not None and options.num_data != self.num_data:
+            raise ValueError(
+                f"num_data={options.num_data} but the data holds {self.num_data} data points."
+            )
+        given = options.num_per_example_loss_terms
+        if given is not None and given != self.terms_per_example:
+            raise ValueError(
+                f"num_per_example_loss_terms={given} but the model output has "
+                f"{self.terms_per_example} loss terms per data point."
+            )
+        if self.num_terms == 0:
+            raise ValueError("Every loss term is masked (ignore_index or attention_mask).")
+        return self
+
+    def all_reduce(self, group: Any) -> PassResult:
+        """The counts of the union of every rank's shard.
+
+        ``N`` and the loss terms summed over the ranks, ``R`` and ``C`` the largest.
+        """
+        n, terms = all_reduce_counts([self.num_data, self.num_terms], group)
+        R, C = all_reduce_counts([self.terms_per_example, self.num_classes], group, op="max")
+        return dataclasses.replace(
+            self, num_data=n, num_terms=terms, terms_per_example=R, num_classes=C
+        )
 
     def mean_divisor(self, likelihood: Likelihood) -> int:
         """``D``: the entries torch's mean averages over for the dataset loss (1 for sum)."""
@@ -366,8 +410,14 @@ def run_pass(
     consume: Callable[[BatchRows], None],
     desc: str = "kronfac factors",
     per_term: bool = False,
+    reduce: Callable[[Any], object] | None = None,
 ) -> PassResult:
     """Run the model over ``data`` once and hand every batch's rows to ``consume``.
+
+    On torch.distributed (:mod:`kronfac.distributed`: the options' ``process_group``, or the
+    default group) ``data`` is this rank's shard: after the local pass every rank learns
+    whether every rank's pass succeeded (all raise otherwise), the counts are summed over the
+    ranks, and ``reduce(group)`` sums what ``consume`` accumulated.
 
     ``per_term=True`` backpropagates type-2 vectors term by term (see
     :func:`_backprop_vectors`), as per-example gradients need.
@@ -389,6 +439,31 @@ def run_pass(
             covered module called on inputs of another floating dtype than its weight.
         NonFiniteError: NaN / Inf in a covered module's output (named, with the batch).
     """
+    group = group_of(setup.options.process_group)
+    if group is None:
+        return _local_pass(setup, model, data, consume, desc, per_term, check=True)
+    error: BaseException | None = None
+    try:
+        local = _local_pass(setup, model, data, consume, desc, per_term, check=False)
+    except Exception as err:  # every rank must learn of it before the next collective
+        error = err
+    agree(group, error, "The pass over the data")
+    result = local.all_reduce(group).check(setup.options)
+    if reduce is not None:
+        reduce(group)
+    return result
+
+
+def _local_pass(
+    setup: PassSetup,
+    model: nn.Module,
+    data: Iterable[Any],
+    consume: Callable[[BatchRows], None],
+    desc: str,
+    per_term: bool,
+    check: bool,
+) -> PassResult:
+    """:func:`run_pass` over this process's ``data``; ``check``: the counts against the options."""
     backward = setup.options.fisher != "forward-only"
     tally = PassTally(setup)
     batches = tqdm(
@@ -414,7 +489,7 @@ def run_pass(
                 rows.grads = tally.gradients(read, rows, calls, per_term)
             consume(rows)
             del output, read, rows
-    return tally.result()
+    return tally.result(check)
 
 
 @dataclass
@@ -523,7 +598,8 @@ class PassTally:
                 "modules' outputs must be part of the autograd graph."
             )
         if options.fisher == "mc" and self.generator is None:
-            self.generator = torch.Generator(device=output.device).manual_seed(options.seed)
+            seed = options.seed + rank_of(group_of(options.process_group))  # ranks: other labels
+            self.generator = torch.Generator(device=output.device).manual_seed(seed)
         vectors = _backprop_vectors(
             self.setup.likelihood,
             options.fisher,
@@ -549,32 +625,21 @@ class PassTally:
             retain_graph,
         )
 
-    def result(self) -> PassResult:
-        """What the pass counted, checked against the options.
+    def result(self, check: bool = True) -> PassResult:
+        """What the pass counted, checked against the options (:meth:`PassResult.check`).
+
+        ``check=False`` leaves the counts unchecked (a shard's, to be summed over ranks first).
 
         Raises:
-            ValueError: Empty data, counts that disagree with ``num_data`` /
-                ``num_per_example_loss_terms``, every loss term masked, or selected modules
-                never called (see :func:`_left_out`).
+            ValueError: Empty data, selected modules never called (see :func:`_left_out`), and
+                with ``check`` what :meth:`PassResult.check` raises.
         """
         if self.total == 0:
             raise ValueError("data is empty: expected at least one batch (X, y) with data points.")
         assert self.C is not None and self.fingerprint is not None
         left_out = _left_out(self.setup, self.called, self.not_batch_first)
-        options = self.setup.options
-        if options.num_data is not None and options.num_data != self.total:
-            raise ValueError(
-                f"num_data={options.num_data} but the data holds {self.total} data points."
-            )
-        given = options.num_per_example_loss_terms
-        if given is not None and given != self.R:
-            raise ValueError(
-                f"num_per_example_loss_terms={given} but the model output has {self.R} loss "
-                "terms per data point."
-            )
-        if self.terms == 0:
-            raise ValueError("Every loss term is masked (ignore_index or attention_mask).")
-        return PassResult(self.total, self.R, self.C, self.terms, left_out, self.fingerprint)
+        result = PassResult(self.total, self.R, self.C, self.terms, left_out, self.fingerprint)
+        return result.check(self.setup.options) if check else result
 
 
 def batch_size(X: Any, y: Any, batch_size_fn: BatchSizeFn | None, b: int = 0) -> tuple[int, str]:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kronfac.distributed import all_reduce_sums
 from kronfac.errors import warn
 from kronfac.factors.container import EigenCorrection, KroneckerFactors
 from kronfac.factors.data_pass import BatchRows, PassResult, PassSetup, random_modules, run_pass
@@ -153,7 +154,15 @@ def compute_corrections(
         setup, adapters={n: a for n, a in setup.adapters.items() if n in factors}
     )
     sums = CorrectionSums.from_factors(setup, factors)
-    result = run_pass(setup, model, data, sums.add, desc="kronfac EKFAC correction", per_term=True)
+    result = run_pass(
+        setup,
+        model,
+        data,
+        sums.add,
+        desc="kronfac EKFAC correction",
+        per_term=True,
+        reduce=sums.all_reduce,
+    )
     differs = reference is not None and reference.same_first_batch(result) is False
     if differs and not random_modules(model):  # (dropout modules: named by the factors' pass)
         warn(
@@ -267,6 +276,27 @@ class CorrectionSums:
             rotated_second_moment(gs[..., j, :], _joined(adapter, xs[..., j, :], joint, mask)).sum()
             for j in range(G)
         )
+
+    def all_reduce(self, group: Any) -> int:
+        """Sum every module's sums over the ranks of ``group`` (in place); the bytes sent.
+
+        A module this rank never reached gets zero sums first, and every sum is taken in its
+        basis's dtype, so that every rank sends the same layout.
+        """
+        tensors: list[Tensor] = []
+        for name, (Q_A, Q_S) in self.bases.items():
+            lead, kS = Q_S.shape[:-2], Q_S.shape[-1]
+            kA = self.setup.adapters[name].in_features if Q_A is None else Q_A.shape[-1]
+            like: list[tuple[dict[str, Tensor], tuple[int, ...]]] = [(self.sums, (*lead, kS, kA))]
+            if name in self.separate:
+                like.append((self.bias_sums, (*lead, kS)))
+            if name in self.partial:
+                like.append((self.totals, (2,) if name in self.separate else ()))
+            for store, shape in like:
+                found = store.get(name)
+                store[name] = Q_S.new_zeros(shape) if found is None else found.to(Q_S.dtype)
+                tensors.append(store[name])
+        return all_reduce_sums(tensors, [False] * len(tensors), group)
 
     def corrections(self, divisor: float) -> dict[str, EigenCorrection]:
         """The corrected eigenvalues: the sums over ``D``, zero for modules never reached."""

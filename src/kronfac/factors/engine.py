@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kronfac.distributed import all_reduce_counts, all_reduce_sums
 from kronfac.errors import NonFiniteError, warn
 from kronfac.factors.container import FactorPair, KroneckerFactors
 from kronfac.factors.data_pass import BatchRows, PassResult, PassSetup, random_modules, run_pass
@@ -122,6 +123,11 @@ class FactorSums:
         """The tensors holding the sums (zeroed by :meth:`FactorAccumulator.reset`)."""
         sums = [self.gram, self.ggT] + ([] if self.colsum is None else [self.colsum])
         return sums + [st.Y for st in (self.A_stream, self.S_stream) if st is not None]
+
+    def symmetric(self) -> list[bool]:
+        """Per tensor of :meth:`buffers`: whether it is a Gram sum (upper triangle complete)."""
+        flags = [not self.diagonal, True] + ([] if self.colsum is None else [False])
+        return flags + [False for st in (self.A_stream, self.S_stream) if st is not None]
 
     def output_factor(self, divisor: int, side: int, identity: bool) -> Tensor | LowRankFactor:
         """``S``: ``Σ g gᵀ / D``, or the identity for ``fisher="forward-only"``."""
@@ -271,6 +277,7 @@ def compute_factors(
     oversample: int | None = None,
     exclude: Iterable[str] | str | None = None,
     batch_size_fn: BatchSizeFn | None = None,
+    process_group: Any = None,
 ) -> KroneckerFactors:
     r"""Kronecker factors of the Fisher / GGN of ``model`` over ``data``.
 
@@ -331,6 +338,11 @@ def compute_factors(
         batch_size_fn: ``batch_size_fn(X) -> N``, the number of data points of a batch's
             input; default: the first dimension of ``X``, or of a Mapping's ``input_ids``,
             ``attention_mask`` or first tensor value.
+        process_group: A ``torch.distributed`` group over which ``data`` is sharded (each
+            rank passes its shard); default: the default group when torch.distributed is
+            initialised with more than one rank. The sums and counts are all-reduced, so every
+            rank gets the factors of the union of the shards; ``fisher="mc"`` draws with
+            ``seed + rank`` (docs/distributed.md).
 
     Returns:
         The factors of every covered module.
@@ -377,7 +389,7 @@ def factor_pass(
         )
     _warn_unused_rank(setup)
     sums = FactorAccumulator(setup)
-    result = run_pass(setup, model, data, sums.add)
+    result = run_pass(setup, model, data, sums.add, reduce=sums.all_reduce)
     pairs = sums.factors(result.num_data, result.mean_divisor(setup.likelihood), result.left_out)
     factors = KroneckerFactors(
         pairs,
@@ -531,6 +543,20 @@ class FactorAccumulator:
                 )
             else:
                 self.sums[name].add_output_grads(g, self.setup.adapters[name].groups)
+
+    def all_reduce(self, group: Any) -> int:
+        """Sum every module's sums and row counts over the ranks of ``group`` (in place).
+
+        One bucketed all-reduce (:func:`kronfac.distributed.all_reduce_sums`: Gram sums as
+        upper triangles). Returns the bytes sent.
+        """
+        tensors = [t for acc in self.sums.values() for t in acc.buffers()]
+        symmetric = [f for acc in self.sums.values() for f in acc.symmetric()]
+        sent = all_reduce_sums(tensors, symmetric, group)
+        counts = all_reduce_counts([acc.count for acc in self.sums.values()], group)
+        for acc, count in zip(self.sums.values(), counts, strict=True):
+            acc.count = count
+        return sent
 
     def factors(
         self, num_data: int, divisor: int, left_out: Iterable[str] = ()

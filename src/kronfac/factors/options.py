@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -43,6 +44,11 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_process_group(value: Any) -> bool:
+    dist = torch.distributed
+    return dist.is_available() and isinstance(value, dist.ProcessGroup)
 
 
 def name_patterns(option: str, value: Iterable[str] | str | None) -> tuple[str, ...] | None:
@@ -87,6 +93,7 @@ class FactorOptions:
     rank_threshold: int = 512
     oversample: int | None = None
     batch_size_fn: BatchSizeFn | None = None
+    process_group: Any = None
 
     def __post_init__(self) -> None:
         _check_choice("fisher", self.fisher, FISHER_TYPES)
@@ -112,12 +119,21 @@ class FactorOptions:
             raise ValueError(
                 f"oversample must be a non-negative integer or None, got {self.oversample!r}."
             )
+        self._check_types()
+        object.__setattr__(self, "modules", name_patterns("modules", self.modules))
+        object.__setattr__(self, "exclude", name_patterns("exclude", self.exclude))
+
+    def _check_types(self) -> None:
+        """The callables and the process group."""
         for name in ("forward", "batch_size_fn"):
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise TypeError(f"{name} must be a callable, got {type(value).__name__}.")
-        object.__setattr__(self, "modules", name_patterns("modules", self.modules))
-        object.__setattr__(self, "exclude", name_patterns("exclude", self.exclude))
+        if self.process_group is not None and not _is_process_group(self.process_group):
+            raise TypeError(
+                "process_group must be a torch.distributed.ProcessGroup or None (the default "
+                f"group when initialised), got {type(self.process_group).__name__}."
+            )
 
     @classmethod
     def of(

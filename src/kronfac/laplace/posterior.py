@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 from tqdm import tqdm
 
+from kronfac.distributed import all_reduce_sums, group_of
 from kronfac.errors import warn
 from kronfac.factors.data_pass import PassSetup, _run_forward, check_reiterable
 from kronfac.layers import Slot
@@ -290,6 +291,11 @@ class Laplace:
                 output = _run_forward(self.model, X, self._forward, b)
                 total += float(summed.forward(output, y))
                 entries += output.numel()
+        group = group_of()
+        if group is not None:  # the union of the ranks' shards, as the curvature's
+            both = torch.tensor([total, entries], dtype=torch.float64)
+            all_reduce_sums([both], [False], group)
+            total, entries = float(both[0]), int(both[1])
         if isinstance(self.loss_fn, nn.MSELoss):  # the Gaussian of variance ½: −½ log π per entry
             total += 0.5 * math.log(math.pi) * entries
         return torch.tensor(-total, dtype=self.mean.dtype, device=self.mean.device)
@@ -353,14 +359,17 @@ class Laplace:
         if not values or any(not (math.isfinite(v) and v > 0) for v in values):
             raise ValueError(f"grid must hold positive prior precisions, got {values}.")
         nll = [0.0] * len(values)
-        count = 0
         for X, y in val_data:
             mu, projection = self._project(X)
             for i, value in enumerate(values):
                 deltas = torch.full((len(self.modules),), value, dtype=mu.dtype)
                 probs = self._classify(mu, projection, deltas, link, 100, None)
                 nll[i] += self._nll(probs, y)
-            count += y.numel()
+        group = group_of()
+        if group is not None:  # the validation shards of every rank: one choice on all of them
+            summed = torch.tensor(nll, dtype=torch.float64)
+            all_reduce_sums([summed], [False], group)
+            nll = summed.tolist()
         best = min(range(len(values)), key=lambda i: nll[i])
         if best in (0, len(values) - 1) and len(values) > 1:
             warn(

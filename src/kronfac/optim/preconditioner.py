@@ -65,6 +65,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kronfac.distributed import group_of
 from kronfac.errors import NonFiniteError, UncoveredParameterWarning, warn
 from kronfac.factors import EigenCorrection, FactorPair, KroneckerFactors
 from kronfac.factors.data_pass import (
@@ -163,6 +164,25 @@ def _check_int(name: str, value: Any) -> None:
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Unknown {name} {value!r}; expected one of {list(choices)}.")
+
+
+def _loop_options(options: FactorOptions, ekfac: bool) -> FactorOptions:
+    """``options``, if a training loop can run with them.
+
+    Raises:
+        NotImplementedError: On torch.distributed (a process group with several ranks).
+        ValueError: EKFAC with ``fisher="forward-only"``.
+    """
+    if group_of(options.process_group) is not None:
+        raise NotImplementedError(
+            "The K-FAC optimizer does not run on torch.distributed yet: each rank's running "
+            "factors would be its own batches', the replicas' preconditioned steps would "
+            "differ and the models drift apart. Train with one process, or precondition "
+            "with factors from kronfac.compute_factors (which all-reduces over the ranks)."
+        )
+    if ekfac and options.fisher == "forward-only":
+        raise ValueError("EKFAC needs output gradients: fisher='forward-only' has none.")
+    return options
 
 
 class KFACPreconditioner:
@@ -277,9 +297,7 @@ class KFACPreconditioner:
                 f"{', '.join(passed)}: options of a pass over data, not of a training loop "
                 "(the loop's own forward pass and loss are recorded)."
             )
-        options = FactorOptions.of(factor_options, fisher=fisher, seed=seed)
-        if ekfac and options.fisher == "forward-only":
-            raise ValueError("EKFAC needs output gradients: fisher='forward-only' has none.")
+        options = _loop_options(FactorOptions.of(factor_options, fisher=fisher, seed=seed), ekfac)
         self.damping, self.lr, self.kl_clip = damping, lr, kl_clip
         self.factor_decay = float(factor_decay)
         self.factor_every, self.inverse_every = factor_every, inverse_every

@@ -1,0 +1,150 @@
+"""Factors on torch.distributed: throughput of 2 processes against 1, and the bytes sent.
+
+Two processes (gloo, one torch thread and one BLAS thread each) are spawned once. Per round,
+interleaved: **1 process** — rank 0 computes the factors of the whole dataset over a process
+group of its own (rank 1 waits at a barrier), then **2 processes** — each rank computes its
+half (every other batch) over the world group, and the factors are those of the union. Time:
+from a barrier before the call to a barrier after it; median of ``--repeats`` rounds after a
+warm-up. Throughput = data points / time; scaling efficiency = the 2-process throughput over
+twice the 1-process one. Bytes: what one rank sends into the sums' all-reduce per pass
+(``kronfac.distributed.all_reduce_sums``: symmetric sums as upper triangles) against the naive
+volume (every sum whole, the same dtype).
+
+    python benchmarks/distributed.py [--repeats 5] [--workloads W1 W3]
+
+Workloads (``benchmarks/factors.py``): W1 (MLP 784-512-512-10, 2048 x cross-entropy, 8 batches)
+and W3 (Llama 4x256, 32 sequences of 128 tokens, 4 batches), MC Fisher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from _common import machine
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _naive_bytes(factors) -> int:
+    """The payload if every sum travelled whole: ``d²`` per Gram sum, the factors' dtype."""
+    total = 0
+    for A, S in factors.values():
+        for F in (A, S):
+            if isinstance(F, torch.Tensor):
+                total += F.numel() * F.element_size()
+    return total
+
+
+def _worker(rank: int, port: int, keys: list[str], repeats: int, out: dict) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import scipy.linalg.blas  # noqa: F401  (load SciPy's BLAS before limiting it)
+    from factors import WORKLOADS
+    from threadpoolctl import threadpool_limits
+
+    import kronfac
+    import kronfac.factors.engine as engine
+    from kronfac.distributed import all_reduce_sums
+
+    threadpool_limits(1)
+    warnings.simplefilter("ignore")
+    sent: list[int] = []
+
+    def counting(tensors, symmetric, group):
+        n = all_reduce_sums(tensors, symmetric, group)
+        sent.append(n)
+        return n
+
+    engine.all_reduce_sums = counting
+    dist.init_process_group(
+        "gloo",
+        rank=rank,
+        world_size=WORLD,
+        init_method=f"tcp://127.0.0.1:{port}",
+        timeout=timedelta(minutes=5),
+    )
+    alone = dist.new_group([0])
+    for key in keys:
+        result = _time_workload(kronfac, WORKLOADS[key], rank, alone, repeats, sent)
+        if rank == 0:
+            out[key] = result
+    dist.destroy_process_group()
+
+
+def _time_workload(kronfac, workload, rank: int, alone, repeats: int, sent: list[int]) -> dict:
+    """Interleaved rounds of the 1- and 2-process passes of one workload (module docstring)."""
+    model, loss_fn, data, opts, title = workload()
+    n_total = sum(int(y.shape[0]) for _, y in data)
+    shard = data[rank::WORLD]
+
+    def one() -> None:
+        if rank == 0:
+            kronfac.compute_factors(model, loss_fn, data, process_group=alone, **opts)
+
+    def two():
+        return kronfac.compute_factors(model, loss_fn, shard, **opts)
+
+    times: dict[str, list[float]] = {"1 process": [], "2 processes": []}
+    for r in range(repeats + 1):
+        for name, fn in (("1 process", one), ("2 processes", two)):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dist.barrier()
+            if r:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    sent.clear()
+    factors = two()
+    return {
+        "title": title,
+        "n": n_total,
+        "times": {k: statistics.median(v) for k, v in times.items()},
+        "sent": sent[-1],
+        "naive": _naive_bytes(factors),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workloads", nargs="+", default=["W1", "W3"], choices=["W1", "W3"])
+    args = parser.parse_args(argv)
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), args.workloads, args.repeats, out), nprocs=WORLD)
+    print(f"Machine: {machine()}; each process 1 torch thread, 1 BLAS thread, gloo\n")
+    print(
+        "| workload | 1 process: points/s | 2 processes: points/s | speed-up | efficiency | "
+        "bytes sent per pass | naive bytes | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for key in args.workloads:
+        r = out[key]
+        t1, t2 = r["times"]["1 process"], r["times"]["2 processes"]
+        speed = t1 / t2
+        print(
+            f"| {r['title']} | {r['n'] / t1:.0f} | {r['n'] / t2:.0f} | {speed:.2f}x | "
+            f"{speed / WORLD:.0%} | {r['sent'] / 1e6:.2f} MB | {r['naive'] / 1e6:.2f} MB | "
+            f"{r['sent'] / r['naive']:.2f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
