@@ -10,7 +10,10 @@ twice the 1-process one. Bytes: what one rank sends into the sums' all-reduce pe
 (``kronfac.distributed.all_reduce_sums``: symmetric sums as upper triangles) against the naive
 volume (every sum whole, the same dtype).
 
-    python benchmarks/distributed.py [--repeats 5] [--workloads W1 W3]
+    python benchmarks/distributed.py [--repeats 5] [--workloads W1 W3] [--data-times K]
+
+``--data-times K`` passes over each workload's batches K times (a K times longer pass: the
+all-reduce, once per pass, weighs less).
 
 Workloads (``benchmarks/factors.py``): W1 (MLP 784-512-512-10, 2048 x cross-entropy, 8 batches)
 and W3 (Llama 4x256, 32 sequences of 128 tokens, 4 batches), MC Fisher.
@@ -51,7 +54,7 @@ def _naive_bytes(factors) -> int:
     return total
 
 
-def _worker(rank: int, port: int, keys: list[str], repeats: int, out: dict) -> None:
+def _worker(rank: int, port: int, keys: list[str], repeats: int, times: int, out: dict) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -82,15 +85,19 @@ def _worker(rank: int, port: int, keys: list[str], repeats: int, out: dict) -> N
     )
     alone = dist.new_group([0])
     for key in keys:
-        result = _time_workload(kronfac, WORKLOADS[key], rank, alone, repeats, sent)
+        result = _time_workload(kronfac, WORKLOADS[key], rank, alone, repeats, times, sent)
         if rank == 0:
             out[key] = result
     dist.destroy_process_group()
 
 
-def _time_workload(kronfac, workload, rank: int, alone, repeats: int, sent: list[int]) -> dict:
+def _time_workload(
+    kronfac, workload, rank: int, alone, repeats: int, times: int, sent: list[int]
+) -> dict:
     """Interleaved rounds of the 1- and 2-process passes of one workload (module docstring)."""
     model, loss_fn, data, opts, title = workload()
+    data = data * times  # a longer pass over the same batches
+    title += f", {times} passes over its batches" if times > 1 else ""
     n_total = sum(int(y.shape[0]) for _, y in data)
     shard = data[rank::WORLD]
 
@@ -101,7 +108,7 @@ def _time_workload(kronfac, workload, rank: int, alone, repeats: int, sent: list
     def two():
         return kronfac.compute_factors(model, loss_fn, shard, **opts)
 
-    times: dict[str, list[float]] = {"1 process": [], "2 processes": []}
+    seconds: dict[str, list[float]] = {"1 process": [], "2 processes": []}
     for r in range(repeats + 1):
         for name, fn in (("1 process", one), ("2 processes", two)):
             dist.barrier()
@@ -109,13 +116,13 @@ def _time_workload(kronfac, workload, rank: int, alone, repeats: int, sent: list
             fn()
             dist.barrier()
             if r:  # the first round warms up
-                times[name].append(time.perf_counter() - t0)
+                seconds[name].append(time.perf_counter() - t0)
     sent.clear()
     factors = two()
     return {
         "title": title,
         "n": n_total,
-        "times": {k: statistics.median(v) for k, v in times.items()},
+        "times": {k: statistics.median(v) for k, v in seconds.items()},
         "sent": sent[-1],
         "naive": _naive_bytes(factors),
     }
@@ -125,9 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workloads", nargs="+", default=["W1", "W3"], choices=["W1", "W3"])
+    parser.add_argument(
+        "--data-times", type=int, default=1, help="pass over each workload's batches K times"
+    )
     args = parser.parse_args(argv)
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), args.workloads, args.repeats, out), nprocs=WORLD)
+    spawn_args = (_free_port(), args.workloads, args.repeats, args.data_times, out)
+    mp.spawn(_worker, args=spawn_args, nprocs=WORLD)
     print(f"Machine: {machine()}; each process 1 torch thread, 1 BLAS thread, gloo\n")
     print(
         "| workload | 1 process: points/s | 2 processes: points/s | speed-up | efficiency | "
