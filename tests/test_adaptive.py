@@ -91,6 +91,9 @@ class _Scripted:
     def loss(self, batches, shift=None):
         return next(self.losses)
 
+    def mean_loss(self, values):  # one process: the entries-weighted mean
+        return sum(v * n for v, n in values) / sum(n for _, n in values)
+
     def views(self, flat):
         return [flat.view(self.params[0].shape)]
 

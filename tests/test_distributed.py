@@ -732,21 +732,3 @@ def test_a_failing_rank_makes_every_rank_raise(failures, name):
         values = record["after"]
         assert "__error__" not in values, f"rank {rank}, afterwards:\n{values['__error__']}"
         assert_values_close(values, ref, TOL, f"after {name}, rank {rank}")
-
-
-def test_the_optimizer_refuses_to_run_distributed():
-    """Its running factors would be each rank's own: the replicas would drift apart."""
-    from kronfac.optim import KFAC, KFACPreconditioner
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        group = dist.group.WORLD
-        model = torch.nn.Sequential(torch.nn.Linear(3, 2))
-        loss_fn = torch.nn.CrossEntropyLoss()
-        for make in (KFACPreconditioner, KFAC):
-            with pytest.raises(NotImplementedError, match=r"does not run on torch\.distributed"):
-                make(model, loss_fn=loss_fn, process_group=group)
-        with pytest.raises(TypeError, match=r"process_group must be a torch\.distributed"):
-            KFACPreconditioner(model, loss_fn=loss_fn, process_group="world")
-    finally:
-        dist.destroy_process_group()

@@ -39,12 +39,6 @@ from kronfac.optim.quadratic import QuadraticModel, RecordedBatch
 __all__ = ["AdaptiveStep"]
 
 
-def recorded_loss(batches: list[RecordedBatch]) -> float:
-    """The step's loss as the training loop computed it: the entries-weighted batch mean."""
-    total = sum(b.entries for b in batches)
-    return sum(b.loss * b.entries / total for b in batches)
-
-
 class AdaptiveStep:
     """The state and arithmetic of the adaptive step (module docstring).
 
@@ -82,6 +76,13 @@ class AdaptiveStep:
         self.velocity: Tensor | None = None
         self.steps = 0
         self.last: dict[str, float] = {}  # the last step's α, β, M, ρ (for reports and tests)
+
+    def recorded_loss(self, batches: list[RecordedBatch]) -> float:
+        """The step's loss as the training loop computed it: the entries-weighted batch mean.
+
+        On torch.distributed, over every rank's part of the batch.
+        """
+        return self.quadratic.mean_loss([(b.loss, b.entries) for b in batches])
 
     def raise_damping(self, factor: float = 1.0) -> None:
         """``λ ← λ / ω^factor`` (at most ``max_damping``)."""
@@ -122,7 +123,7 @@ class AdaptiveStep:
 
     def _objective(self, batches: list[RecordedBatch]) -> float:
         """The objective before the step, ``L + ½ w ‖θ‖²``: the most any step can decrease it."""
-        value = recorded_loss(batches)
+        value = self.recorded_loss(batches)
         if self.weight_decay:
             with torch.no_grad():
                 norms = torch.stack(torch._foreach_norm(self.quadratic.params))
@@ -146,7 +147,7 @@ class AdaptiveStep:
         self.steps += 1
         if (self.steps - 1) % self.damping_every:
             return
-        before = recorded_loss(batches)
+        before = self.recorded_loss(batches)
         after = self.quadratic.loss(batches)
         if self.weight_decay:  # the L2 term of the objective: ½ w (‖θ‖² − ‖θ − δ‖²)
             theta = self.quadratic.flatten([p.detach() for p in self.quadratic.params])

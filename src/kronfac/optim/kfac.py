@@ -177,6 +177,7 @@ class KFAC(torch.optim.Optimizer):
                 self.preconditioner.setup.likelihood,
                 forward,
                 _checked_products(ggn_products),
+                self.preconditioner.group,
             )
             self.adaptive_step = AdaptiveStep(
                 quadratic,
@@ -259,7 +260,10 @@ class KFAC(torch.optim.Optimizer):
             torch._foreach_add_(grads, params, alpha=adaptive.weight_decay)  # type: ignore[arg-type]
         g = adaptive.quadratic.flatten(grads)  # type: ignore[arg-type]
         pre.damping = self._damping_ratio * adaptive.damping
-        if not all(math.isfinite(b.loss) for b in batches):
+        finite = all(math.isfinite(b.loss) for b in batches)
+        if pre.group is not None:  # one rank's non-finite loss rejects the step on every rank
+            finite = not pre._any_rank(not finite)
+        if not finite:
             pre.discard()
             adaptive.reject()
             warn(

@@ -65,7 +65,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kronfac.distributed import group_of
+from kronfac.distributed import all_reduce_counts, broadcast_tensors, group_of
 from kronfac.errors import NonFiniteError, UncoveredParameterWarning, warn
 from kronfac.factors import EigenCorrection, FactorPair, KroneckerFactors
 from kronfac.factors.data_pass import (
@@ -166,19 +166,22 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Unknown {name} {value!r}; expected one of {list(choices)}.")
 
 
-def _loop_options(options: FactorOptions, ekfac: bool) -> FactorOptions:
-    """``options``, if a training loop can run with them.
+def _loop_options(model: nn.Module, options: FactorOptions, ekfac: bool) -> FactorOptions:
+    """``options``, if a training loop can run with them on ``model``.
 
     Raises:
-        NotImplementedError: On torch.distributed (a process group with several ranks).
+        NotImplementedError: For a model with sharded parameters (FSDP).
         ValueError: EKFAC with ``fisher="forward-only"``.
     """
-    if group_of(options.process_group) is not None:
+    sharded = type(model).__name__ == "FullyShardedDataParallel" or any(
+        type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
+        for p in model.parameters()
+    )
+    if sharded:
         raise NotImplementedError(
-            "The K-FAC optimizer does not run on torch.distributed yet: each rank's running "
-            "factors would be its own batches', the replicas' preconditioned steps would "
-            "differ and the models drift apart. Train with one process, or precondition "
-            "with factors from kronfac.compute_factors (which all-reduces over the ranks)."
+            "The K-FAC optimizer needs the whole model on every rank: sharded parameters "
+            "(FSDP, DTensor) are not supported. Replicate the model (plain, or wrapped in "
+            "DistributedDataParallel)."
         )
     if ekfac and options.fisher == "forward-only":
         raise ValueError("EKFAC needs output gradients: fisher='forward-only' has none.")
@@ -297,7 +300,8 @@ class KFACPreconditioner:
                 f"{', '.join(passed)}: options of a pass over data, not of a training loop "
                 "(the loop's own forward pass and loss are recorded)."
             )
-        options = _loop_options(FactorOptions.of(factor_options, fisher=fisher, seed=seed), ekfac)
+        options = FactorOptions.of(factor_options, fisher=fisher, seed=seed)
+        options = _loop_options(model, options, ekfac)
         self.damping, self.lr, self.kl_clip = damping, lr, kl_clip
         self.factor_decay = float(factor_decay)
         self.factor_every, self.inverse_every = factor_every, inverse_every
@@ -310,6 +314,7 @@ class KFACPreconditioner:
             warnings.simplefilter("ignore", UncoveredParameterWarning)
             self.setup = PassSetup.create(model, loss_fn, options)
         self.loss_fn = loss_fn
+        self.group = group_of(options.process_group)  # torch.distributed: statistics summed
         self._layers = self._covered(model)
         self._generator: torch.Generator | None = None  # on the outputs' device, at first use
         self._sums = FactorAccumulator(self.setup)  # the factor steps' sums (buffers reused)
@@ -654,6 +659,10 @@ class KFACPreconditioner:
                 self._finish_empirical(step)
             except NonFiniteError as err:
                 step.failed = str(err)
+        if self.group is not None and step.failed is None and self._any_rank(False):
+            step.failed = "Another rank's statistics hold NaN / Inf."
+        elif self.group is not None and step.failed is not None:
+            self._any_rank(True)
         if step.failed is not None:
             if self.grad_scaler is None:
                 warn(
@@ -662,11 +671,42 @@ class KFACPreconditioner:
                     RuntimeWarning,
                 )
             return False
+        if self.group is not None:
+            self._all_reduce_step(step)
         if step.tally.total == 0:
             return True
         if step.sums is not None:
             self._update_factors(step.sums, step.tally.total, self._gradient_scale(step))
         return True
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (one all-reduce)."""
+        return bool(all_reduce_counts([int(flag)], self.group, op="max")[0])
+
+    def _all_reduce_step(self, step: _Step) -> None:
+        """The step's counts and factor sums over every rank's part of the batch.
+
+        With the empirical Fisher the recorded gradients carry each rank's ``1 / D'`` of its
+        own mean loss: every rank's batch must average as many entries (as
+        DistributedDataParallel's gradient average assumes too).
+
+        Raises:
+            ValueError: Empirical Fisher with batches of different sizes on the ranks.
+        """
+        tally = step.tally
+        total, terms = all_reduce_counts([tally.total, tally.terms], self.group)
+        if self.fisher == "empirical" and self.setup.likelihood.reduction == "mean":
+            entries = [-step.loss_entries, step.loss_entries]
+            low, high = all_reduce_counts(entries, self.group, op="max")
+            if -low != high:
+                raise ValueError(
+                    "fisher='empirical' on torch.distributed needs every rank's batch to average "
+                    f"as many loss entries; they range from {-low} to {high}."
+                )
+        (C,) = all_reduce_counts([tally.C or 0], self.group, op="max")
+        tally.total, tally.terms, tally.C = total, terms, C or None
+        if step.sums is not None:
+            step.sums.all_reduce(self.group)
 
     def _gradient_scale(self, step: _Step) -> float:
         """``c`` with ``Ŝ = c Σ g gᵀ`` for the recorded ``g`` (module docstring)."""
@@ -752,7 +792,13 @@ class KFACPreconditioner:
         return blocks
 
     def _decompose(self, damping: float) -> None:
-        """Refresh each layer's decompositions; a failure keeps the last good one and warns."""
+        """Refresh each layer's decompositions; a failure keeps the last good one and warns.
+
+        On torch.distributed every rank decomposes the same (all-reduced) factors, then takes
+        rank 0's results (one broadcast per dtype): decompositions of equal matrices may differ
+        in their last bits between processes (the BLAS's paths), and the replicas must not.
+        """
+        done: dict[str, list[tuple[Factor, Factor | None]]] = {}
         for name, layer in self._layers.items():
             if layer.A is None:
                 continue
@@ -772,9 +818,31 @@ class KFACPreconditioner:
                     RuntimeWarning,
                 )
                 continue
+            done[name] = parts
+        if self.group is not None:
+            done = self._shared(done)
+        for name, parts in done.items():
+            layer = self._layers[name]
             layer.decomposed, layer.cache = parts, None
             if self.ekfac:  # the scales restart from K-FAC's eigenvalues in the new basis
                 self._reset_scales(layer, parts)
+
+    def _shared(
+        self, done: dict[str, list[tuple[Factor, Factor | None]]]
+    ) -> dict[str, list[tuple[Factor, Factor | None]]]:
+        """The decompositions every rank made, overwritten with rank 0's."""
+        names = [n for n, lay in self._layers.items() if lay.A is not None]
+        missing = all_reduce_counts([int(n not in done) for n in names], self.group, op="max")
+        kept = {n: done[n] for n, m in zip(names, missing, strict=True) if not m}
+        for name in set(done) - set(kept):
+            warn(
+                f"Decomposing the factors of module {name!r} failed on another rank at step "
+                f"{self.steps}; keeping the last good decomposition.",
+                RuntimeWarning,
+            )
+        tensors = [t for parts in kept.values() for pair in parts for t in _factor_tensors(pair)]
+        broadcast_tensors(tensors, self.group)
+        return kept
 
     def _bases(self, layer: _Layer) -> tuple[Tensor | None, Tensor]:
         """``(Q_A, Q_S)`` of the decomposition (the weight's block), per group if grouped."""
@@ -816,6 +884,8 @@ class KFACPreconditioner:
                     }
                 )
             )
+        if self.group is not None:
+            sums.all_reduce(self.group)
         for name, corr in sums.corrections(1.0).items():
             layer = self._layers.get(name)
             if layer is None or layer.scales is None or layer.complements is None:
@@ -1086,6 +1156,17 @@ def _scaled_inverse(
     lam = lam[..., None] if A is None else lam
     Q_S = S.eigenbasis().vectors
     return EigenBlock(Q_S, Q_A, lam.reciprocal(), layer.name, 1 / rest if rest else 0.0)
+
+
+def _factor_tensors(pair: tuple[Factor, Factor | None]) -> list[Tensor]:
+    """The tensors holding a decomposition's factors (their eigen forms or inverses)."""
+    out: list[Tensor] = []
+    for F in pair:
+        if isinstance(F, ShiftedLowRankFactor):
+            out += [F.U, F.eigenvalues, F.shift]
+        elif isinstance(F, DenseFactor):
+            out.append(F.M)
+    return out
 
 
 def _eigen_form(F: Factor) -> Factor:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+from kronfac.distributed import all_reduce_sums
 from kronfac.likelihoods import Likelihood
 
 __all__ = ["GGN_PRODUCTS", "QuadraticModel", "RecordedBatch"]
@@ -122,6 +123,7 @@ class QuadraticModel:
         likelihood: Likelihood,
         forward: Callable[..., Tensor] | None = None,
         products: str = "fd",
+        group: Any = None,
     ) -> None:
         if products not in GGN_PRODUCTS:
             raise ValueError(
@@ -132,6 +134,7 @@ class QuadraticModel:
         self.params: list[Tensor] = list(params.values())
         self.sizes = [p.numel() for p in self.params]
         self.likelihood, self.products = likelihood, products
+        self.group = group  # torch.distributed: every rank holds its part of each batch
         self._backup: list[Tensor] | None = None  # θ while shifted (not re-entrant)
 
     def flatten(self, tensors: list[Tensor]) -> Tensor:
@@ -217,16 +220,31 @@ class QuadraticModel:
             flat_HJ = torch.stack([h.reshape(-1) for h in HJ])
             flat_J = torch.stack([j.reshape(-1) for j in Js])
             G += (flat_HJ @ flat_J.T).double()
-        return (G + G.T) / (2 * total)
+        G, entries = self._summed(G, total)
+        return (G + G.T) / (2 * entries)
+
+    def _summed(self, value: Tensor, total: float) -> tuple[Tensor, float]:
+        """``value`` and ``total`` summed over the ranks (as they are without a group)."""
+        if self.group is None:
+            return value, total
+        flat = value.detach().reshape(-1).double().cpu()
+        both = torch.cat([flat, flat.new_tensor([total])])
+        all_reduce_sums([both], [False], self.group)
+        return both[:-1].reshape(value.shape).to(value), float(both[-1])
+
+    def mean_loss(self, values: list[tuple[float, int]]) -> float:
+        """The entries-weighted mean of ``(loss, entries)`` pairs, over the ranks' batches."""
+        weighted = torch.tensor([sum(v * n for v, n in values)], dtype=torch.float64)
+        summed, entries = self._summed(weighted, sum(n for _, n in values))
+        return float(summed[0]) / entries
 
     def loss(self, batches: list[RecordedBatch], shift: Tensor | None = None) -> float:
         """The loss at ``θ + shift`` on the batches: their entries-weighted mean (or sum)."""
-        total = sum(b.entries for b in batches)
         loss_fn = self.likelihood.loss_fn
-        value = 0.0
+        values = []
         with self.shifted(shift):
             for batch in batches:
                 out = self._rerun(batch)
                 with torch.no_grad():
-                    value += float(loss_fn(out, batch.targets)) * batch.entries / total
-        return value
+                    values.append((float(loss_fn(out, batch.targets)), batch.entries))
+        return self.mean_loss(values)
