@@ -11,6 +11,13 @@ twice the 1-process one. Bytes: what one rank sends into the sums' all-reduce pe
 volume (every sum whole, the same dtype).
 
     python benchmarks/distributed.py [--repeats 5] [--workloads W1 W3] [--data-times K]
+    python benchmarks/distributed.py --optim [--repeats 5]
+
+``--optim``: the optimizer under DistributedDataParallel on W1 (batch 256, 128 per rank):
+milliseconds per step of DDP + Adam and DDP + K-FAC (defaults, and factors / inverses every
+10 steps), interleaved rounds of 20 steps, median; the bytes kronfac sends per step (its
+all-reduces and broadcasts, counted at torch.distributed's Python API, which DDP's own gradient
+all-reduce does not use) beside DDP's gradient volume.
 
 ``--data-times K`` passes over each workload's batches K times (a K times longer pass: the
 all-reduce, once per pass, weighs less).
@@ -34,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _common import machine
+from torch import nn
 
 WORLD = 2
 
@@ -128,6 +136,75 @@ def _time_workload(
     }
 
 
+def _optim_worker(rank: int, port: int, rounds: int, out: dict) -> None:
+    """DDP + Adam against DDP + K-FAC on W1 (batch 256: 128 per rank); bytes kronfac sends."""
+    torch.set_num_threads(1)
+    import scipy.linalg.blas  # noqa: F401  (load SciPy's BLAS before limiting it)
+    from threadpoolctl import threadpool_limits
+
+    from kronfac.optim import KFAC
+
+    threadpool_limits(1)
+    warnings.simplefilter("ignore")
+    sent = [0]
+    for name in ("all_reduce", "broadcast"):
+        original = getattr(dist, name)
+
+        def counting(tensor, *args, _original=original, **kwargs):
+            sent[0] += tensor.numel() * tensor.element_size()
+            return _original(tensor, *args, **kwargs)
+
+        setattr(dist, name, counting)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD, init_method=f"tcp://127.0.0.1:{port}"
+    )
+    g = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g))]
+    loss_fn = nn.CrossEntropyLoss()
+    methods = {
+        "DDP + Adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
+        "DDP + K-FAC (defaults)": lambda m: KFAC(m, loss_fn=loss_fn),
+        "DDP + K-FAC (factor_every=10, inverse_every=10)": lambda m: KFAC(
+            m, loss_fn=loss_fn, factor_every=10, inverse_every=10
+        ),
+    }
+    runs = {}
+    for name, make in methods.items():
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+        )
+        runs[name] = (nn.parallel.DistributedDataParallel(model), make(model))
+
+    def steps(ddp, opt, n: int) -> None:
+        for _ in range(n):
+            X, y = batches[0]
+            opt.zero_grad()
+            loss_fn(ddp(X), y).backward()
+            opt.step()
+
+    for ddp, opt in runs.values():
+        steps(ddp, opt, 10)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    volume: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, (ddp, opt) in runs.items():
+            dist.barrier()
+            before, t0 = sent[0], time.perf_counter()
+            steps(ddp, opt, 20)
+            dist.barrier()
+            times[name].append((time.perf_counter() - t0) / 20)
+            volume[name] = (sent[0] - before) / 20
+    if rank == 0:
+        grads = sum(p.numel() * p.element_size() for p in next(iter(runs.values()))[0].parameters())
+        out["optim"] = {
+            "times": {k: statistics.median(v) for k, v in times.items()},
+            "kronfac_bytes": volume,
+            "grad_bytes": grads,
+        }
+    dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -135,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data-times", type=int, default=1, help="pass over each workload's batches K times"
     )
+    parser.add_argument(
+        "--optim", action="store_true", help="DDP step time and bytes: Adam against K-FAC (W1)"
+    )
     args = parser.parse_args(argv)
+    if args.optim:
+        return _optim(args.repeats)
     out = mp.Manager().dict()
     spawn_args = (_free_port(), args.workloads, args.repeats, args.data_times, out)
     mp.spawn(_worker, args=spawn_args, nprocs=WORLD)
@@ -154,6 +236,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{speed / WORLD:.0%} | {r['sent'] / 1e6:.2f} MB | {r['naive'] / 1e6:.2f} MB | "
             f"{r['sent'] / r['naive']:.2f} |"
         )
+    return 0
+
+
+def _optim(rounds: int) -> int:
+    out = mp.Manager().dict()
+    mp.spawn(_optim_worker, args=(_free_port(), rounds, out), nprocs=WORLD)
+    r = out["optim"]
+    print(f"Machine: {machine()}; 2 processes x 1 torch thread, 1 BLAS thread, gloo")
+    print("W1 MLP 784-512-512-10, batch 256 (128 per rank), cross-entropy\n")
+    print(
+        "| method | ms / step | x DDP + Adam | kronfac's bytes / step "
+        "| with DDP's gradients, x them |"
+    )
+    print("|---|---|---|---|---|")
+    base = r["times"]["DDP + Adam"]
+    for name, t in r["times"].items():
+        extra = r["kronfac_bytes"][name]
+        total = (extra + r["grad_bytes"]) / r["grad_bytes"]
+        print(f"| {name} | {t * 1e3:.1f} | {t / base:.2f} | {extra / 1e6:.3f} MB | {total:.2f} |")
     return 0
 
 
