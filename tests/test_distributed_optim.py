@@ -11,6 +11,7 @@ rel :data:`TOL`).
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import traceback
@@ -79,6 +80,36 @@ def _train(model: nn.Module, options: dict, batches, part: slice | None) -> dict
     return {"params": params}
 
 
+def _resume(batches, part: slice) -> dict:
+    """3 steps, the state saved, 2 more; and 2 steps of a fresh optimizer given that state."""
+    from kronfac.optim import KFAC
+
+    loss_fn, options = nn.CrossEntropyLoss(), {"fisher": "type-2", "ekfac": True}
+
+    def run(ddp, opt, part_batches):
+        for X, y in part_batches:
+            opt.zero_grad()
+            loss_fn(ddp(X[part]), y[part]).backward()
+            opt.step()
+
+    ddp = nn.parallel.DistributedDataParallel(_model())
+    opt = KFAC(ddp.module, loss_fn=loss_fn, **options)
+    run(ddp, opt, batches[:3])
+    state = copy.deepcopy(opt.state_dict())
+    params = copy.deepcopy(ddp.module.state_dict())
+    run(ddp, opt, batches[3:])
+    model = _model()
+    model.load_state_dict(params)
+    again = nn.parallel.DistributedDataParallel(model)
+    opt2 = KFAC(again.module, loss_fn=loss_fn, **options)
+    opt2.load_state_dict(state)
+    run(again, opt2, batches[3:])
+    return {
+        "continued": {k: v.detach().clone() for k, v in ddp.module.named_parameters()},
+        "resumed": {k: v.detach().clone() for k, v in again.module.named_parameters()},
+    }
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     results: dict[str, dict] = {}
@@ -98,6 +129,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for name, options in CONFIGS.items():
             ddp = nn.parallel.DistributedDataParallel(_model())
             results[name]["distributed"] = _train(ddp, options, batches, part)
+        results["resume"] = _resume(batches, part)
         dist.destroy_process_group()
     except Exception:
         results["error"] = {"traceback": traceback.format_exc()}
@@ -144,6 +176,14 @@ def test_ddp_steps_equal_one_process_on_the_whole_batches(reports, name):
         for key, value in report[name]["distributed"]["params"].items():
             err = float((value - first[key]).norm() / first[key].norm())
             assert err < RANKS_TOL, f"{name}: the ranks differ in {key} by {err:.1e}"
+
+
+def test_resume_under_ddp_is_bit_identical(reports):
+    """A state saved after 3 DDP steps (EKFAC, adaptive) continues exactly, on every rank."""
+    for rank, report in enumerate(reports):
+        continued, resumed = report["resume"]["continued"], report["resume"]["resumed"]
+        for key, value in continued.items():
+            assert torch.equal(value, resumed[key]), f"rank {rank}: {key} differs after resuming"
 
 
 def test_a_process_group_that_is_not_one_is_refused():
