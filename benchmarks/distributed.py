@@ -136,6 +136,25 @@ def _time_workload(
     }
 
 
+def _count_bytes() -> list[int]:
+    """Count the bytes of every all-reduce and broadcast from now on (into the list's item).
+
+    Both torch.distributed's names and its ``distributed_c10d`` module's, which
+    ``broadcast_object_list`` calls.
+    """
+    sent = [0]
+    for module in (dist, dist.distributed_c10d):
+        for name in ("all_reduce", "broadcast"):
+            original = getattr(module, name)
+
+            def counting(tensor, *args, _original=original, **kwargs):
+                sent[0] += tensor.numel() * tensor.element_size()
+                return _original(tensor, *args, **kwargs)
+
+            setattr(module, name, counting)
+    return sent
+
+
 def _optim_worker(rank: int, port: int, rounds: int, out: dict) -> None:
     """DDP + Adam against DDP + K-FAC on W1 (batch 256: 128 per rank); bytes kronfac sends."""
     torch.set_num_threads(1)
@@ -146,15 +165,7 @@ def _optim_worker(rank: int, port: int, rounds: int, out: dict) -> None:
 
     threadpool_limits(1)
     warnings.simplefilter("ignore")
-    sent = [0]
-    for name in ("all_reduce", "broadcast"):
-        original = getattr(dist, name)
-
-        def counting(tensor, *args, _original=original, **kwargs):
-            sent[0] += tensor.numel() * tensor.element_size()
-            return _original(tensor, *args, **kwargs)
-
-        setattr(dist, name, counting)
+    sent = _count_bytes()
     dist.init_process_group(
         "gloo", rank=rank, world_size=WORLD, init_method=f"tcp://127.0.0.1:{port}"
     )

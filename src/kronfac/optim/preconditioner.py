@@ -65,7 +65,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kronfac.distributed import all_reduce_counts, broadcast_tensors, group_of
+from kronfac.distributed import all_reduce_counts, group_of, rank_of
 from kronfac.errors import NonFiniteError, UncoveredParameterWarning, warn
 from kronfac.factors import EigenCorrection, FactorPair, KroneckerFactors
 from kronfac.factors.data_pass import (
@@ -794,55 +794,89 @@ class KFACPreconditioner:
     def _decompose(self, damping: float) -> None:
         """Refresh each layer's decompositions; a failure keeps the last good one and warns.
 
-        On torch.distributed every rank decomposes the same (all-reduced) factors, then takes
-        rank 0's results (one broadcast per dtype): decompositions of equal matrices may differ
-        in their last bits between processes (the BLAS's paths), and the replicas must not.
+        On torch.distributed the layers are spread over the ranks by cost (greedy on the
+        factors' ``side³``, Pauloski et al.'s KAISA): each rank decomposes its share of the
+        same (all-reduced) factors and sends it to the others, so every rank holds the very
+        same decompositions.
         """
+        names = [n for n, lay in self._layers.items() if lay.A is not None]
+        owners = None if self.group is None else self._owners(names)
+        mine = rank_of(self.group)
         done: dict[str, list[tuple[Factor, Factor | None]]] = {}
-        for name, layer in self._layers.items():
-            if layer.A is None:
+        for name in names:
+            if owners is not None and owners[name] != mine:
                 continue
             try:
-                parts = []
-                for block in self._blocks(layer):
-                    if self.inverse_method == "cholesky":
-                        inv = block.inverse(damping, heuristic=True, min_damping=self.min_damping)
-                        parts.append((inv.factor_S, None if block.single else inv.factor_A))
-                    else:
-                        A = None if block.single else _eigen_form(block.factor_A)
-                        parts.append((_eigen_form(block.factor_S), A))
+                done[name] = self._decomposed(self._layers[name], damping)
             except (ValueError, RuntimeError) as err:  # NotPSDError, LinAlgError
                 warn(
                     f"Decomposing the factors of module {name!r} failed at step {self.steps} "
                     f"({err}); keeping the last good decomposition.",
                     RuntimeWarning,
                 )
-                continue
-            done[name] = parts
-        if self.group is not None:
-            done = self._shared(done)
+        if owners is not None:
+            done = self._exchanged(done, owners)
         for name, parts in done.items():
             layer = self._layers[name]
             layer.decomposed, layer.cache = parts, None
             if self.ekfac:  # the scales restart from K-FAC's eigenvalues in the new basis
                 self._reset_scales(layer, parts)
 
-    def _shared(
-        self, done: dict[str, list[tuple[Factor, Factor | None]]]
+    def _decomposed(self, layer: _Layer, damping: float) -> list[tuple[Factor, Factor | None]]:
+        """One layer's decompositions: Cholesky inverses or eigen forms, per block."""
+        parts = []
+        for block in self._blocks(layer):
+            if self.inverse_method == "cholesky":
+                inv = block.inverse(damping, heuristic=True, min_damping=self.min_damping)
+                parts.append((inv.factor_S, None if block.single else inv.factor_A))
+            else:
+                A = None if block.single else _eigen_form(block.factor_A)
+                parts.append((_eigen_form(block.factor_S), A))
+        return parts
+
+    def _owners(self, names: list[str]) -> dict[str, int]:
+        """The rank decomposing each layer: the largest costs first, each to the least loaded."""
+        world = torch.distributed.get_world_size(self.group)
+        load = [0] * world
+        owners = {}
+        for name in sorted(names, key=lambda n: (-self._cost(n), n)):
+            rank = min(range(world), key=lambda r: (load[r], r))
+            owners[name] = rank
+            load[rank] += self._cost(name)
+        return owners
+
+    def _cost(self, name: str) -> int:
+        """``Σ side³`` of a layer's dense factors (what decomposing them costs)."""
+        layer = self._layers[name]
+        adapter = layer.adapter
+        sides = [adapter.out_features, 0 if adapter.diagonal_input else adapter.in_features]
+        return adapter.groups * sum(
+            (d // adapter.groups if adapter.groups > 1 else d) ** 3 for d in sides
+        )
+
+    def _exchanged(
+        self, done: dict[str, list[tuple[Factor, Factor | None]]], owners: dict[str, int]
     ) -> dict[str, list[tuple[Factor, Factor | None]]]:
-        """The decompositions every rank made, overwritten with rank 0's."""
-        names = [n for n, lay in self._layers.items() if lay.A is not None]
-        missing = all_reduce_counts([int(n not in done) for n in names], self.group, op="max")
-        kept = {n: done[n] for n, m in zip(names, missing, strict=True) if not m}
-        for name in set(done) - set(kept):
-            warn(
-                f"Decomposing the factors of module {name!r} failed on another rank at step "
-                f"{self.steps}; keeping the last good decomposition.",
-                RuntimeWarning,
-            )
-        tensors = [t for parts in kept.values() for pair in parts for t in _factor_tensors(pair)]
-        broadcast_tensors(tensors, self.group)
-        return kept
+        """Every rank's share sent to the others (one object broadcast per rank).
+
+        A layer whose owner failed keeps its last good decomposition on every rank.
+        """
+        world = torch.distributed.get_world_size(self.group)
+        out: dict[str, list[tuple[Factor, Factor | None]]] = {}
+        for rank in range(world):
+            share = [n for n in owners if owners[n] == rank]
+            box: list[Any] = [{n: done[n] for n in share if n in done}]
+            src = torch.distributed.get_global_rank(self.group, rank)
+            torch.distributed.broadcast_object_list(box, src=src, group=self.group)
+            out.update(box[0])
+            for name in set(share) - set(box[0]):
+                if rank != rank_of(self.group):
+                    warn(
+                        f"Decomposing the factors of module {name!r} failed on rank {rank} at "
+                        f"step {self.steps}; keeping the last good decomposition.",
+                        RuntimeWarning,
+                    )
+        return out
 
     def _bases(self, layer: _Layer) -> tuple[Tensor | None, Tensor]:
         """``(Q_A, Q_S)`` of the decomposition (the weight's block), per group if grouped."""
@@ -1156,17 +1190,6 @@ def _scaled_inverse(
     lam = lam[..., None] if A is None else lam
     Q_S = S.eigenbasis().vectors
     return EigenBlock(Q_S, Q_A, lam.reciprocal(), layer.name, 1 / rest if rest else 0.0)
-
-
-def _factor_tensors(pair: tuple[Factor, Factor | None]) -> list[Tensor]:
-    """The tensors holding a decomposition's factors (their eigen forms or inverses)."""
-    out: list[Tensor] = []
-    for F in pair:
-        if isinstance(F, ShiftedLowRankFactor):
-            out += [F.U, F.eigenvalues, F.shift]
-        elif isinstance(F, DenseFactor):
-            out.append(F.M)
-    return out
 
 
 def _eigen_form(F: Factor) -> Factor:
