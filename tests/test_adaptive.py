@@ -94,6 +94,9 @@ class _Scripted:
     def mean_loss(self, values):  # one process: the entries-weighted mean
         return sum(v * n for v, n in values) / sum(n for _, n in values)
 
+    def agreed(self, value):  # one process: the value itself
+        return value
+
     def views(self, flat):
         return [flat.view(self.params[0].shape)]
 

@@ -105,8 +105,8 @@ class AdaptiveStep:
         directions = torch.stack(rows)
         G = self.quadratic.curvature(batches, directions)
         # inner products in the parameters' dtype (accumulated in it), the 2x2 algebra in float64
-        DD = (directions @ directions.T).double()
-        b = (directions @ g).double()
+        DD = self.quadratic.agreed((directions @ directions.T).double())
+        b = self.quadratic.agreed((directions @ g).double())
         bound = self._objective(batches)
         while True:
             Q = G + (self.damping + self.weight_decay) * DD
@@ -132,7 +132,10 @@ class AdaptiveStep:
 
     def move(self, directions: Tensor, c: Tensor, scale: float) -> Tensor:
         """``δ = scale · Σ c_i t_i`` added to the parameters; it becomes the momentum."""
-        step = (scale * c).to(directions.dtype) @ directions
+        coefficients = (scale * c).to(directions.dtype).tolist()
+        step = directions[0] * coefficients[0]  # elementwise: the same bits on every rank
+        for ci, direction in zip(coefficients[1:], directions[1:], strict=True):
+            step.add_(direction, alpha=ci)
         params = self.quadratic.params
         with torch.no_grad():
             torch._foreach_add_(params, self.quadratic.views(step))

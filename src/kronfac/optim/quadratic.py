@@ -232,6 +232,17 @@ class QuadraticModel:
         all_reduce_sums([both], [False], self.group)
         return both[:-1].reshape(value.shape).to(value), float(both[-1])
 
+    def agreed(self, value: Tensor) -> Tensor:
+        """``value`` averaged over the ranks: the same bits on every rank (itself without one).
+
+        Inner products of equal vectors can differ in their last bits between processes (the
+        BLAS's kernels at other memory alignments); the replicas' steps must not.
+        """
+        if self.group is None:
+            return value
+        summed, _ = self._summed(value, 0.0)
+        return summed / torch.distributed.get_world_size(self.group)
+
     def mean_loss(self, values: list[tuple[float, int]]) -> float:
         """The entries-weighted mean of ``(loss, entries)`` pairs, over the ranks' batches."""
         weighted = torch.tensor([sum(v * n for v, n in values)], dtype=torch.float64)
