@@ -199,3 +199,17 @@ def test_a_process_group_that_is_not_one_is_refused():
     model = nn.Sequential(nn.Linear(3, 2))
     with pytest.raises(TypeError, match=r"process_group must be a torch\.distributed"):
         KFACPreconditioner(model, loss_fn=nn.CrossEntropyLoss(), process_group="world")
+
+
+def test_sharded_parameters_are_refused():
+    """FSDP (recognised by its class name: no FSDP model can be built on CPU here)."""
+    from kronfac.optim import KFAC
+
+    class FullyShardedDataParallel(nn.Module):  # the name torch's wrapper has
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    model = FullyShardedDataParallel(nn.Sequential(nn.Linear(3, 2)))
+    with pytest.raises(NotImplementedError, match="Replicate the model"):
+        KFAC(model, loss_fn=nn.CrossEntropyLoss())
