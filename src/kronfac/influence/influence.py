@@ -62,7 +62,9 @@ class Influence:
 
     The curvature is computed here, from ``data`` (one pass for K-FAC, two for EKFAC); the
     model is taken at its current parameters and left as it was (parameters, gradients,
-    hooks, train / eval mode, ``requires_grad``).
+    hooks, train / eval mode, ``requires_grad``). On torch.distributed (the default process
+    group) each rank's ``data`` is its shard of the curvature's data (summed over the ranks);
+    each rank scores the ``train_data`` and queries it is given.
 
     Usage::
 

@@ -108,7 +108,9 @@ class Laplace:
     ``P = H / T + δ I`` with ``H`` the K-FAC / EKFAC GGN of the summed negative log-likelihood
     (module docstring). The model is taken at its current parameters as the MAP ``θ*``; data is
     passed over once for the factors (twice for EKFAC) and once more, at the first
-    :meth:`log_marginal_likelihood`, for ``log p(D|θ*)``.
+    :meth:`log_marginal_likelihood`, for ``log p(D|θ*)``. On torch.distributed (the default
+    process group) each rank's ``data`` and ``val_data`` are its shards: ``H``, ``log p(D|θ*)``
+    and the grid search's validation loss are summed over the ranks (docs/distributed.md).
 
     Usage::
 
