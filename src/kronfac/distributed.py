@@ -31,7 +31,6 @@ __all__ = [
     "agree",
     "all_reduce_counts",
     "all_reduce_sums",
-    "broadcast_tensors",
     "group_of",
     "rank_of",
 ]
@@ -125,26 +124,6 @@ def all_reduce_sums(tensors: Sequence[Tensor], symmetric: Sequence[bool], group:
             _unpack(tensors[i], chunk, symmetric[i])
             offset += part.numel()
     return sent
-
-
-def broadcast_tensors(tensors: Sequence[Tensor], group: Any, src: int = 0) -> None:
-    """Overwrite ``tensors`` in place with rank ``src``'s, one broadcast per dtype.
-
-    Every rank passes tensors of the same shapes and dtypes in the same order. ``src`` is a
-    rank of ``group``.
-    """
-    device = _device(group)
-    source = torch.distributed.get_global_rank(group, src) if group is not None else src
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for same in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in same]).to(device)
-        torch.distributed.broadcast(flat, src=source, group=group)
-        offset = 0
-        for t in same:
-            t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
-            offset += t.numel()
 
 
 def _pack(t: Tensor, symmetric: bool) -> Tensor:
