@@ -114,6 +114,17 @@ def _resume(batches, part: slice) -> dict:
     }
 
 
+def _unequal_empirical(batches, rank: int) -> str:
+    """The empirical Fisher with parts of 5 and 7 points: the error, on every rank."""
+    part = slice(0, 5) if rank == 0 else slice(5, 12)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(_model())
+        _train(ddp, {"fisher": "empirical"}, batches, part)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     results: dict[str, dict] = {}
@@ -134,6 +145,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             ddp = nn.parallel.DistributedDataParallel(_model())
             results[name]["distributed"] = _train(ddp, options, batches, part)
         results["resume"] = _resume(batches, part)
+        results["unequal"] = {"error": _unequal_empirical(batches, rank)}
         dist.destroy_process_group()
     except Exception:
         results["error"] = {"traceback": traceback.format_exc()}
@@ -191,6 +203,14 @@ def test_resume_under_ddp_is_bit_identical(reports):
         for key, value in continued.items():
             err = float((value - resumed[key]).norm() / value.norm())
             assert err == 0, f"rank {rank}: {key} differs after resuming by {err:.1e}"
+
+
+def test_empirical_fisher_with_unequal_parts_is_refused_on_every_rank(reports):
+    """Each rank's recorded gradients carry 1 / its own entries: unequal parts would mix scales."""
+    for rank, report in enumerate(reports):
+        message = report["unequal"]["error"]
+        assert "as many loss entries" in message, f"rank {rank}: {message!r}"
+        assert "from 5 to 7" in message, f"rank {rank}: {message!r}"
 
 
 def test_a_process_group_that_is_not_one_is_refused():

@@ -245,9 +245,11 @@ class QuadraticModel:
 
     def mean_loss(self, values: list[tuple[float, int]]) -> float:
         """The entries-weighted mean of ``(loss, entries)`` pairs, over the ranks' batches."""
-        weighted = torch.tensor([sum(v * n for v, n in values)], dtype=torch.float64)
-        summed, entries = self._summed(weighted, sum(n for _, n in values))
-        return float(summed[0]) / entries
+        weighted, entries = sum(v * n for v, n in values), sum(n for _, n in values)
+        if self.group is None:  # (the step's hot path: no tensor)
+            return weighted / entries
+        summed, total = self._summed(torch.tensor([weighted], dtype=torch.float64), entries)
+        return float(summed[0]) / total
 
     def loss(self, batches: list[RecordedBatch], shift: Tensor | None = None) -> float:
         """The loss at ``θ + shift`` on the batches: their entries-weighted mean (or sum)."""
